@@ -1,0 +1,261 @@
+# Copyright The Lightning AI team.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+r"""
+Nested Learning Monitor
+^^^^^^^^^^^^^^^^^^^^^^^
+
+Watch each level of a nested learner: how often it updated, how large its gradient was when it did, how far the
+update moved it and at which learning rate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from torch import Tensor
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from nl_lightning.callbacks._step_hooks import StepHookCallback
+from nl_lightning.callbacks.multi_frequency import MultiFrequencyUpdates
+
+__all__ = ["NestedLearningMonitor"]
+
+
+@dataclass
+class _Watch:
+    """What the monitor knows about one level."""
+
+    name: str
+    every: int
+    params: list[tuple[str, Tensor]]
+    updates: int = 0  # counted here only when no MultiFrequencyUpdates owns the clocks
+    grad_norm: Optional[float] = None
+    drift: Optional[float] = None
+    drift_rel: Optional[float] = None
+    lr: Optional[float] = None
+    snapshot: Optional[list[Tensor]] = None  # parameter values just before a measured update
+    pending: bool = False  # measured in on_before_optimizer_step, waiting for the step
+    histograms: dict[str, Tensor] = field(default_factory=dict)
+
+
+class NestedLearningMonitor(StepHookCallback):
+    r"""Log, per level, the number of updates, the gradient norm at update, the drift and the effective learning rate.
+
+    With a :class:`~nl_lightning.callbacks.MultiFrequencyUpdates` callback in the Trainer the levels are its levels;
+    without one, each optimizer's parameters form a level (``all``, or ``optimizer_<i>`` with several optimizers).
+    For every level it logs, with ``self.log`` at the Trainer's logging steps (``log_every_n_steps``):
+
+    - ``nested/<level>/updates``: updates taken so far (committed optimizer steps of the level);
+    - ``nested/<level>/grad_norm``: L2 norm of the gradient the optimizer used at the level's latest update (the chunk
+      mean for a slow level), before clipping;
+    - ``nested/<level>/drift`` and ``drift_rel``: ``||theta_after - theta_before||`` of that update, absolute and
+      relative to ``||theta_before||``. A slow level does not move between its updates, so this is its drift since
+      the previous update;
+    - ``nested/<level>/lr``: the learning rate of the level's parameter group at that update.
+
+    A level is measured at its last update at or before each logging step, so a slow level reports the values of its
+    latest update and a fast one costs a measurement only at logging steps. With a
+    :class:`~lightning.pytorch.loggers.TensorBoardLogger` it also writes histograms of the gradient
+    (``nested/<level>/grad``) and of the update (``nested/<level>/update``) of each measured update. It works with any
+    logger, or none (the values are in ``trainer.callback_metrics``).
+
+    Args:
+        log_histograms: Write TensorBoard histograms when a TensorBoard logger is attached.
+        prefix: The first part of every logged name.
+
+    Raises:
+        MisconfigurationException: If ``prefix`` is empty.
+
+    Example::
+
+        from lightning.pytorch import Trainer
+        from nl_lightning.callbacks import MultiFrequencyUpdates, NestedLearningMonitor
+
+        trainer = Trainer(callbacks=[MultiFrequencyUpdates({"backbone.*": 8}), NestedLearningMonitor()])
+
+    """
+
+    def __init__(self, log_histograms: bool = True, prefix: str = "nested") -> None:
+        if not isinstance(prefix, str) or not prefix:
+            raise MisconfigurationException(f"`prefix` must be a non-empty string such as 'nested', got {prefix!r}.")
+        super().__init__()
+        self._log_histograms = log_histograms
+        self._prefix = prefix
+        self._mfu: Optional[MultiFrequencyUpdates] = None
+        self._watches: list[dict[str, _Watch]] = []  # per optimizer index: its levels
+        self._loaded_updates: dict[str, int] = {}
+
+    @property
+    def watches(self) -> dict[str, _Watch]:
+        """The monitored levels by name, with their latest measurements."""
+        return {name: w for per_opt in self._watches for name, w in per_opt.items()}
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        found = [cb for cb in trainer.callbacks if isinstance(cb, MultiFrequencyUpdates)]
+        self._mfu = found[0] if found else None
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        optimizers = trainer.optimizers
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        owner = {id(p): i for i, opt in enumerate(optimizers) for g in opt.param_groups for p in g["params"]}
+        self._watches = [{} for _ in optimizers]
+        if self._mfu is not None:
+            for lvl in self._mfu.levels:
+                params = self._mfu.book.params(lvl.name)
+                where = {owner[id(p)] for _, p in params if id(p) in owner}
+                for i in where:
+                    self._watches[i][lvl.name] = _Watch(lvl.name, lvl.every, params)
+        else:
+            for i, opt in enumerate(optimizers):
+                name = "all" if len(optimizers) == 1 else f"optimizer_{i}"
+                params = [(names.get(id(p), f"param_{j}"), p) for j, p in enumerate(_params_of(opt))]
+                watch = _Watch(name, 1, params, updates=self._loaded_updates.get(name, 0))
+                self._watches[i][name] = watch
+        self.attach_step_hooks(trainer)
+
+    # ------------------------------------------------------------------------------------------------ a step
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        i = self.optimizer_index(optimizer)
+        watches = self._watches[i]
+        due = self._mfu.prepare_step(optimizer).due if self._mfu is not None else tuple(watches)
+        step = _logging_step(trainer)
+        interval = max(trainer.log_every_n_steps, 1)
+        next_log = math.ceil(step / interval) * interval
+        for name in due:
+            w = watches.get(name)
+            # Measure the level's last update at or before the next logging step.
+            if w is not None and (step == next_log or step + w.every > next_log):
+                self._measure_before(w, optimizer, trainer)
+
+    def _measure_before(self, w: _Watch, optimizer: Optimizer, trainer: pl.Trainer) -> None:
+        grads = [p.grad.detach() for _, p in w.params if p.grad is not None]
+        scale = _unscale_factor(trainer, optimizer)
+        w.grad_norm = _norm(grads) * scale if grads else 0.0
+        w.lr = _lr_of(optimizer, w.params[0][1]) if w.params else None
+        w.snapshot = [p.detach().clone() for _, p in w.params]
+        w.pending = True
+        if self._wants_histograms(trainer) and grads:
+            w.histograms["grad"] = torch.cat([g.float().flatten() for g in grads]) * scale
+
+    @override
+    def on_optimizer_step_done(self, i: int, optimizer: Optimizer) -> None:
+        """The step really happened (a torch step post-hook): measure the drift of the levels measured before it."""
+        for w in self._watches[i].values():
+            if self._mfu is None:
+                w.updates += 1
+            if not w.pending or w.snapshot is None:
+                continue
+            deltas = [p.detach() - before for (_, p), before in zip(w.params, w.snapshot, strict=True)]
+            w.drift = _norm(deltas)
+            before = _norm(w.snapshot)
+            w.drift_rel = w.drift / before if before > 0 else math.inf if w.drift > 0 else 0.0
+            if "grad" in w.histograms:
+                w.histograms["update"] = torch.cat([d.float().flatten() for d in deltas])
+            w.snapshot, w.pending = None, False
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        histograms: dict[str, Tensor] = {}
+        for w in self.watches.values():
+            if w.pending:  # the step was skipped (GradScaler): forget the measurement
+                w.snapshot, w.pending = None, False
+                w.histograms.clear()
+            for kind, values in w.histograms.items():
+                histograms[f"{self._prefix}/{w.name}/{kind}"] = values
+            w.histograms = {}
+        if histograms:
+            self._write_histograms(trainer, histograms)
+        if not trainer._logger_connector.should_update_logs:
+            return
+        updates = self._mfu.num_updates if self._mfu is not None else {}
+        metrics: dict[str, float] = {}
+        for w in self.watches.values():
+            metrics[f"{self._prefix}/{w.name}/updates"] = float(updates.get(w.name, w.updates))
+            for key in ("grad_norm", "drift", "drift_rel", "lr"):
+                value = getattr(w, key)
+                if value is not None:
+                    metrics[f"{self._prefix}/{w.name}/{key}"] = float(value)
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+
+    # ------------------------------------------------------------------------------------------------ helpers
+    def _wants_histograms(self, trainer: pl.Trainer) -> bool:
+        return self._log_histograms and any(isinstance(lg, TensorBoardLogger) for lg in trainer.loggers)
+
+    @rank_zero_only
+    def _write_histograms(self, trainer: pl.Trainer, histograms: dict[str, Tensor]) -> None:
+        step = _logging_step(trainer) - 1  # the step self.log uses for this batch
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                for tag, values in histograms.items():
+                    logger.experiment.add_histogram(tag, values.cpu(), global_step=step)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if self._mfu is not None:
+            return {}  # MultiFrequencyUpdates checkpoints the clocks
+        return {"updates": {w.name: w.updates for w in self.watches.values()}}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded_updates = dict(state_dict.get("updates", {}))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "_watches": []}
+
+
+def _params_of(optimizer: Optimizer) -> list[Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _lr_of(optimizer: Optimizer, param: Tensor) -> Optional[float]:
+    for group in optimizer.param_groups:
+        if any(p is param for p in group["params"]):
+            lr = group.get("lr")
+            return float(lr) if lr is not None else None
+    return None
+
+
+def _norm(tensors: list[Tensor]) -> float:
+    """The L2 norm of a list of tensors taken as one vector, computed in fp32."""
+    if not tensors:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in tensors])))
+
+
+def _unscale_factor(trainer: pl.Trainer, optimizer: Optimizer) -> float:
+    """Gradients of a fused optimizer are still scaled in ``on_before_optimizer_step`` under a GradScaler."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+        return 1.0 / float(scaler.get_scale())
+    return 1.0
+
+
+def _logging_step(trainer: pl.Trainer) -> int:
+    """The 1-based index of the current optimizer step in Lightning's logging clock (``_batches_that_stepped + 1``)."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped + 1

@@ -1,0 +1,273 @@
+# Copyright The Lightning AI team.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+r"""
+Multi-Frequency Updates
+^^^^^^^^^^^^^^^^^^^^^^^
+
+Update groups of parameters at different frequencies, the optimizer-step axis of the Continuum Memory System
+(Eq. 31, NL NeurIPS): a level with period ``C`` takes one optimizer step per ``C`` committed steps, on the mean (or
+sum) of the ``C`` gradients it received, and is invisible to the optimizer in between.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal, Optional, Union
+
+import lightning.pytorch as pl
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from nl_lightning.callbacks._step_hooks import StepHookCallback
+from nl_lightning.levels import Level, LevelSet, StepPlan, as_levels
+
+__all__ = ["MultiFrequencyUpdates"]
+
+
+class MultiFrequencyUpdates(StepHookCallback):
+    r"""Give groups of parameters their own update period: the optimizer-step axis of Eq. 31 (NL NeurIPS).
+
+    For every parameter ``p`` of a level with period ``C``:
+
+    - ``p`` takes exactly one optimizer step per ``C`` *committed* optimizer steps (a step a ``GradScaler`` skipped is
+      not committed and contributes nothing);
+    - that step uses the mean (``reduction="mean"``) or the sum (``"sum"``, as printed in Eq. 31) of the ``C``
+      gradients ``p`` received since its previous step, kept in fp32 buffers;
+    - on the other steps ``p``'s value and its optimizer state (moments, step count, momentum, weight decay) are
+      untouched: the optimizer never sees a gradient for ``p``;
+    - clocks and partial buffers are saved in checkpoints, keyed by parameter name, so a run resumed in the middle of a
+      chunk continues bit-for-bit.
+
+    Parameters matched by no level are updated on every step, as usual. Clocks count committed optimizer steps, never
+    ``global_step``: with ``accumulate_grad_batches=k`` a period ``C`` spans ``C * k`` batches.
+
+    It composes with gradient clipping (off-step gradients are unclipped while they wait; the chunk mean joins the
+    global norm on the update step), 32-true / bf16-mixed / 16-mixed, several optimizers (a level must live in one
+    optimizer), manual optimization, DDP and ``torch.compile``. DeepSpeed, FSDP and ModelParallel are refused, and so
+    is a fused optimizer under a ``GradScaler`` (it unscales inside ``step()``, out of this callback's reach).
+
+    **Manual optimization.** ``opt.step()`` on the optimizer returned by ``self.optimizers()`` needs nothing more:
+    Lightning calls ``on_before_optimizer_step`` inside it. If you read or clip gradients *before* ``opt.step()``
+    (for example with ``self.clip_gradients``), call :meth:`prepare_step` first, so that you act on the gradients the
+    optimizer will see. Stepping the raw ``torch.optim.Optimizer`` bypasses the hook and raises a ``RuntimeError``
+    unless :meth:`prepare_step` was called.
+
+    Args:
+        levels: A list of :class:`~nl_lightning.Level` (in YAML, dicts with ``name``, ``params``, ``every``), or a
+            mapping ``{glob: every}`` that makes one level per glob, named after it.
+        reduction: ``"mean"`` (default) or ``"sum"`` of the chunk's gradients.
+
+    Raises:
+        MisconfigurationException: On an empty or malformed ``levels``, duplicate level names, a non-string glob,
+            ``every < 1`` or an unknown ``reduction`` (at construction); on a glob that matches no parameter, a
+            parameter claimed by two levels, a level spread over two optimizers, an unsupported strategy, or a fused
+            optimizer under a ``GradScaler`` (at ``setup`` / train start).
+
+    Example::
+
+        from lightning.pytorch import Trainer
+        from nl_lightning import Level
+        from nl_lightning.callbacks import MultiFrequencyUpdates
+
+        updates = MultiFrequencyUpdates([Level("head", ["head.*"]), Level("backbone", ["backbone.*"], every=8)])
+        trainer = Trainer(callbacks=[updates], max_epochs=10)
+        trainer.fit(model, datamodule=dm)
+        updates.num_updates  # {'head': ..., 'backbone': ...}
+
+    """
+
+    def __init__(
+        self,
+        levels: Union[Sequence[Level], dict[str, int]],
+        reduction: Literal["mean", "sum"] = "mean",
+    ) -> None:
+        super().__init__()
+        try:
+            self._levels = as_levels(levels)
+        except ValueError as err:
+            raise MisconfigurationException(str(err)) from err
+        if reduction not in ("mean", "sum"):
+            raise MisconfigurationException(f"`reduction` must be 'mean' or 'sum', got {reduction!r}.")
+        self._reduction = reduction
+        self._book: Optional[LevelSet] = None
+        self._loaded_state: Optional[dict[str, Any]] = None
+        self._levels_of: list[list[str]] = []  # per optimizer index: the levels whose parameters it holds
+        self._plans: dict[int, StepPlan] = {}  # per optimizer index: the prepared step awaiting its commit
+
+    @property
+    def levels(self) -> tuple[Level, ...]:
+        """The configured levels."""
+        return self._levels
+
+    @property
+    def book(self) -> LevelSet:
+        """The :class:`~nl_lightning.levels.LevelSet` holding clocks and buffers (available from ``setup``)."""
+        if self._book is None:
+            raise RuntimeError("MultiFrequencyUpdates.book is available once `trainer.fit` has called `setup`.")
+        return self._book
+
+    @property
+    def num_updates(self) -> dict[str, int]:
+        """The number of updates each level has taken."""
+        if self._book is None:
+            return {lvl.name: 0 for lvl in self._levels}
+        return self._book.num_updates
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        strategy = trainer.strategy
+        if isinstance(strategy, (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy)):
+            raise MisconfigurationException(
+                f"MultiFrequencyUpdates does not support {type(strategy).__name__}: it shards or owns the gradients"
+                " that the callback must hold back between updates. Use strategy='ddp' (or a single device)."
+            )
+        if trainer.accumulate_grad_batches > 1:
+            rank_zero_warn(
+                f"MultiFrequencyUpdates counts optimizer steps: with accumulate_grad_batches="
+                f"{trainer.accumulate_grad_batches} a level with every=C updates once per"
+                f" C * {trainer.accumulate_grad_batches} batches."
+            )
+        if self._book is None or not self._book_belongs_to(pl_module):
+            try:
+                self._book = LevelSet(self._levels, pl_module.named_parameters(), self._reduction)
+            except ValueError as err:
+                raise MisconfigurationException(str(err)) from err
+
+    def _book_belongs_to(self, pl_module: pl.LightningModule) -> bool:
+        """Whether the book was resolved on this module's parameters (a second ``fit`` keeps clocks and buffers)."""
+        named = dict(pl_module.named_parameters())
+        return all(named.get(n) is p for lvl in self.book.levels for n, p in self.book.params(lvl.name))
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        book = self.book
+        if self._loaded_state is not None:
+            result = book.load_state_dict(self._loaded_state, strict=False)
+            for what, names in zip(("not in the checkpoint", "dropped", "changed"), result, strict=True):
+                if names:
+                    rank_zero_warn(f"MultiFrequencyUpdates resumed with level state {what}: {names}.")
+            self._loaded_state = None
+        self._levels_of = self._map_levels_to_optimizers(book, trainer.optimizers)
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        for opt in trainer.optimizers:
+            if scaler is not None and getattr(opt, "_step_supports_amp_scaling", False):
+                raise MisconfigurationException(
+                    f"{type(opt).__name__} unscales gradients inside `step()` (a fused optimizer), so the gradients"
+                    " MultiFrequencyUpdates buffers would still be scaled. Use the non-fused optimizer (fused=False)"
+                    " or precision='bf16-mixed', which needs no GradScaler."
+                )
+        self._plans.clear()
+        self.attach_step_hooks(trainer)
+
+    @staticmethod
+    def _map_levels_to_optimizers(book: LevelSet, optimizers: list[Optimizer]) -> list[list[str]]:
+        holder = {id(p): i for i, opt in enumerate(optimizers) for g in opt.param_groups for p in g["params"]}
+        levels_of: list[list[str]] = [[] for _ in optimizers]
+        for lvl in book.levels:
+            where = {holder.get(id(p)) for _, p in book.params(lvl.name)}
+            if len(where - {None}) > 1:
+                raise MisconfigurationException(
+                    f"Level {lvl.name!r} has parameters in optimizers {sorted(where - {None})}; a level's clock counts"
+                    " the steps of one optimizer. Split it into one level per optimizer."
+                )
+            if None in where:
+                orphans = [n for n, p in book.params(lvl.name) if id(p) not in holder]
+                rank_zero_warn(f"Level {lvl.name!r}: parameters {orphans[:5]} are in no optimizer and never update.")
+            for i in where - {None}:
+                levels_of[i].append(lvl.name)
+        return levels_of
+
+    # ------------------------------------------------------------------------------------------------ a step
+    def prepare_step(self, optimizer: Union[Optimizer, Any]) -> StepPlan:
+        """Mask and reduce the gradients of ``optimizer``'s levels for the coming step.
+
+        ``on_before_optimizer_step`` calls it, so you need it only in manual optimization when you read or clip
+        gradients before ``opt.step()``, or step a raw ``torch.optim.Optimizer``. It is idempotent: until the step
+        happens, or a new backward replaces the gradients, further calls return the same plan.
+
+        Args:
+            optimizer: The optimizer about to step (a ``LightningOptimizer`` is unwrapped).
+
+        Returns:
+            The :class:`~nl_lightning.levels.StepPlan`: which levels update on this step.
+
+        Raises:
+            RuntimeError: If called before training started or with an optimizer the Trainer does not know.
+
+        """
+        i = self.optimizer_index(optimizer)
+        plan = self._plans.get(i)
+        if plan is None or not plan.is_current():
+            plan = self._plans[i] = self.book.prepare(self._levels_of[i])
+        return plan
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        self.prepare_step(optimizer)
+
+    @override
+    def on_optimizer_step_done(self, i: int, optimizer: Optimizer) -> None:
+        """The step really happened (a torch step post-hook): commit its plan."""
+        plan = self._plans.pop(i, None)
+        if plan is None:
+            if any(lvl.every > 1 for lvl in self.book.levels if lvl.name in self._levels_of[i]):
+                raise RuntimeError(
+                    f"Optimizer {i} stepped without MultiFrequencyUpdates seeing its gradients, so its slow levels"
+                    " just moved off their schedule. In manual optimization step the optimizer returned by"
+                    " `self.optimizers()`, or call `MultiFrequencyUpdates.prepare_step(opt)` before `opt.step()`."
+                )
+            plan = self.book.prepare(self._levels_of[i])  # every level is due: only the update counts move
+        self.book.commit(plan)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # A plan still pending here belongs to a step that did not happen (a GradScaler skipped it): drop it, the
+        # held gradients contribute nothing and a due level stays due.
+        self._plans.clear()
+
+    # ------------------------------------------------------------------------------------------------ tear-down
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        self._plans.clear()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        self._plans.clear()
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if self._book is None:
+            return dict(self._loaded_state or {})
+        return self._book.state_dict()
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Optimizers do not exist yet when Lightning restores callbacks: apply the state in `on_train_start`.
+        self._loaded_state = state_dict
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "_plans": {}}

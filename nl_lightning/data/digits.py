@@ -1,0 +1,174 @@
+# Copyright The Lightning AI team.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+r"""
+Digits
+^^^^^^
+
+scikit-learn's bundled handwritten digits (1797 images of 8x8 pixels, 10 classes) as a
+:class:`~lightning.pytorch.core.LightningDataModule`. The data ship inside scikit-learn, so nothing is downloaded:
+it is the real data set of the default recipe and of the tests.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
+from typing_extensions import override
+
+__all__ = ["DigitsDataModule", "load_digits_tensors"]
+
+
+def load_digits_tensors() -> tuple[Tensor, Tensor]:
+    """Load scikit-learn's digits as tensors, scaled to ``[0, 1]``.
+
+    Returns:
+        The inputs, ``float32`` of shape ``(1797, 64)`` with values in ``[0, 1]``, and the labels, ``int64`` of shape
+        ``(1797,)`` with values in ``0..9``.
+
+    Example::
+
+        x, y = load_digits_tensors()
+        x.shape, y.shape  # (torch.Size([1797, 64]), torch.Size([1797]))
+
+    """
+    from sklearn.datasets import load_digits  # deferred: scikit-learn takes a moment to import
+
+    x, y = load_digits(return_X_y=True)
+    return torch.as_tensor(x, dtype=torch.float32) / 16.0, torch.as_tensor(y, dtype=torch.int64)
+
+
+def stratified_split(labels: Tensor, val_fraction: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Split sample indices into train and validation, drawing ``val_fraction`` of every class into validation.
+
+    Each class keeps at least one sample on each side (when it has two or more).
+
+    Args:
+        labels: The integer labels, shape ``(N,)``.
+        val_fraction: The share of every class that goes to validation, in ``(0, 1)``.
+        generator: The random generator that draws the split.
+
+    Returns:
+        The sorted train indices and the sorted validation indices.
+
+    Example::
+
+        train_idx, val_idx = stratified_split(y, 0.2, torch.Generator().manual_seed(0))
+
+    """
+    train, val = [], []
+    for cls in torch.unique(labels):
+        idx = torch.nonzero(labels == cls).flatten()
+        idx = idx[torch.randperm(len(idx), generator=generator)]
+        n_val = min(max(round(len(idx) * val_fraction), 1), max(len(idx) - 1, 0))
+        val.append(idx[:n_val])
+        train.append(idx[n_val:])
+    return torch.sort(torch.cat(train)).values, torch.sort(torch.cat(val)).values
+
+
+class DigitsDataModule(pl.LightningDataModule):
+    """scikit-learn's handwritten digits: 64 features in ``[0, 1]`` (8x8 pixels), 10 classes, no download.
+
+    The 1797 samples are split once, per class (stratified), with a :class:`torch.Generator` seeded by ``seed``: the
+    split depends on ``seed`` only, never on the global seed. The training loader shuffles with its own generator,
+    also seeded by ``seed``; the validation, test (the validation split) and predict (its inputs) loaders do not
+    shuffle.
+
+    Args:
+        batch_size: Samples per batch, ``>= 1``.
+        val_fraction: The share of every class held out for validation and test, in ``(0, 1)``.
+        seed: The seed of the split and of the training shuffle.
+        num_workers: Worker processes per loader, ``>= 0``.
+
+    Raises:
+        MisconfigurationException: If ``batch_size < 1``, ``val_fraction`` is not in ``(0, 1)`` or
+            ``num_workers < 0``.
+
+    Example::
+
+        from lightning.pytorch import Trainer
+        from nl_lightning.data import DigitsDataModule
+        from nl_lightning.models import MLPClassifier
+
+        dm = DigitsDataModule(batch_size=32)
+        model = MLPClassifier(in_features=dm.num_features, num_classes=dm.num_classes)
+        Trainer(max_epochs=20).fit(model, datamodule=dm)
+
+    """
+
+    num_features: int = 64
+    num_classes: int = 10
+
+    def __init__(self, batch_size: int = 32, val_fraction: float = 0.2, seed: int = 0, num_workers: int = 0) -> None:
+        super().__init__()
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise MisconfigurationException(f"`batch_size` must be an integer >= 1, got {batch_size!r}; use e.g. 32.")
+        if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
+            raise MisconfigurationException(
+                f"`val_fraction` must be a number strictly between 0 and 1, got {val_fraction!r}; use e.g. 0.2."
+            )
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise MisconfigurationException(f"`seed` must be an integer, got {seed!r}.")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise MisconfigurationException(
+                f"`num_workers` must be an integer >= 0, got {num_workers!r}; use 0 to load in the main process."
+            )
+        self.save_hyperparameters()
+        self.batch_size = batch_size
+        self.val_fraction = float(val_fraction)
+        self.seed = seed
+        self.num_workers = num_workers
+        self.train_set: Optional[TensorDataset] = None
+        self.val_set: Optional[TensorDataset] = None
+
+    @override
+    def setup(self, stage: str) -> None:
+        if self.train_set is not None:
+            return
+        x, y = load_digits_tensors()
+        train_idx, val_idx = stratified_split(y, self.val_fraction, torch.Generator().manual_seed(self.seed))
+        self.train_set = TensorDataset(x[train_idx], y[train_idx])
+        self.val_set = TensorDataset(x[val_idx], y[val_idx])
+
+    def _loader(self, dataset: Optional[TensorDataset], shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("DigitsDataModule: call `setup()` (the Trainer does) before asking for a dataloader.")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    @override
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    @override
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    @override
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    @override
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)

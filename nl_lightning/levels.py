@@ -1,0 +1,432 @@
+# Copyright The Lightning AI team.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+r"""
+Levels
+^^^^^^
+
+A :class:`Level` names a group of parameters and the period ``C`` at which they learn. :class:`LevelSet` keeps the
+bookkeeping that makes the period exact, the optimizer-step reading of the Continuum Memory System's update rule
+(Eq. 31, NL NeurIPS):
+
+.. math::
+
+    \theta^{(\ell)}_{i+1} = \theta^{(\ell)}_i - \eta \, \mathrm{reduce}_{t=i-C+1}^{i} \nabla\mathcal{L}(\theta_t)
+    \quad \text{if } i \equiv 0 \pmod{C}, \text{ else unchanged}
+
+Between two updates of a level its parameters have no gradient as far as the optimizer can tell (``p.grad is None``),
+so their values *and* their optimizer state (Adam moments, step counts, momentum buffers, weight decay) are untouched.
+The gradients they received meanwhile wait in fp32 side buffers; on the level's update step the optimizer sees their
+mean (or sum). The clocks count *committed* optimizer steps: a step that did not happen (for example one skipped by a
+``GradScaler``) is never committed and contributes nothing.
+
+This module is plain PyTorch (no Lightning import), so the same engine works in a hand-written loop::
+
+    book = LevelSet([Level("slow", ["backbone.*"], every=8)], model.named_parameters())
+    for x, y in loader:
+        loss_fn(model(x), y).backward()
+        plan = book.prepare()      # hide off-step levels, write the chunk mean for due ones
+        optimizer.step()
+        book.commit(plan)          # only after a step that really happened
+        optimizer.zero_grad()
+
+:class:`~nl_lightning.callbacks.MultiFrequencyUpdates` is the Lightning adapter around it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["IncompatibleLevels", "Level", "LevelSet", "StepPlan", "resolve_levels"]
+
+Reduction = Literal["mean", "sum"]
+_REDUCTIONS = ("mean", "sum")
+
+
+@dataclass(frozen=True)
+class Level:
+    """A group of parameters that takes one optimizer step every ``every`` committed optimizer steps.
+
+    Args:
+        name: A unique name, used in logs (``nested/<name>/...``) and checkpoints.
+        params: fnmatch globs over the model's ``named_parameters()`` names, for example ``"backbone.*"`` or
+            ``"*.cms.levels.2.*"``. A single string is taken as one glob.
+        every: The level's period ``C >= 1``. Parameters matched by no level behave as period 1.
+
+    Raises:
+        ValueError: If ``name`` is not a non-empty string, a glob is not a non-empty string, no glob is given, or
+            ``every`` is not an integer ``>= 1``.
+
+    Example::
+
+        Level("backbone", ["backbone.*"], every=8)
+
+    """
+
+    name: str
+    params: Sequence[str]
+    every: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"Level name must be a non-empty string, got {self.name!r}.")
+        params = (self.params,) if isinstance(self.params, str) else self.params
+        if not isinstance(params, Iterable):
+            raise ValueError(
+                f"Level {self.name!r}: `params` must be a list of glob strings such as ['backbone.*'], got {params!r}."
+            )
+        params = tuple(params)
+        if not params:
+            raise ValueError(f"Level {self.name!r}: `params` is empty; give at least one glob such as 'backbone.*'.")
+        for glob in params:
+            if not isinstance(glob, str) or not glob:
+                raise ValueError(
+                    f"Level {self.name!r}: every glob in `params` must be a non-empty string, got {glob!r}"
+                    f" ({type(glob).__name__}). Write parameter names as strings, for example 'backbone.*'."
+                )
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+            raise ValueError(
+                f"Level {self.name!r}: `every` must be an integer >= 1 (the number of optimizer steps between two"
+                f" updates), got {self.every!r}."
+            )
+        object.__setattr__(self, "params", params)
+
+
+def as_levels(levels: Sequence[Level] | Mapping[str, int]) -> tuple[Level, ...]:
+    """Normalise the accepted level specifications into a tuple of :class:`Level`.
+
+    Args:
+        levels: Either a sequence of :class:`Level` (or of dicts with the fields of :class:`Level`), or a mapping
+            from glob to period, where each glob becomes a level named after it.
+
+    Raises:
+        ValueError: If an entry is not a level, or two levels share a name.
+
+    """
+    if isinstance(levels, Mapping):
+        out = tuple(Level(name=glob, params=(glob,), every=every) for glob, every in levels.items())
+    elif isinstance(levels, (str, bytes)) or not isinstance(levels, Iterable):
+        raise ValueError(
+            f"`levels` must be a list of Level objects or a mapping {{glob: every}}, got {levels!r}."
+            " Example: [Level('slow', ['backbone.*'], every=8)] or {'backbone.*': 8}."
+        )
+    else:
+        out = tuple(lvl if isinstance(lvl, Level) else _level_from_dict(lvl) for lvl in levels)
+    if not out:
+        raise ValueError("`levels` is empty; give at least one Level, for example Level('slow', ['backbone.*'], 8).")
+    seen: set[str] = set()
+    for lvl in out:
+        if lvl.name in seen:
+            raise ValueError(f"Two levels are named {lvl.name!r}; level names must be unique. Rename one of them.")
+        seen.add(lvl.name)
+    return out
+
+
+def _level_from_dict(spec: Any) -> Level:
+    if isinstance(spec, Mapping):
+        unknown = set(spec) - {"name", "params", "every"}
+        if not unknown:
+            return Level(**spec)
+        raise ValueError(f"Level spec {dict(spec)!r} has unknown keys {sorted(unknown)}; use name, params, every.")
+    raise ValueError(f"Each entry of `levels` must be a Level (or a dict name/params/every), got {spec!r}.")
+
+
+def resolve_levels(
+    levels: Sequence[Level], named_parameters: Iterable[tuple[str, Tensor]]
+) -> dict[str, list[tuple[str, Tensor]]]:
+    """Match every level's globs against the parameter names.
+
+    Args:
+        levels: The levels, with unique names.
+        named_parameters: ``(name, parameter)`` pairs, typically ``model.named_parameters()``.
+
+    Returns:
+        For each level name, its ``(name, parameter)`` pairs in the model's order.
+
+    Raises:
+        ValueError: If a glob matches no parameter, or a parameter is matched by two levels.
+
+    """
+    named = list(named_parameters)
+    names = [n for n, _ in named]
+    owner: dict[str, tuple[str, str]] = {}  # parameter name -> (level name, glob)
+    for lvl in levels:
+        for glob in lvl.params:
+            hits = fnmatch.filter(names, glob)
+            if not hits:
+                raise ValueError(
+                    f"Level {lvl.name!r}: the glob {glob!r} matches no parameter of the model."
+                    f" {_name_hint(glob, names)}"
+                )
+            for n in hits:
+                prev = owner.get(n)
+                if prev is not None and prev[0] != lvl.name:
+                    raise ValueError(
+                        f"Parameter {n!r} is matched by level {prev[0]!r} (glob {prev[1]!r}) and by level {lvl.name!r}"
+                        f" (glob {glob!r}); a parameter may belong to one level only. Narrow one of the globs."
+                    )
+                owner.setdefault(n, (lvl.name, glob))
+    out: dict[str, list[tuple[str, Tensor]]] = {lvl.name: [] for lvl in levels}
+    for n, p in named:
+        if n in owner:
+            out[owner[n][0]].append((n, p))
+    return out
+
+
+def _name_hint(glob: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(glob.replace("*", ""), names, n=3, cutoff=0.5)
+    shown = (close + [n for n in names if n not in close])[:6]
+    more = "" if len(names) <= len(shown) else f" (of {len(names)})"
+    return f"The model's parameters include {shown}{more}; fix the glob or remove it."
+
+
+@dataclass
+class _Clock:
+    """The runtime state of one level: its clock, its update count and its partial gradient sums (fp32)."""
+
+    level: Level
+    params: list[tuple[str, Tensor]]
+    count: int = 0  # committed contributions since the level's last update
+    updates: int = 0  # updates taken
+    buffers: dict[str, Tensor] = field(default_factory=dict)  # fp32 sums, allocated once, reused every chunk
+    fresh: set[str] = field(default_factory=set)  # names whose buffer holds this chunk's sum
+
+    @property
+    def due(self) -> bool:
+        return self.count + 1 >= self.level.every
+
+
+class StepPlan(NamedTuple):
+    """What :meth:`LevelSet.prepare` did to the gradients of one step, kept until :meth:`LevelSet.commit`.
+
+    ``due`` lists the levels updating on this step. ``held`` maps each level that is not due to the gradients it
+    received (references, not copies), to be added to its buffers once the step is committed.
+    """
+
+    due: tuple[str, ...]
+    held: dict[str, list[Optional[Tensor]]]
+    written: tuple[tuple[Tensor, Optional[Tensor]], ...]  # (param, the grad object it was left with)
+
+    def is_current(self) -> bool:
+        """Whether the gradients are still those this plan left (no backward or ``zero_grad`` happened since)."""
+        return all(p.grad is g for p, g in self.written)
+
+
+class IncompatibleLevels(NamedTuple):
+    """Differences found by :meth:`LevelSet.load_state_dict` between a saved state and the configured levels."""
+
+    missing: list[str]  # configured levels with no saved state: they start a fresh chunk
+    unexpected: list[str]  # saved levels or buffers that are not configured: their partial sums are dropped
+    changed: list[str]  # levels whose period changed since the state was saved
+
+
+class LevelSet:
+    """The bookkeeping of a set of levels over one model: clocks, fp32 gradient buffers and gradient masking.
+
+    Args:
+        levels: The levels (see :func:`as_levels` for the accepted forms).
+        named_parameters: ``(name, parameter)`` pairs of the model, typically ``model.named_parameters()``.
+        reduction: ``"mean"`` (default) steps on the mean of the ``C`` gradients of a chunk; ``"sum"`` on their sum,
+            as printed in Eq. 31.
+
+    Raises:
+        ValueError: On an invalid level, an unknown reduction, a glob that matches nothing or a parameter claimed by
+            two levels.
+
+    """
+
+    def __init__(
+        self,
+        levels: Sequence[Level] | Mapping[str, int],
+        named_parameters: Iterable[tuple[str, Tensor]],
+        reduction: Reduction = "mean",
+    ) -> None:
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"`reduction` must be one of {_REDUCTIONS}, got {reduction!r}.")
+        self.levels = as_levels(levels)
+        self.reduction = reduction
+        matched = resolve_levels(self.levels, named_parameters)
+        self._clocks = {lvl.name: _Clock(lvl, matched[lvl.name]) for lvl in self.levels}
+
+    # ------------------------------------------------------------------------------------------------ queries
+    def params(self, level: str) -> list[tuple[str, Tensor]]:
+        """The ``(name, parameter)`` pairs owned by ``level``."""
+        return self._clocks[level].params
+
+    @property
+    def num_updates(self) -> dict[str, int]:
+        """The number of updates each level has taken."""
+        return {name: c.updates for name, c in self._clocks.items()}
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """For each level, the committed steps since its last update (its position inside the current chunk)."""
+        return {name: c.count for name, c in self._clocks.items()}
+
+    def is_due(self, level: str) -> bool:
+        """Whether ``level`` updates on the next committed step."""
+        return self._clocks[level].due
+
+    # ------------------------------------------------------------------------------------------------ a step
+    def prepare(self, levels: Optional[Iterable[str]] = None) -> StepPlan:
+        """Rewrite the gradients before an optimizer step.
+
+        A level that is not due gets ``p.grad = None`` on all its parameters, so the optimizer skips them; a due level
+        gets the mean (or sum) of its buffered gradients and the current one. Call it once per step, after backward
+        (and after unscaling, under a ``GradScaler``), before clipping and ``optimizer.step()``.
+
+        Args:
+            levels: Restrict the step to these levels (for example those whose parameters the stepping optimizer
+                holds). ``None`` means all levels.
+
+        Returns:
+            The plan to pass to :meth:`commit` once the step has really happened.
+
+        """
+        due: list[str] = []
+        held: dict[str, list[Optional[Tensor]]] = {}
+        written: list[tuple[Tensor, Optional[Tensor]]] = []
+        for name in self._clocks if levels is None else levels:
+            clock = self._clocks[name]
+            if clock.due:
+                due.append(name)
+                if clock.level.every > 1:
+                    written.extend(self._write_reduced(clock))
+                continue
+            grads = []
+            for _, p in clock.params:
+                grads.append(p.grad)
+                p.grad = None
+                written.append((p, None))
+            held[name] = grads
+        return StepPlan(tuple(due), held, tuple(written))
+
+    def _write_reduced(self, clock: _Clock) -> list[tuple[Tensor, Optional[Tensor]]]:
+        """Write ``reduce(buffer + grad)`` into the gradients of a due level (Eq. 31)."""
+        n = clock.count + 1
+        written = []
+        for name, p in clock.params:
+            g = p.grad
+            buf = clock.buffers[name] if name in clock.fresh else None
+            if buf is None:
+                if g is not None and self.reduction == "mean" and n > 1:
+                    g.div_(n)
+            else:
+                total = buf.clone() if g is None else g.float().add_(buf) if g.dtype != torch.float32 else g.add_(buf)
+                if self.reduction == "mean":
+                    total.div_(n)
+                if g is None:
+                    p.grad = total.to(p.dtype)
+                elif total is not g:
+                    g.copy_(total)
+            written.append((p, p.grad))
+        return written
+
+    def commit(self, plan: StepPlan) -> None:
+        """Advance the clocks after a step that really happened.
+
+        Due levels restart their chunk; the others add the held gradients to their fp32 buffers.
+        """
+        for name in plan.due:
+            clock = self._clocks[name]
+            clock.count = 0
+            clock.updates += 1
+            clock.fresh.clear()
+        for name, grads in plan.held.items():
+            clock = self._clocks[name]
+            for (pname, _), g in zip(clock.params, grads, strict=True):
+                if g is None:
+                    continue
+                if pname in clock.fresh:
+                    clock.buffers[pname].add_(g)
+                    continue
+                buf = clock.buffers.get(pname)
+                if buf is None or buf.device != g.device:
+                    buf = clock.buffers[pname] = torch.empty_like(g, dtype=torch.float32)
+                buf.copy_(g)
+                clock.fresh.add(pname)
+            clock.count += 1
+        plan.held.clear()  # the held gradients now live in the buffers: release them before the next backward
+
+    # ------------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """The clocks, update counts and partial fp32 sums, keyed by level and parameter name.
+
+        The result holds only tensors, strings, integers and dicts, so it loads with ``torch.load(weights_only=True)``.
+        """
+        return {
+            "reduction": self.reduction,
+            "levels": {
+                name: {
+                    "every": c.level.every,
+                    "count": c.count,
+                    "updates": c.updates,
+                    "buffers": {n: c.buffers[n] for n in sorted(c.fresh)},
+                }
+                for name, c in self._clocks.items()
+            },
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> IncompatibleLevels:
+        """Restore clocks and buffers saved by :meth:`state_dict`.
+
+        Buffers are copied to the device of their parameter. A level whose period changed keeps its position: it
+        updates as soon as its count reaches the new period, on the reduction of what it holds.
+
+        Args:
+            state_dict: A state from :meth:`state_dict`.
+            strict: Raise if the saved levels or parameter names differ from the configured ones, or the reduction
+                changed. With ``strict=False`` the differences are returned instead.
+
+        Raises:
+            ValueError: If ``strict`` and the state does not match the configuration.
+
+        """
+        saved = state_dict.get("levels", {})
+        missing = [name for name in self._clocks if name not in saved]
+        unexpected = [name for name in saved if name not in self._clocks]
+        changed = []
+        if state_dict.get("reduction", self.reduction) != self.reduction:
+            changed.append(f"reduction {state_dict.get('reduction')!r} -> {self.reduction!r}")
+        for name, s in saved.items():
+            clock = self._clocks.get(name)
+            if clock is None:
+                continue
+            if s["every"] != clock.level.every:
+                changed.append(f"{name}: every {s['every']} -> {clock.level.every}")
+            owned = dict(clock.params)
+            unexpected += [f"{name}/{n}" for n in s["buffers"] if n not in owned]
+        if strict and (missing or unexpected or changed):
+            raise ValueError(
+                f"The saved level state does not match the configured levels: missing {missing}, unexpected"
+                f" {unexpected}, changed {changed}. Configure the same levels as the run that saved it."
+            )
+        for name, s in saved.items():
+            clock = self._clocks.get(name)
+            if clock is None:
+                continue
+            owned = dict(clock.params)
+            clock.count, clock.updates = int(s["count"]), int(s["updates"])
+            clock.fresh.clear()
+            for n, value in s["buffers"].items():
+                if n in owned:
+                    clock.buffers[n] = value.detach().to(device=owned[n].device, dtype=torch.float32, copy=True)
+                    clock.fresh.add(n)
+        return IncompatibleLevels(missing, unexpected, changed)

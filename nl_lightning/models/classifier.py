@@ -1,0 +1,154 @@
+# Copyright The Lightning AI team.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+r"""
+MLP Classifier
+^^^^^^^^^^^^^^
+
+A small classifier split into a ``backbone`` and a ``head``, the two levels of the simplest nested learner: the
+head learns every step, the backbone (the slow, persistent level) once per ``C`` steps with
+:class:`~nl_lightning.callbacks.MultiFrequencyUpdates` and the globs ``"head.*"`` and ``"backbone.*"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
+
+__all__ = ["MLPClassifier"]
+
+
+class MLPClassifier(pl.LightningModule):
+    """An MLP classifier: ``backbone`` (``Linear`` + ``GELU`` blocks) followed by a linear ``head``.
+
+    The parameter names start with ``backbone.`` or ``head.``, so ``Level("backbone", ["backbone.*"], every=8)`` and
+    ``Level("head", ["head.*"])`` select the two parts. It trains with AdamW on the cross-entropy, logs
+    ``train_loss``, ``val_loss`` / ``val_acc`` and ``test_loss`` / ``test_acc``, and prints the final validation
+    accuracy when ``fit`` ends.
+
+    Args:
+        in_features: Input features per sample, ``>= 1``.
+        num_classes: Number of classes, ``>= 1``.
+        hidden: The widths of the backbone's hidden layers, each ``>= 1``. Empty makes a linear classifier with an
+            empty backbone. ``None`` means ``(128, 128)``.
+        lr: AdamW learning rate, ``> 0``.
+        weight_decay: AdamW (decoupled) weight decay, ``>= 0``.
+
+    Raises:
+        MisconfigurationException: If ``in_features`` or ``num_classes`` is below 1, a hidden width is below 1,
+            ``lr <= 0`` or ``weight_decay < 0``.
+
+    Example::
+
+        model = MLPClassifier(in_features=64, num_classes=10, hidden=[128, 128])
+        logits = model(torch.rand(8, 64))  # (8, 10)
+        [name for name, _ in model.named_parameters()]  # ['backbone.0.weight', ..., 'head.weight', 'head.bias']
+
+    """
+
+    def __init__(
+        self,
+        in_features: int = 64,
+        num_classes: int = 10,
+        hidden: Optional[Sequence[int]] = (128, 128),
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+    ) -> None:
+        super().__init__()
+        hidden = (128, 128) if hidden is None else tuple(hidden)
+        for name, value in (("in_features", in_features), ("num_classes", num_classes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise MisconfigurationException(f"`{name}` must be an integer >= 1, got {value!r}.")
+        for width in hidden:
+            if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+                raise MisconfigurationException(
+                    f"Every entry of `hidden` must be an integer >= 1, got {width!r} in {list(hidden)}; use e.g."
+                    " [128, 128] (or [] for a linear classifier)."
+                )
+        if not lr > 0:
+            raise MisconfigurationException(f"`lr` must be > 0, got {lr!r}; use e.g. 1e-3.")
+        if not weight_decay >= 0:
+            raise MisconfigurationException(f"`weight_decay` must be >= 0, got {weight_decay!r}; use 0 to disable it.")
+        self.save_hyperparameters()
+        self.lr = lr
+        self.weight_decay = weight_decay
+
+        blocks: list[nn.Module] = []
+        width = in_features
+        for out in hidden:
+            blocks += [nn.Linear(width, out), nn.GELU()]
+            width = out
+        self.backbone = nn.Sequential(*blocks)
+        self.head = nn.Linear(width, num_classes)
+
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    @override
+    def forward(self, x: Tensor) -> Tensor:
+        """Map inputs ``(batch, in_features)`` to logits ``(batch, num_classes)``."""
+        return self.head(self.backbone(x))
+
+    @override
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str, accuracy: MulticlassAccuracy) -> Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        accuracy(logits, y)
+        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log(f"{stage}_acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    @override
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._evaluate(batch, "val", self.val_acc)
+
+    @override
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._evaluate(batch, "test", self.test_acc)
+
+    @override
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """Return the predicted class of each sample; ``batch`` is the inputs or an ``(inputs, labels)`` pair."""
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(x).argmax(dim=-1)
+
+    @override
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+    @override
+    def on_fit_end(self) -> None:
+        accuracy = self.trainer.callback_metrics.get("val_acc")
+        if accuracy is not None:
+            _print(f"final validation accuracy: {float(accuracy):.4f}")
+
+
+@rank_zero_only
+def _print(message: str) -> None:
+    print(message, flush=True)

@@ -1,0 +1,118 @@
+"""The ``nl-lightning`` LightningCLI: every bundled recipe instantiates, a short real fit, recipe names, ``--help``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+from lightning.pytorch.loggers import TensorBoardLogger
+
+import nl_lightning
+from nl_lightning.callbacks import MultiFrequencyUpdates, NestedLearningMonitor
+from nl_lightning.cli import _resolve_configs, list_recipes, main, recipe_path
+from nl_lightning.data import DigitsDataModule
+from nl_lightning.models import MLPClassifier
+
+RECIPES_DIR = Path(nl_lightning.__file__).parent / "recipes"
+RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))
+DIGITS = RECIPES_DIR / "digits_multifrequency.yaml"
+QUIET = [
+    "--trainer.logger=false",
+    "--trainer.enable_checkpointing=false",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    """Run from an empty directory with a bare ``sys.argv``: no logs or ``config.yaml`` land in the repository."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["nl-lightning"])
+
+
+def test_recipes_are_bundled():
+    assert DIGITS in RECIPES
+    assert list_recipes() == [p.stem for p in RECIPES]
+    assert (Path(__file__).parents[1] / "recipes" / DIGITS.name).resolve() == DIGITS.resolve()  # the root symlink
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+def test_recipe_instantiates(recipe):
+    cli = main(["--config", str(recipe)], run=False)
+    assert isinstance(cli.model, pl.LightningModule)
+    assert cli.trainer is not None
+    if recipe == DIGITS:
+        assert type(cli.model) is MLPClassifier
+        assert type(cli.datamodule) is DigitsDataModule
+        assert isinstance(cli.trainer.logger, TensorBoardLogger)
+        (updates,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, MultiFrequencyUpdates)]
+        assert [(lvl.name, lvl.params, lvl.every) for lvl in updates.levels] == [
+            ("head", ("head.*",), 1),
+            ("backbone", ("backbone.*",), 8),
+        ]
+        assert any(isinstance(cb, NestedLearningMonitor) for cb in cli.trainer.callbacks)
+
+
+def test_short_fit_through_the_cli(tmp_path, capsys):
+    cli = main(
+        [
+            "fit",
+            "--config",
+            str(DIGITS),
+            "--trainer.max_steps=3",
+            *QUIET,
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
+    assert cli.trainer.global_step == 3
+    (updates,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, MultiFrequencyUpdates)]
+    assert updates.num_updates == {"head": 3, "backbone": 0}
+    assert not (Path.cwd() / "lightning_logs").exists()
+
+
+@pytest.mark.parametrize(
+    "name", ["digits_multifrequency", "digits_multifrequency.yaml", "recipes/digits_multifrequency"]
+)
+def test_bundled_recipe_by_name(name):
+    assert recipe_path(name) == DIGITS
+    assert _resolve_configs(["fit", "--config", name]) == ["fit", "--config", str(DIGITS)]
+    assert _resolve_configs([f"--config={name}"]) == [f"--config={DIGITS}"]
+    cli = main(["--config", name], run=False)
+    assert type(cli.model) is MLPClassifier
+
+
+def test_existing_file_and_unknown_names_are_left_alone(tmp_path):
+    local = tmp_path / "digits_multifrequency.yaml"
+    local.write_text(DIGITS.read_text())
+    assert _resolve_configs(["--config", "digits_multifrequency.yaml"]) == ["--config", "digits_multifrequency.yaml"]
+    assert _resolve_configs(["--config", "nope", "--trainer.max_steps=3"]) == [
+        "--config",
+        "nope",
+        "--trainer.max_steps=3",
+    ]
+    inline = "{trainer: {max_steps: 1}}" + " " * 300  # jsonargparse also takes inline YAML; longer than a file name
+    assert _resolve_configs(["--config", inline]) == ["--config", inline]
+    with pytest.raises(FileNotFoundError, match="digits_multifrequency"):
+        recipe_path("nope")
+    with pytest.raises(FileNotFoundError):
+        recipe_path("elsewhere/digits_multifrequency")
+
+
+def test_bundled_name_from_sys_argv(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["nl-lightning", "--config=digits_multifrequency"])
+    assert main(run=False) is None  # command-line use returns None, so `sys.exit(main())` exits with 0
+    assert sys.argv == ["nl-lightning", f"--config={DIGITS}"]
+
+
+def test_python_m_help():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "nl_lightning", "--help"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "fit" in result.stdout and "nl-lightning" in result.stdout

@@ -1,0 +1,103 @@
+"""NestedLearningMonitor: per-level updates, gradient norm at update, drift and learning rate, with any logger."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import TinyNet, fit
+from lightning.pytorch import Callback
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from nl_lightning import Level
+from nl_lightning.callbacks import MultiFrequencyUpdates, NestedLearningMonitor
+
+LEVELS = [Level("slow", ["net.0.*"], every=3), Level("mid", ["net.2.weight"], every=2)]
+
+
+class LastUpdateSpy(Callback):
+    """Records the norm of the slow level's gradient and its parameter change at each of its updates."""
+
+    def __init__(self) -> None:
+        self.grad_norms: list[float] = []
+        self.drifts: list[float] = []
+        self._before = None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grads = [p.grad for p in pl_module.net[0].parameters() if p.grad is not None]
+        self._before = [p.detach().clone() for p in pl_module.net[0].parameters()] if grads else None
+        if grads:
+            self.grad_norms.append(math.sqrt(sum(float(g.pow(2).sum()) for g in grads)))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._before is not None:
+            after = [p.detach() for p in pl_module.net[0].parameters()]
+            self.drifts.append(
+                math.sqrt(sum(float((a - b).pow(2).sum()) for a, b in zip(after, self._before, strict=True)))
+            )
+
+
+def test_logs_every_level_with_values_of_its_last_update(tmp_path):
+    spy = LastUpdateSpy()  # listed after MultiFrequencyUpdates: sees the chunk mean on update steps only
+    mfu = MultiFrequencyUpdates(LEVELS)
+    trainer = fit(TinyNet(optimizer="plain_sgd"), [NestedLearningMonitor(), mfu, spy], tmp_path, max_steps=10,
+                  log_every_n_steps=5)  # fmt: skip
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    for level in ("slow", "mid"):
+        for key in ("updates", "grad_norm", "drift", "drift_rel", "lr"):
+            assert f"nested/{level}/{key}" in metrics, key
+    assert metrics["nested/slow/updates"] == 3 == mfu.num_updates["slow"]
+    assert metrics["nested/mid/updates"] == 5
+    # The slow level last updated at step 9: its gradient was the mean of steps 7-9.
+    assert metrics["nested/slow/grad_norm"] == pytest.approx(spy.grad_norms[-1], rel=1e-5)
+    assert metrics["nested/slow/drift"] == pytest.approx(spy.drifts[-1], rel=1e-5)
+    # plain SGD moves by lr * gradient
+    assert metrics["nested/slow/drift"] == pytest.approx(0.1 * metrics["nested/slow/grad_norm"], rel=1e-5)
+    assert metrics["nested/slow/lr"] == pytest.approx(0.1)
+
+
+def test_tensorboard_scalars_and_histograms(tmp_path):
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    fit(TinyNet(), [MultiFrequencyUpdates(LEVELS), NestedLearningMonitor()], tmp_path, max_steps=12,
+        logger=logger, log_every_n_steps=4)  # fmt: skip
+    events = EventAccumulator(logger.log_dir, size_guidance={"histograms": 0, "scalars": 0})
+    events.Reload()
+    scalars, histograms = events.Tags()["scalars"], events.Tags()["histograms"]
+    assert {"nested/slow/updates", "nested/mid/grad_norm", "nested/slow/drift"} <= set(scalars)
+    assert {"nested/slow/grad", "nested/slow/update", "nested/mid/grad", "nested/mid/update"} <= set(histograms)
+    updates = [(e.step, e.value) for e in events.Scalars("nested/slow/updates")]
+    assert updates == [(3, 1.0), (7, 2.0), (11, 4.0)]  # logged at steps 4, 8 and 12
+
+
+@pytest.mark.parametrize("logger", [False, "csv"])
+def test_works_with_other_loggers_or_none(tmp_path, logger):
+    logger = CSVLogger(tmp_path) if logger == "csv" else False
+    trainer = fit(TinyNet(), [MultiFrequencyUpdates(LEVELS), NestedLearningMonitor()], tmp_path, max_steps=6,
+                  logger=logger, log_every_n_steps=3)  # fmt: skip
+    assert float(trainer.callback_metrics["nested/slow/updates"]) == 2
+    if logger:
+        logger.save()
+        assert "nested/slow/updates" in (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
+
+
+def test_without_multi_frequency_updates_monitors_the_optimizer(tmp_path):
+    trainer = fit(TinyNet(), [NestedLearningMonitor()], tmp_path, max_steps=6, log_every_n_steps=3)
+    assert float(trainer.callback_metrics["nested/all/updates"]) == 6
+    assert float(trainer.callback_metrics["nested/all/grad_norm"]) > 0
+
+
+def test_skipped_fp16_steps_are_not_updates(tmp_path):
+    from lightning.pytorch.plugins import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    trainer = fit(TinyNet(inf_calls=(2,)), [NestedLearningMonitor()], tmp_path, max_steps=6, log_every_n_steps=3,
+                  plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])  # fmt: skip
+    assert float(trainer.callback_metrics["nested/all/updates"]) == 5
+
+
+def test_bad_prefix():
+    with pytest.raises(MisconfigurationException, match="prefix.*''"):
+        NestedLearningMonitor(prefix="")
