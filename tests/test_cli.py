@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 import nl_lightning
 from nl_lightning.callbacks import MultiFrequencyUpdates, NestedLearningMonitor
 from nl_lightning.cli import _resolve_configs, list_recipes, main, recipe_path
-from nl_lightning.data import DigitsDataModule
+from nl_lightning.data import DigitsDataModule, fashion_mnist_available
 from nl_lightning.models import MLPClassifier
 
 RECIPES_DIR = Path(nl_lightning.__file__).parent / "recipes"
@@ -119,3 +119,13 @@ def test_python_m_help():
     )
     assert result.returncode == 0, result.stderr
     assert "fit" in result.stdout and "nl-lightning" in result.stdout
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+def test_recipe_trains_a_few_steps(recipe, tmp_path):
+    """Every recipe really runs: two optimizer steps through the CLI, logs in tmp_path."""
+    if "fmnist" in recipe.stem and not fashion_mnist_available():
+        pytest.skip("Fashion-MNIST files not found: install dataset-fashion-mnist or set NL_FASHION_MNIST_ROOT")
+    args = ["fit", "--config", str(recipe), "--trainer.max_steps=2", *QUIET, f"--trainer.default_root_dir={tmp_path}"]
+    cli = main(args)
+    assert cli.trainer.global_step == 2

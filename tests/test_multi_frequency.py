@@ -8,6 +8,7 @@ import pytest
 import torch
 from helpers import (
     BATCH,
+    DestroyProcessGroup,
     ManualTinyNet,
     TinyNet,
     batches,
@@ -265,19 +266,6 @@ class _AssertRanksAgree(Callback):
             assert torch.equal(rank0, p.detach()), "ranks diverged"
 
 
-class _DestroyProcessGroup(Callback):
-    """Tear the gloo process group down before the worker exits.
-
-    Without it, about one CPU ``ddp_spawn`` run in 40 aborts at interpreter exit ("terminate called without an active
-    exception"), after ``fit`` has finished; a plain ``BoringModel`` does the same on torch 2.13 + lightning 2.6.6.
-    """
-
-    def teardown(self, trainer, pl_module, stage):
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
-
-
 class _ShardedTinyNet(TinyNet):
     def train_dataloader(self):
         dataset = super().train_dataloader().dataset
@@ -297,7 +285,7 @@ def test_ddp_spawn_two_processes(tmp_path):
         devices=2,
         max_steps=6,
         use_distributed_sampler=False,
-        callbacks=[MultiFrequencyUpdates(LEVELS), _AssertRanksAgree(), _DestroyProcessGroup()],
+        callbacks=[MultiFrequencyUpdates(LEVELS), _AssertRanksAgree(), DestroyProcessGroup()],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -1,6 +1,15 @@
 """Lightning callbacks: thin adapters around the plain-torch cores of nl_lightning, one callback per file."""
 
+from nl_lightning.callbacks.continual_evaluation import ContinualEvaluation
+from nl_lightning.callbacks.ewc import ElasticWeightConsolidation
 from nl_lightning.callbacks.monitor import NestedLearningMonitor
 from nl_lightning.callbacks.multi_frequency import MultiFrequencyUpdates
+from nl_lightning.callbacks.replay import ExperienceReplay
 
-__all__ = ["MultiFrequencyUpdates", "NestedLearningMonitor"]
+__all__ = [
+    "ContinualEvaluation",
+    "ElasticWeightConsolidation",
+    "ExperienceReplay",
+    "MultiFrequencyUpdates",
+    "NestedLearningMonitor",
+]

@@ -1,5 +1,25 @@
-"""LightningDataModules: real data available offline (scikit-learn's digits) and synthetic tasks."""
+"""LightningDataModules and datasets: real data available offline, task streams and synthetic streams."""
 
-from nl_lightning.data.digits import DigitsDataModule
+from nl_lightning.data.digits import DigitsDataModule, DigitsDataset
+from nl_lightning.data.fashion_mnist import (
+    FASHION_MNIST_CLASSES,
+    FashionMNIST,
+    clear_fashion_mnist_cache,
+    fashion_mnist_available,
+    read_idx,
+)
+from nl_lightning.data.regression import SlowlyChangingRegression, SlowlyChangingRegressionDataModule
+from nl_lightning.data.stream import TaskStreamDataModule
 
-__all__ = ["DigitsDataModule"]
+__all__ = [
+    "FASHION_MNIST_CLASSES",
+    "DigitsDataModule",
+    "DigitsDataset",
+    "FashionMNIST",
+    "SlowlyChangingRegression",
+    "SlowlyChangingRegressionDataModule",
+    "TaskStreamDataModule",
+    "clear_fashion_mnist_cache",
+    "fashion_mnist_available",
+    "read_idx",
+]

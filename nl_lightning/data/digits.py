@@ -16,8 +16,10 @@ Digits
 ^^^^^^
 
 scikit-learn's bundled handwritten digits (1797 images of 8x8 pixels, 10 classes) as a
-:class:`~lightning.pytorch.core.LightningDataModule`. The data ship inside scikit-learn, so nothing is downloaded:
-it is the real data set of the default recipe and of the tests.
+:class:`~lightning.pytorch.core.LightningDataModule` (:class:`DigitsDataModule`) and as a map-style
+:class:`~torch.utils.data.Dataset` of one split (:class:`DigitsDataset`, for building continual-learning tasks). The
+data ship inside scikit-learn, so nothing is downloaded: it is the real data set of the default recipe and of the
+tests.
 """
 
 from __future__ import annotations
@@ -28,10 +30,10 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 from typing_extensions import override
 
-__all__ = ["DigitsDataModule", "load_digits_tensors"]
+__all__ = ["DigitsDataModule", "DigitsDataset", "load_digits_tensors"]
 
 
 def load_digits_tensors() -> tuple[Tensor, Tensor]:
@@ -79,6 +81,68 @@ def stratified_split(labels: Tensor, val_fraction: float, generator: torch.Gener
         val.append(idx[:n_val])
         train.append(idx[n_val:])
     return torch.sort(torch.cat(train)).values, torch.sort(torch.cat(val)).values
+
+
+class DigitsDataset(Dataset):
+    """One split of scikit-learn's digits: 64 features in ``[0, 1]`` (8x8 pixels), labels ``0..9``, no download.
+
+    The 1797 samples are split once per class (stratified): ``test_fraction`` of every class goes to the test part,
+    drawn by a :class:`torch.Generator` seeded by ``seed``, never by the global seed. ``train=True`` and
+    ``train=False`` with the same ``test_fraction`` and ``seed`` are disjoint and together hold all 1797 samples. The
+    split is the one :class:`DigitsDataModule` makes with ``val_fraction=test_fraction`` and the same ``seed``.
+
+    Args:
+        train: The training part if ``True``, the test part otherwise.
+        test_fraction: The share of every class in the test part, in ``(0, 1)``.
+        seed: The seed of the split.
+
+    Attributes:
+        data: ``float32`` inputs in ``[0, 1]``, shape ``(N, 64)``, in the order of scikit-learn's data set.
+        targets: ``int64`` labels in ``0..9``, shape ``(N,)``.
+        classes: The class labels ``(0, 1, ..., 9)``.
+        image_size: ``(8, 8)``.
+
+    Raises:
+        ValueError: If ``train`` is not a bool, ``test_fraction`` is not a number strictly between 0 and 1, or
+            ``seed`` is not an integer.
+
+    Example::
+
+        from torch.utils.data import DataLoader
+
+        train, test = DigitsDataset(train=True), DigitsDataset(train=False)
+        x, y = train[0]  # x: float32 (64,), y: int64 0-dim tensor
+        loader = DataLoader(train, batch_size=32, shuffle=True)
+
+    """
+
+    classes: tuple[int, ...] = tuple(range(10))
+    image_size: tuple[int, int] = (8, 8)
+    num_classes: int = 10
+
+    def __init__(self, train: bool = True, test_fraction: float = 0.2, seed: int = 0) -> None:
+        if not isinstance(train, bool):
+            raise ValueError(f"`train` must be a bool, got {train!r}; use True for the training part, False for test.")
+        if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
+            raise ValueError(
+                f"`test_fraction` must be a number strictly between 0 and 1, got {test_fraction!r}; use e.g. 0.2."
+            )
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"`seed` must be an integer, got {seed!r}.")
+        self.train = train
+        self.test_fraction = float(test_fraction)
+        self.seed = seed
+        x, y = load_digits_tensors()
+        train_idx, test_idx = stratified_split(y, self.test_fraction, torch.Generator().manual_seed(seed))
+        self.indices = train_idx if train else test_idx
+        self.data = x[self.indices]
+        self.targets = y[self.indices]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.data[index], self.targets[index]
 
 
 class DigitsDataModule(pl.LightningDataModule):

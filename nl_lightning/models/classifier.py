@@ -45,6 +45,10 @@ class MLPClassifier(pl.LightningModule):
     ``train_loss``, ``val_loss`` / ``val_acc`` and ``test_loss`` / ``test_acc``, and prints the final validation
     accuracy when ``fit`` ends.
 
+    Batches are ``(x, y)`` or, from a :class:`~nl_lightning.data.TaskStreamDataModule`, ``(x, y, task)``. With
+    ``mask_by_task=True`` (task-incremental learning) the logits of classes outside a sample's task are masked to
+    ``-inf`` in training and evaluation, using the data module's task classes (a shared head with masked logits).
+
     Args:
         in_features: Input features per sample, ``>= 1``.
         num_classes: Number of classes, ``>= 1``.
@@ -52,6 +56,8 @@ class MLPClassifier(pl.LightningModule):
             empty backbone. ``None`` means ``(128, 128)``.
         lr: AdamW learning rate, ``> 0``.
         weight_decay: AdamW (decoupled) weight decay, ``>= 0``.
+        mask_by_task: Restrict each sample's logits to its task's classes (needs ``(x, y, task)`` batches and a data
+            module with a ``logit_mask()`` method, such as a task-incremental ``TaskStreamDataModule``).
 
     Raises:
         MisconfigurationException: If ``in_features`` or ``num_classes`` is below 1, a hidden width is below 1,
@@ -72,6 +78,7 @@ class MLPClassifier(pl.LightningModule):
         hidden: Optional[Sequence[int]] = (128, 128),
         lr: float = 1e-3,
         weight_decay: float = 0.01,
+        mask_by_task: bool = False,
     ) -> None:
         super().__init__()
         hidden = (128, 128) if hidden is None else tuple(hidden)
@@ -91,6 +98,8 @@ class MLPClassifier(pl.LightningModule):
         self.save_hyperparameters()
         self.lr = lr
         self.weight_decay = weight_decay
+        self.mask_by_task = mask_by_task
+        self._logit_mask: Optional[Tensor] = None  # (num_tasks, num_classes) bool, from the data module
 
         blocks: list[nn.Module] = []
         width = in_features
@@ -109,15 +118,40 @@ class MLPClassifier(pl.LightningModule):
         return self.head(self.backbone(x))
 
     @override
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
+    def setup(self, stage: str) -> None:
+        if not self.mask_by_task:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        mask = datamodule.logit_mask() if hasattr(datamodule, "logit_mask") else None
+        if mask is None:
+            raise MisconfigurationException(
+                "mask_by_task=True needs a data module that knows each task's classes, such as"
+                " TaskStreamDataModule(scenario='task_incremental'); got"
+                f" {type(datamodule).__name__ if datamodule is not None else 'no data module'}."
+            )
+        self._logit_mask = mask
+
+    def logits(self, x: Tensor, task: Optional[Tensor] = None) -> Tensor:
+        """Logits ``(batch, num_classes)``, restricted to each sample's task classes when ``mask_by_task``."""
+        logits = self(x)
+        if self._logit_mask is not None and task is not None:
+            logits = logits.masked_fill(~self._logit_mask.to(logits.device)[task], float("-inf"))
+        return logits
+
+    def loss(self, batch: Sequence[Tensor]) -> Tensor:
+        """The cross-entropy of a batch ``(x, y)`` or ``(x, y, task)``."""
+        x, y, task = _unpack(batch)
+        return F.cross_entropy(self.logits(x, task), y)
+
+    @override
+    def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
+        loss = self.loss(batch)
         self.log("train_loss", loss, prog_bar=True)
         return loss
 
-    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str, accuracy: MulticlassAccuracy) -> Tensor:
-        x, y = batch
-        logits = self(x)
+    def _evaluate(self, batch: Sequence[Tensor], stage: str, accuracy: MulticlassAccuracy) -> Tensor:
+        x, y, task = _unpack(batch)
+        logits = self.logits(x, task)
         loss = F.cross_entropy(logits, y)
         accuracy(logits, y)
         self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True)
@@ -125,18 +159,20 @@ class MLPClassifier(pl.LightningModule):
         return loss
 
     @override
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def validation_step(self, batch: Sequence[Tensor], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         return self._evaluate(batch, "val", self.val_acc)
 
     @override
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def test_step(self, batch: Sequence[Tensor], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         return self._evaluate(batch, "test", self.test_acc)
 
     @override
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """Return the predicted class of each sample; ``batch`` is the inputs or an ``(inputs, labels)`` pair."""
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self(x).argmax(dim=-1)
+        if isinstance(batch, (tuple, list)):
+            x, _, task = _unpack(batch) if len(batch) > 1 else (batch[0], None, None)
+            return self.logits(x, task).argmax(dim=-1)
+        return self(batch).argmax(dim=-1)
 
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -147,6 +183,11 @@ class MLPClassifier(pl.LightningModule):
         accuracy = self.trainer.callback_metrics.get("val_acc")
         if accuracy is not None:
             _print(f"final validation accuracy: {float(accuracy):.4f}")
+
+
+def _unpack(batch: Sequence[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Split a batch ``(x, y)`` or ``(x, y, task)``."""
+    return batch[0], batch[1], batch[2] if len(batch) > 2 else None
 
 
 @rank_zero_only
