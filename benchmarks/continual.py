@@ -84,7 +84,10 @@ BENCHMARKS: dict[str, dict[str, Any]] = {
     "permuted_fmnist": {"title": "Permuted Fashion-MNIST, domain-incremental", "fashion_mnist": True},
     "split_fmnist": {"title": "Split Fashion-MNIST, class-incremental", "fashion_mnist": True},
 }
-METHODS = ("naive", "ewc", "replay", "multifrequency", "joint")  # the order of the table rows
+METHODS = ("naive", "ewc", "replay", "multifrequency", "joint")  # the default grid, in the order of the table rows
+# The Continuum Memory System configurations of the same CMSClassifier (split_digits_class_il and permuted_fmnist only).
+CMS_METHODS = ("cms_naive", "cms_multifrequency", "cms_drift", "cms_distill")
+ALL_METHODS = METHODS + CMS_METHODS
 TABLE_METRICS = (("acc", "ACC"), ("bwt", "BWT"), ("forgetting", "forgetting"), ("learning_accuracy", "learning acc."))
 ALL_METRICS = ("acc", "bwt", "fwt", "forgetting", "learning_accuracy", "aia")
 QUICK_BENCHMARKS = ["split_digits_class_il", "split_digits_task_il"]
@@ -96,6 +99,14 @@ DASH = "–"
 # ---------------------------------------------------------------------------------------------------- recipes
 def recipe_name(benchmark: str, method: str) -> str:
     return f"{benchmark}_{method}"
+
+
+def has_recipe(benchmark: str, method: str) -> bool:
+    try:
+        recipe_path(recipe_name(benchmark, method))
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def cli_args(benchmark: str, method: str, seed: int, log_dir: str) -> list[str]:
@@ -150,17 +161,21 @@ def describe_benchmark(settings: dict[str, dict[str, Any]]) -> list[str]:
     """Markdown lines describing a benchmark's scenario, model and methods, from its recipes' settings."""
     base = settings.get("naive") or next(iter(settings.values()))
     model, data = base["model"], base["data"]
-    sizes = "-".join(str(n) for n in [model["in_features"], *model["hidden"], model["num_classes"]])
+    if "hidden" in model:
+        sizes = "MLP " + "-".join(str(n) for n in [model["in_features"], *model["hidden"], model["num_classes"]])
+    else:  # CMSClassifier
+        sizes = (f"{model['in_features']} -> ContinuumMemory(dim {model['dim']}, chunk_sizes {model['chunk_sizes']},"
+                 f" hidden x{model['hidden_mult']}) -> {model['num_classes']}")  # fmt: skip
     lines = [
         f"- Scenario: {base['scenario_line']}",
         f"- Stream: `{data['scenario']}`, {data['num_tasks']} tasks, {data['dataset']}, "
         f"{data['epochs_per_task']} epoch(s) per task, batch {data['batch_size']}, "
         f"protocol {data.get('protocol', 'offline')}, validation fraction {data['val_fraction']} held out of training; "
         f"the matrix is measured on the test split.",
-        f"- Model: {model['class']} MLP {sizes}, AdamW lr {model['lr']}, weight decay {model['weight_decay']}, "
+        f"- Model: {model['class']} {sizes}, AdamW lr {model['lr']}, weight decay {model['weight_decay']}, "
         f"logits masked to the task's classes: {str(model.get('mask_by_task', False)).lower()}.",
     ]
-    for method in METHODS:
+    for method in ALL_METHODS:
         if method not in settings:
             continue
         s = settings[method]
@@ -407,7 +422,13 @@ def environment(threads: int) -> dict[str, Any]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--benchmarks", nargs="+", choices=list(BENCHMARKS), help="default: all four")
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), help="default: all")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(ALL_METHODS),
+        default=list(METHODS),
+        help=f"default: {' '.join(METHODS)}; also {' '.join(CMS_METHODS)} (benchmarks that have those recipes)",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, help=f"default: {' '.join(map(str, DEFAULT_SEEDS))}")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch.set_num_threads, and OMP_NUM_THREADS of fresh processes (1)"
@@ -428,7 +449,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.threads < 1:
         parser.error("--threads must be >= 1")
     args.benchmarks = [b for b in BENCHMARKS if b in args.benchmarks]  # canonical order, no duplicates
-    args.methods = [m for m in METHODS if m in args.methods]
+    args.methods = [m for m in ALL_METHODS if m in args.methods]
     args.seeds = list(dict.fromkeys(args.seeds))
     return args
 
@@ -467,7 +488,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             report["skipped"][bench] = reason
         else:
             benchmarks.append(bench)
-    grid = [(b, m, s) for b in benchmarks for m in args.methods for s in args.seeds]
+    grid = [(b, m, s) for b in benchmarks for m in args.methods if has_recipe(b, m) for s in args.seeds]
     log(f"{len(grid)} runs: {len(benchmarks)} benchmark(s) x {len(args.methods)} method(s) x {len(args.seeds)} seed(s)")
     with tempfile.TemporaryDirectory(prefix="nl_continual_") as root:
         for i, (bench, method, seed) in enumerate(grid, 1):
@@ -502,10 +523,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 log(f"isolation check FAILED:\n{again['error']}")
             report["isolation_check"] = check
     for bench in benchmarks:
-        settings = {m: recipe_settings(bench, m) for m in args.methods}
+        methods = [m for m in args.methods if has_recipe(bench, m)]
+        settings = {m: recipe_settings(bench, m) for m in methods}
         aggregates = {
-            m: aggregate([r for r in report["runs"] if r["benchmark"] == bench and r["method"] == m])
-            for m in args.methods
+            m: aggregate([r for r in report["runs"] if r["benchmark"] == bench and r["method"] == m]) for m in methods
         }
         report["benchmarks"][bench] = {"title": BENCHMARKS[bench]["title"], "settings": settings,
                                        "aggregates": aggregates}  # fmt: skip

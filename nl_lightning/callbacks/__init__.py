@@ -1,5 +1,6 @@
 """Lightning callbacks: thin adapters around the plain-torch cores of nl_lightning, one callback per file."""
 
+from nl_lightning.callbacks.cms_consolidation import CMSConsolidation, ConsolidationPair
 from nl_lightning.callbacks.continual_evaluation import ContinualEvaluation
 from nl_lightning.callbacks.ewc import ElasticWeightConsolidation
 from nl_lightning.callbacks.monitor import NestedLearningMonitor
@@ -7,6 +8,8 @@ from nl_lightning.callbacks.multi_frequency import MultiFrequencyUpdates
 from nl_lightning.callbacks.replay import ExperienceReplay
 
 __all__ = [
+    "CMSConsolidation",
+    "ConsolidationPair",
     "ContinualEvaluation",
     "ElasticWeightConsolidation",
     "ExperienceReplay",

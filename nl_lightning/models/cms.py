@@ -1,0 +1,315 @@
+# Copyright The Lightning AI team.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+r"""
+Continuum Memory System
+^^^^^^^^^^^^^^^^^^^^^^^
+
+A chain of MLP blocks, each holding knowledge at its own time scale (Eq. 30-31, NL NeurIPS):
+
+.. math::
+
+    y_t = \mathrm{MLP}^{(f_k)}(\cdots \mathrm{MLP}^{(f_1)}(x_t)), \qquad
+    \theta^{(\ell)} \leftarrow \theta^{(\ell)}
+        - \eta^{(\ell)} \sum_{t \in \text{chunk}} \nabla \ell(\theta^{(\ell)}_\xi; x_t)
+    \ \text{every } C^{(\ell)} \text{ tokens}
+
+Level ``i`` computes ``h <- h + MLP_i(Norm_i(h))`` (pre-norm residual). The rule is read on two axes:
+
+- **optimizer-step axis**: :meth:`ContinuumMemory.levels` returns :class:`~nl_lightning.Level` objects, so that
+  :class:`~nl_lightning.callbacks.MultiFrequencyUpdates` steps level ``i`` once per ``C_i`` training steps;
+- **token axis** (``in_context=True``): inside one forward pass each level keeps per-sample *fast weights*, starting
+  from its parameters (the meta-learned initial state), and writes them every ``C_i`` tokens. A chunk is read with the
+  weights of the end of the previous chunk (causal), and its write is the mean (or sum) of the per-token gradients
+  of a local objective taken at that anchor, so a whole chunk is computed in parallel
+  (:mod:`nl_lightning.models.cms_memory` has the closed-form gradients).
+
+The local objective [ours, following the paper's L2 associative-memory ("surprise") objective]: level ``i`` is a
+memory that maps its normalised input ``k_t = Norm_i(h_t)`` to a value ``v_t = W_v k_t`` made by a learned (slow)
+projection, :math:`\ell_t = \tfrac12 \lVert \mathrm{MLP}_i(k_t) - v_t \rVert^2`; the surprise is
+:math:`\lVert \mathrm{MLP}_i(k_t) - v_t \rVert`. Writes need no labels and no autograd, so they also run under
+``torch.inference_mode()`` (Lightning's validate and predict).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Literal, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from nl_lightning.levels import Level
+from nl_lightning.models.cms_memory import ACTIVATIONS, CMSState, FastWeights, mlp_forward, mlp_grads
+
+__all__ = ["CMSLevel", "CMSState", "ContinuumMemory", "FastWeights"]
+
+NormKind = Optional[Literal["rmsnorm", "layernorm"]]
+
+
+def _norm(kind: NormKind, dim: int) -> nn.Module:
+    if kind is None:
+        return nn.Identity()
+    if kind == "rmsnorm":
+        return nn.RMSNorm(dim)
+    if kind == "layernorm":
+        return nn.LayerNorm(dim)
+    raise ValueError(f"`norm` must be 'rmsnorm', 'layernorm' or None, got {kind!r}.")
+
+
+class CMSLevel(nn.Module):
+    """One level of the chain: ``h <- h + MLP(Norm(h))`` with fast weights written every ``chunk_size`` tokens.
+
+    The parameters ``w1 (H, D)``, ``b1 (H)``, ``w2 (D, H)``, ``b2 (D)`` are the MLP's weights on the optimizer-step axis
+    and its initial fast weights on the token axis; ``value`` (``D x D``, token axis only) makes the targets of the
+    local objective. A static level has no ``value``, so DDP finds no unused parameter in it.
+
+    Args:
+        dim: Input and output width ``D``.
+        hidden: Hidden width ``H``.
+        chunk_size: Tokens per write ``C``.
+        activation: ``"gelu"``, ``"silu"``, ``"relu"`` or ``"tanh"``.
+        norm: ``"rmsnorm"``, ``"layernorm"`` or ``None``.
+        residual: Add the MLP's output to its input (``False``: the level outputs the MLP alone).
+        inner_lr: Learning rate ``eta`` of the token-axis writes (0 disables them).
+        reduction: Each write uses the ``"mean"`` or the ``"sum"`` (as printed in Eq. 31) of the chunk's gradients.
+        in_context: Create the ``value`` projection the token-axis writes need.
+
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        chunk_size: int,
+        activation: str = "gelu",
+        norm: NormKind = "rmsnorm",
+        residual: bool = True,
+        inner_lr: float = 1e-2,
+        reduction: Literal["mean", "sum"] = "mean",
+        in_context: bool = True,
+    ) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"`activation` must be one of {sorted(ACTIVATIONS)}, got {activation!r}.")
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"`reduction` must be 'mean' or 'sum', got {reduction!r}.")
+        if not inner_lr >= 0:
+            raise ValueError(f"`inner_lr` must be >= 0, got {inner_lr!r}.")
+        self.dim, self.hidden, self.chunk_size = dim, hidden, chunk_size
+        self.activation, self.residual, self.reduction = activation, residual, reduction
+        self.inner_lr = float(inner_lr)
+        self.norm = _norm(norm, dim)
+        first, second = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.w1, self.b1 = nn.Parameter(first.weight.detach()), nn.Parameter(first.bias.detach())
+        self.w2, self.b2 = nn.Parameter(second.weight.detach()), nn.Parameter(second.bias.detach())
+        self.value = nn.Parameter(torch.eye(dim)) if in_context else None
+
+    def initial_state(self, batch: int, device: Optional[torch.device] = None) -> FastWeights:
+        """Per-sample fast weights equal to the parameters (fp32; differentiable w.r.t. them)."""
+        params = [p.to(device=device, dtype=torch.float32) for p in (self.w1, self.b1, self.w2, self.b2)]
+        return FastWeights(*(p.unsqueeze(0).expand(batch, *p.shape) for p in params))
+
+    def forward(self, h: Tensor, state: Optional[FastWeights] = None, differentiable: bool = True) -> tuple:
+        """Apply the level to ``h`` ``(batch, seq, dim)``.
+
+        Without ``state``: the static MLP (parameters only), returning ``(out, None)``. With ``state``: the token axis,
+        chunk by chunk, returning ``(out, new_state)``.
+        """
+        if state is None:
+            out = mlp_forward(self.norm(h), self.w1, self.b1, self.w2, self.b2, self.activation)[0]
+            return (h + out if self.residual else out), None
+        return self._in_context(h, state, differentiable)
+
+    def _in_context(self, h: Tensor, state: FastWeights, differentiable: bool) -> tuple[Tensor, FastWeights]:
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            x = h.float()  # (B, S, D): fast state and writes in fp32 under autocast
+            if self.inner_lr == 0:  # nothing is ever written: one read of the whole input, as the static MLP does
+                y = mlp_forward(self.norm(x).float(), *_shared(state.weights), self.activation)[0]
+                out = x + y if self.residual else y
+                return out.to(h.dtype), replace(state, count=(state.count + x.shape[1]) % self.chunk_size)
+            outs, t = [], 0
+            while t < x.shape[1]:
+                n = min(self.chunk_size - state.count, x.shape[1] - t)
+                segment = x[:, t : t + n]  # (B, n, D), read with the anchor weights
+                k = self.norm(segment).float()
+                y, z, a = mlp_forward(k, *state.weights, self.activation)
+                outs.append(segment + y if self.residual else y)
+                if self.inner_lr > 0:
+                    state = self._accumulate(state, k, y, z, a, differentiable)
+                state = state.advance(n)
+                if state.count == self.chunk_size:
+                    state = self._write(state)
+                t += n
+            out = torch.cat(outs, dim=1)
+        return out.to(h.dtype), state
+
+    def _accumulate(self, state: FastWeights, k: Tensor, y: Tensor, z: Tensor, a: Tensor, differentiable: bool):
+        """Add the chunk part's gradients of ``0.5 * ||MLP(k) - W_v k||^2`` (at the anchor) to the pending sums."""
+        with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+            if self.value is None:
+                raise RuntimeError("This CMSLevel was built static (in_context=False): it has no value projection.")
+            error = y - k @ self.value.float().T  # (B, n, D): MLP(k) - v
+            grads = mlp_grads(k, z, a, error, state.w2, self.activation)
+            state = state.add_pending(grads)
+        return state
+
+    def _write(self, state: FastWeights) -> FastWeights:
+        scale = self.inner_lr / (self.chunk_size if self.reduction == "mean" else 1)
+        return state.write(scale)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, hidden={self.hidden}, chunk_size={self.chunk_size}, activation={self.activation},"
+            f" residual={self.residual}, inner_lr={self.inner_lr}"
+        )
+
+
+class ContinuumMemory(nn.Module):
+    r"""The Continuum Memory System: a chain of MLP levels, each updated at its own frequency (Eq. 30-31, NL NeurIPS).
+
+    Level ``i`` (the fastest first) computes ``h <- h + MLP_i(Norm_i(h))``. ``chunk_sizes[i]`` is its period ``C_i``:
+    in tokens on the token axis (``in_context=True``), and, through :meth:`levels`, in optimizer steps for
+    :class:`~nl_lightning.callbacks.MultiFrequencyUpdates`.
+
+    Token axis: ``y, state = cms(x, state)``. ``state=None`` starts every sample from the learned initial weights (the
+    parameters); a :class:`CMSState` returned by a call continues the stream in the next call (carrying it over two
+    segments equals one long segment, mid-chunk included). Each sample has its own fast weights. Gradients flow
+    through the reads and, with ``differentiable_writes=True`` (default), through the writes too, back to the initial
+    weights, the norms and the value projections; they stop where you ``state.detach()`` (truncated backpropagation
+    between segments). With ``differentiable_writes=False`` each write's update is computed without a graph: the loss
+    still reaches the initial weights through every read (first order), but the value projections learn nothing.
+
+    Args:
+        dim: Width ``D`` of the input and output.
+        chunk_sizes: ``C_i`` of each level, the fastest first (token axis: tokens per write).
+        hidden_mult: Hidden width of each MLP as a multiple of ``dim`` (ignored where ``hidden_dims`` is given).
+        in_context: Return ``(y, state)`` and write fast weights along the sequence; otherwise ``y`` only, static.
+        hidden_dims: Explicit hidden width of each level.
+        activation: One activation name, or one per level (``gelu``, ``silu``, ``relu``, ``tanh``).
+        norm: ``"rmsnorm"`` (default), ``"layernorm"`` or ``None``; one value or one per level.
+        residual: Whether each level adds its input back; one value or one per level.
+        inner_lr: Token-axis learning rate of each level (one value or one per level); default ``0.01 * 0.3**i``,
+            smaller for slower levels.
+        reduction: A write uses the mean (default) or the sum of its chunk's gradients.
+        differentiable_writes: Backpropagate through the writes (see above).
+
+    Raises:
+        ValueError: On an empty ``chunk_sizes``, a chunk size below 1, per-level lists of the wrong length, or an
+            unknown activation, norm or reduction.
+
+    Example::
+
+        cms = ContinuumMemory(dim=64, chunk_sizes=[16, 256], in_context=True)
+        y, state = cms(torch.randn(2, 512, 64))          # writes every 16 and every 256 tokens
+        y2, state = cms(torch.randn(2, 512, 64), state)  # continues the stream
+        levels = cms.levels("cms")                       # for MultiFrequencyUpdates on the step axis
+
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        chunk_sizes: Sequence[int],
+        hidden_mult: float = 4.0,
+        in_context: bool = False,
+        hidden_dims: Optional[Sequence[int]] = None,
+        activation: Union[str, Sequence[str]] = "gelu",
+        norm: Union[NormKind, Sequence[NormKind]] = "rmsnorm",
+        residual: Union[bool, Sequence[bool]] = True,
+        inner_lr: Optional[Union[float, Sequence[float]]] = None,
+        reduction: Literal["mean", "sum"] = "mean",
+        differentiable_writes: bool = True,
+    ) -> None:
+        super().__init__()
+        chunk_sizes = list(chunk_sizes)
+        if not chunk_sizes or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in chunk_sizes):
+            raise ValueError(f"`chunk_sizes` must be a non-empty list of integers >= 1, got {chunk_sizes!r}.")
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"`dim` must be an integer >= 1, got {dim!r}.")
+        k = len(chunk_sizes)
+        hidden = list(hidden_dims) if hidden_dims is not None else max(1, round(dim * hidden_mult))
+        lrs = [0.01 * 0.3**i for i in range(k)] if inner_lr is None else _per_level(inner_lr, k, "inner_lr")
+        self.in_context, self.differentiable_writes = in_context, differentiable_writes
+        self.chunk_sizes = chunk_sizes
+        specs = zip(
+            _per_level(hidden, k, "hidden_dims"),
+            _per_level(activation, k, "activation"),
+            _per_level(norm, k, "norm"),
+            _per_level(residual, k, "residual"),
+            lrs,
+            chunk_sizes,
+            strict=True,
+        )
+        blocks = [CMSLevel(dim, h, c, act, nm, res, lr, reduction, in_context) for h, act, nm, res, lr, c in specs]
+        # Registered under "levels" so that parameters read "levels.<i>.w1" (globs like "*.cms.levels.2.*"), while
+        # `levels()` stays the method of the contract; `add_module` would refuse the name of an existing attribute.
+        self._modules["levels"] = nn.ModuleList(blocks)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The :class:`CMSLevel` modules, the fastest first."""
+        return self._modules["levels"]  # type: ignore[return-value]
+
+    def levels(self, prefix: str = "", every: Optional[Sequence[int]] = None) -> list[Level]:
+        """The step-axis :class:`~nl_lightning.Level` of each CMS level, for ``MultiFrequencyUpdates``.
+
+        Level ``i`` owns only CMS level ``i``'s parameters and has ``every=chunk_sizes[i]`` (or ``every[i]``).
+
+        Args:
+            prefix: This module's name inside the model (``"cms"`` or ``"blocks.0.ffn"``); ``""`` at the top.
+            every: Step-axis periods that differ from ``chunk_sizes`` (e.g. ``[1, 4, 16]`` with ``[16, 256, 2048]``).
+
+        """
+        prefix = f"{prefix}." if prefix and not prefix.endswith(".") else prefix
+        periods = list(every) if every is not None else self.chunk_sizes
+        if len(periods) != len(self.chunk_sizes):
+            raise ValueError(f"`every` needs {len(self.chunk_sizes)} periods, got {periods!r}.")
+        return [Level(f"{prefix}level_{i}", [f"{prefix}levels.{i}.*"], every=int(c)) for i, c in enumerate(periods)]
+
+    def initial_state(self, batch: int, device: Optional[torch.device] = None) -> CMSState:
+        """The state ``state=None`` stands for: every level at its learned initial weights."""
+        return CMSState([blk.initial_state(batch, device) for blk in self.blocks])
+
+    def forward(self, x: Tensor, state: Optional[CMSState] = None) -> Union[Tensor, tuple[Tensor, CMSState]]:
+        """``x`` ``(batch, seq, dim)`` -> ``y`` (static) or ``(y, state)`` (``in_context=True``)."""
+        if not self.in_context:
+            if state is not None:
+                raise ValueError("This ContinuumMemory is static (in_context=False): it takes no state.")
+            for blk in self.blocks:
+                x = blk(x)[0]
+            return x
+        state = state if state is not None else self.initial_state(x.shape[0], x.device)
+        if len(state.levels) != len(self.blocks):
+            raise ValueError(f"The state has {len(state.levels)} levels, this memory {len(self.blocks)}.")
+        new = []
+        for blk, fast in zip(self.blocks, state.levels, strict=True):
+            x, fast = blk(x, fast, self.differentiable_writes)
+            new.append(fast)
+        return x, CMSState(new)
+
+
+def _shared(weights: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """Per-sample weights that are still the broadcast parameters read as one shared matrix (bitwise the static MLP)."""
+    if all(w.stride(0) == 0 for w in weights):
+        return tuple(w[0] for w in weights)
+    return weights
+
+
+def _per_level(value, k: int, name: str) -> list:
+    if isinstance(value, (list, tuple)):
+        if len(value) != k:
+            raise ValueError(f"`{name}` needs one value per level ({k}), got {list(value)!r}.")
+        return list(value)
+    return [value] * k

@@ -1,0 +1,183 @@
+# Copyright The Lightning AI team.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+r"""
+CMS Fast Weights
+^^^^^^^^^^^^^^^^
+
+The token-axis machinery of the Continuum Memory System: per-sample fast weights of a two-layer MLP, their pending
+chunk gradients, and the closed-form gradient of the local objective
+:math:`\tfrac12\lVert W_2\,\sigma(W_1 k + b_1) + b_2 - v\rVert^2`. Closed forms need no autograd, so writes work under
+``torch.inference_mode()``, and a chunk's gradients are a few batched matmuls.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["ACTIVATIONS", "CMSState", "FastWeights", "mlp_forward", "mlp_grads"]
+
+
+def _gelu_grad(z: Tensor) -> Tensor:
+    cdf = 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))
+    pdf = torch.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+    return cdf + z * pdf
+
+
+def _silu_grad(z: Tensor) -> Tensor:
+    s = torch.sigmoid(z)
+    return s * (1.0 + z * (1.0 - s))
+
+
+#: name -> (activation, its derivative)
+ACTIVATIONS: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]] = {
+    "gelu": (F.gelu, _gelu_grad),
+    "silu": (F.silu, _silu_grad),
+    "relu": (F.relu, lambda z: (z > 0).to(z.dtype)),
+    "tanh": (torch.tanh, lambda z: 1.0 - torch.tanh(z) ** 2),
+}
+
+
+def mlp_forward(
+    k: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, activation: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``y = W2 act(W1 k + b1) + b2``, returning ``(y, z, a)`` (pre-activation and activation kept for the gradient).
+
+    Shared weights (``w1`` ``(H, D)``) take ``k`` of any shape ``(..., D)``; per-sample weights (``w1`` ``(B, H, D)``)
+    take ``k`` ``(B, n, D)``.
+    """
+    act = ACTIVATIONS[activation][0]
+    if w1.dim() == 2:
+        z = F.linear(k, w1, b1)
+        a = act(z)
+        return F.linear(a, w2, b2), z, a
+    z = torch.baddbmm(b1.unsqueeze(1), k, w1.transpose(1, 2))  # (B, n, H)
+    a = act(z)
+    return torch.baddbmm(b2.unsqueeze(1), a, w2.transpose(1, 2)), z, a  # (B, n, D)
+
+
+def mlp_grads(
+    k: Tensor, z: Tensor, a: Tensor, error: Tensor, w2: Tensor, activation: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-sample gradients of ``sum_t 0.5 * ||y_t - v_t||^2`` w.r.t. ``(w1, b1, w2, b2)``, summed over the tokens.
+
+    Args:
+        k: Inputs ``(B, n, D)``.
+        z: Pre-activations ``(B, n, H)``.
+        a: Activations ``(B, n, H)``.
+        error: ``y - v`` ``(B, n, D)``.
+        w2: The per-sample output weights ``(B, D, H)`` the tokens were read with.
+        activation: The activation's name.
+
+    Returns:
+        ``(g_w1 (B, H, D), g_b1 (B, H), g_w2 (B, D, H), g_b2 (B, D))``.
+
+    """
+    g_w2 = error.transpose(1, 2) @ a  # (B, D, H)
+    g_b2 = error.sum(dim=1)  # (B, D)
+    dz = (error @ w2) * ACTIVATIONS[activation][1](z)  # (B, n, H)
+    g_w1 = dz.transpose(1, 2) @ k  # (B, H, D)
+    g_b1 = dz.sum(dim=1)  # (B, H)
+    return g_w1, g_b1, g_w2, g_b2
+
+
+def _portable(t: Tensor) -> Tensor:
+    """Detached, and usable outside ``torch.inference_mode`` even if it was made inside it."""
+    t = t.detach()
+    return t.clone() if t.is_inference() and not torch.is_inference_mode_enabled() else t
+
+
+@dataclass
+class FastWeights:
+    """One CMS level's token-axis state: per-sample MLP weights, the pending chunk gradients and the chunk position.
+
+    Attributes:
+        w1, b1, w2, b2: The fast weights, ``(B, H, D)``, ``(B, H)``, ``(B, D, H)``, ``(B, D)``, fp32.
+        pending: Summed gradients of the tokens read so far in the current chunk (``None`` when none).
+        count: Tokens read so far in the current chunk (``0 <= count < chunk_size`` between calls).
+
+    """
+
+    w1: Tensor
+    b1: Tensor
+    w2: Tensor
+    b2: Tensor
+    pending: Optional[tuple[Tensor, Tensor, Tensor, Tensor]] = None
+    count: int = 0
+
+    @property
+    def weights(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self.w1, self.b1, self.w2, self.b2
+
+    def advance(self, tokens: int) -> FastWeights:
+        return replace(self, count=self.count + tokens)
+
+    def add_pending(self, grads: tuple[Tensor, Tensor, Tensor, Tensor]) -> FastWeights:
+        if self.pending is None:
+            return replace(self, pending=grads)
+        return replace(self, pending=tuple(p + g for p, g in zip(self.pending, grads, strict=True)))
+
+    def write(self, scale: float) -> FastWeights:
+        """Close the chunk: ``w <- w - scale * pending`` (no pending gradients: the weights stay)."""
+        if self.pending is None:
+            return FastWeights(*self.weights, pending=None, count=0)
+        new = [w - scale * g for w, g in zip(self.weights, self.pending, strict=True)]
+        return FastWeights(*new, pending=None, count=0)
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> FastWeights:
+        pending = tuple(fn(p) for p in self.pending) if self.pending is not None else None
+        return FastWeights(*(fn(w) for w in self.weights), pending=pending, count=self.count)
+
+
+@dataclass
+class CMSState:
+    """The token-axis state of a :class:`~nl_lightning.models.ContinuumMemory`: one :class:`FastWeights` per level.
+
+    Pass it back to continue a stream; ``None`` starts a new sequence from the learned initial weights.
+    """
+
+    levels: list[FastWeights] = field(default_factory=list)
+
+    def detach(self) -> CMSState:
+        """Stop gradients here (truncated backpropagation between segments); also makes a state computed under
+        ``torch.inference_mode`` usable outside it."""
+        return CMSState([lvl.map(_portable) for lvl in self.levels])
+
+    def to(self, *args: Any, **kwargs: Any) -> CMSState:
+        return CMSState([lvl.map(lambda t: t.to(*args, **kwargs)) for lvl in self.levels])
+
+    def select(self, index: Tensor) -> CMSState:
+        """The states of some samples of the batch (e.g. those whose sequence continues)."""
+        return CMSState([lvl.map(lambda t: t[index]) for lvl in self.levels])
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors, lists and ints only (loads with ``torch.load(weights_only=True)``); detached."""
+        out = []
+        for lvl in self.detach().levels:
+            out.append({"weights": list(lvl.weights), "pending": list(lvl.pending or []), "count": lvl.count})
+        return {"levels": out}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> CMSState:
+        levels = []
+        for s in state["levels"]:
+            pending = tuple(s["pending"]) if s["pending"] else None
+            levels.append(FastWeights(*s["weights"], pending=pending, count=int(s["count"])))
+        return cls(levels)

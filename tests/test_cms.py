@@ -1,0 +1,217 @@
+"""ContinuumMemory against slow, obvious references: token-by-token writes with autograd, per sample, in float64."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nl_lightning import LevelSet
+from nl_lightning.models import CMSState, ContinuumMemory
+
+ACT = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu, "tanh": torch.tanh}
+
+
+def reference(cms: ContinuumMemory, x: torch.Tensor, create_graph: bool = False) -> tuple[torch.Tensor, list]:
+    """One sample and one token at a time; each token's gradient by autograd at the chunk's anchor weights.
+
+    Returns the output and, per level, the final fast weights of every sample.
+    """
+    h = x.double()
+    finals = []
+    for blk in cms.blocks:
+        params = [p.double() for p in (blk.w1, blk.b1, blk.w2, blk.b2)]
+        value = blk.value.double()
+        outs, per_sample = [], []
+        for b in range(h.shape[0]):
+            fast = [p.clone() if create_graph else p.detach().clone() for p in params]
+            pending, count, rows = [torch.zeros_like(p) for p in params], 0, []
+            for t in range(h.shape[1]):
+                anchor = fast if create_graph else [w.detach().requires_grad_() for w in fast]
+                k = F.rms_norm(h[b, t], (h.shape[-1],), blk.norm.weight.double(), blk.norm.eps)
+                y = anchor[2] @ ACT[blk.activation](anchor[0] @ k + anchor[1]) + anchor[3]
+                rows.append(h[b, t] + y if blk.residual else y)
+                if blk.inner_lr > 0:
+                    loss = 0.5 * (y - value @ k).pow(2).sum()
+                    grads = torch.autograd.grad(loss, anchor, create_graph=create_graph)
+                    pending = [p + g for p, g in zip(pending, grads, strict=True)]
+                count += 1
+                if count == blk.chunk_size:
+                    scale = blk.inner_lr / (blk.chunk_size if blk.reduction == "mean" else 1)
+                    fast = [w - scale * p for w, p in zip(fast, pending, strict=True)]
+                    pending, count = [torch.zeros_like(p) for p in params], 0
+            outs.append(torch.stack(rows))
+            per_sample.append(fast)
+        h = torch.stack(outs)
+        finals.append(per_sample)
+    return h, finals
+
+
+def make(chunk_sizes=(3, 5), **kwargs) -> ContinuumMemory:
+    torch.manual_seed(0)
+    kwargs.setdefault("inner_lr", [0.5, 0.2, 0.1][: len(chunk_sizes)])
+    return ContinuumMemory(6, list(chunk_sizes), hidden_mult=2.0, in_context=True, **kwargs)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "silu", "relu", "tanh"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_chunk_parallel_equals_token_by_token(activation, reduction):
+    """Sequence 13 over chunks 3 and 5: full chunks, a trailing partial chunk, two levels feeding each other."""
+    lrs = [0.5, 0.2] if reduction == "mean" else [0.1, 0.04]  # a sum of C gradients takes smaller steps
+    cms = make(activation=activation, reduction=reduction, inner_lr=lrs)
+    with torch.no_grad():  # a non-identity value projection, so the targets are not the inputs
+        for blk in cms.blocks:
+            blk.value.add_(0.3 * torch.randn_like(blk.value))
+    x = torch.randn(2, 13, 6)
+    y, state = cms(x)
+    y_ref, finals = reference(cms, x)
+    assert torch.allclose(y.double(), y_ref, atol=1e-5), (y.double() - y_ref).abs().max()
+    for lvl, ref in zip(state.levels, finals, strict=True):
+        for b in range(2):
+            for got, want in zip(lvl.weights, ref[b], strict=True):
+                assert torch.allclose(got[b].double(), want, atol=1e-5)
+    assert [lvl.count for lvl in state.levels] == [13 % 3, 13 % 5]
+    # the writes matter: the same module with inner_lr = 0 reads differently after the first chunk
+    frozen = make(activation=activation, reduction=reduction, inner_lr=0.0)
+    frozen.load_state_dict(cms.state_dict())
+    read = frozen(x)[0]
+    assert torch.allclose(read[:, :3], y[:, :3], atol=1e-6) and not torch.allclose(read[:, 3:], y[:, 3:], atol=1e-3)
+
+
+def test_batched_equals_one_by_one():
+    cms = make()
+    x = torch.randn(4, 11, 6)
+    y, state = cms(x)
+    for b in range(4):
+        y_b, state_b = cms(x[b : b + 1])
+        assert torch.allclose(y[b : b + 1], y_b, atol=1e-6)
+        for lvl, lvl_b in zip(state.levels, state_b.levels, strict=True):
+            assert all(torch.allclose(w[b], wb[0], atol=1e-6) for w, wb in zip(lvl.weights, lvl_b.weights, strict=True))
+
+
+@pytest.mark.parametrize("split", [4, 6, 10])
+def test_two_segments_equal_one_long_segment(split):
+    """Carrying the state over a segment boundary (mid-chunk or on it) equals reading the whole sequence at once."""
+    cms = make()
+    x = torch.randn(2, 16, 6)
+    y, state = cms(x)
+    y1, mid = cms(x[:, :split])
+    y2, end = cms(x[:, split:], mid)
+    assert torch.allclose(torch.cat([y1, y2], dim=1), y, atol=1e-6)
+    for a, b in zip(state.levels, end.levels, strict=True):
+        assert a.count == b.count
+        assert all(torch.allclose(u, v, atol=1e-6) for u, v in zip(a.weights, b.weights, strict=True))
+
+
+def test_state_round_trips_through_a_file():
+    cms = make()
+    x = torch.randn(2, 16, 6)
+    y, _ = cms(x)
+    _, mid = cms(x[:, :7])
+    buffer = io.BytesIO()
+    torch.save(mid.state_dict(), buffer)
+    buffer.seek(0)
+    restored = CMSState.from_state_dict(torch.load(buffer, weights_only=True))
+    y2, _ = cms(x[:, 7:], restored)
+    assert torch.allclose(y2, y[:, 7:], atol=1e-6)
+
+
+def test_inference_mode_writes_and_matches_grad_mode():
+    cms = make()
+    x = torch.randn(2, 12, 6)
+    y, state = cms(x)
+    with torch.inference_mode():
+        y_inf, state_inf = cms(x)
+    assert torch.allclose(y, y_inf, atol=1e-6)
+    assert not torch.allclose(state_inf.levels[0].w1, cms.blocks[0].w1.detach())  # it wrote
+    carried = state_inf.detach()  # usable outside inference mode, e.g. to keep training on the stream
+    out, _ = cms(x, carried)
+    out.sum().backward()
+
+
+def test_gradients_through_writes_match_autograd_of_the_reference():
+    """differentiable_writes=True: the meta-gradients (initial weights, norm, value) equal second-order autograd."""
+    cms = make(chunk_sizes=(2, 3))
+    x = torch.randn(2, 7, 6)
+    cms(x)[0].pow(2).sum().backward()
+    ours = {n: p.grad.clone() for n, p in cms.named_parameters()}
+    cms.zero_grad()
+    y_ref, _ = reference(cms, x, create_graph=True)
+    y_ref.pow(2).sum().backward()
+    for name, p in cms.named_parameters():
+        assert torch.allclose(ours[name], p.grad, atol=1e-4, rtol=1e-4), name
+    assert ours["levels.0.value"].abs().sum() > 0
+
+
+def test_first_order_writes_stop_the_update_gradients():
+    cms = make(differentiable_writes=False)
+    cms(torch.randn(2, 9, 6))[0].sum().backward()
+    assert cms.blocks[0].w1.grad is not None and cms.blocks[0].w1.grad.abs().sum() > 0  # through every read
+    assert cms.blocks[0].value.grad is None  # the value projection only shapes the (stopped) updates
+
+
+def test_bf16_autocast_keeps_the_state_fp32():
+    cms = make()
+    x = torch.randn(2, 9, 6, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, state = cms(x)
+    assert y.dtype == torch.bfloat16
+    for lvl in state.levels:
+        assert all(t.dtype == torch.float32 for t in lvl.weights)
+        assert lvl.pending is None or all(t.dtype == torch.float32 for t in lvl.pending)
+
+
+def test_static_mode_is_a_chain_of_residual_mlps():
+    torch.manual_seed(0)
+    cms = ContinuumMemory(6, [1, 4], hidden_mult=2.0)
+    x = torch.randn(3, 5, 6)
+    h = x
+    for blk in cms.blocks:
+        h = h + F.linear(F.gelu(F.linear(blk.norm(h), blk.w1, blk.b1)), blk.w2, blk.b2)
+    assert torch.allclose(cms(x), h, atol=1e-6)
+    with pytest.raises(ValueError, match="static"):
+        cms(x, CMSState())
+
+
+def test_levels_own_only_their_parameters():
+    cms = ContinuumMemory(6, [1, 4, 16])
+    levels = cms.levels()
+    assert [(lvl.name, lvl.every) for lvl in levels] == [("level_0", 1), ("level_1", 4), ("level_2", 16)]
+    book = LevelSet(levels, cms.named_parameters())
+    for i, lvl in enumerate(levels):
+        assert {n for n, _ in book.params(lvl.name)} == {
+            n for n, _ in cms.named_parameters() if n.startswith(f"levels.{i}.")
+        }
+    model = torch.nn.Module()
+    model.cms = cms
+    nested = cms.levels("cms", every=[1, 2, 4])
+    assert [lvl.params for lvl in nested][2] == ("cms.levels.2.*",) and nested[1].every == 2
+    LevelSet(nested, model.named_parameters())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(chunk_sizes=[]), "chunk_sizes"),
+        (dict(chunk_sizes=[4, 0]), "chunk_sizes"),
+        (dict(chunk_sizes=[4, 8], activation=["gelu"]), "activation.*one value per level"),
+        (dict(chunk_sizes=[4], activation="swish"), "activation.*'swish'"),
+        (dict(chunk_sizes=[4], norm="batchnorm"), "norm.*'batchnorm'"),
+        (dict(chunk_sizes=[4], inner_lr=-1.0), "inner_lr.*-1.0"),
+    ],
+)
+def test_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ContinuumMemory(6, **kwargs)
+
+
+def test_in_context_without_writes_is_bitwise_the_static_chain():
+    cms = make(inner_lr=0.0)
+    static = ContinuumMemory(6, [3, 5], hidden_mult=2.0)
+    static.load_state_dict({k: v for k, v in cms.state_dict().items() if not k.endswith(".value")})
+    x = torch.randn(2, 13, 6)
+    y, state = cms(x)
+    assert torch.equal(y, static(x))
+    assert [lvl.count for lvl in state.levels] == [1, 3] and state.levels[0].pending is None
