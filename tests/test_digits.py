@@ -24,7 +24,8 @@ def _setup(**kwargs) -> DigitsDataModule:
 
 def test_split_sizes_and_stratification():
     dm = _setup(val_fraction=0.2)
-    (x_train, y_train), (x_val, y_val) = dm.train_set.tensors, dm.val_set.tensors
+    x_train, y_train = dm.train_set.data, dm.train_set.targets
+    x_val, y_val = dm.val_set.data, dm.val_set.targets
     assert len(y_train) + len(y_val) == N_SAMPLES
     assert abs(len(y_val) - 0.2 * N_SAMPLES) <= 10  # one rounding per class at most
     assert x_train.shape == (len(y_train), dm.num_features) == (len(y_train), 64)
@@ -42,7 +43,7 @@ def test_train_and_val_are_disjoint():
     assert set(train_idx.tolist()).isdisjoint(val_idx.tolist())
     assert sorted(train_idx.tolist() + val_idx.tolist()) == list(range(N_SAMPLES))
     dm = _setup(val_fraction=0.2, seed=0)  # the data module uses exactly this split
-    assert torch.equal(dm.train_set.tensors[0], x[train_idx]) and torch.equal(dm.val_set.tensors[1], y[val_idx])
+    assert torch.equal(dm.train_set.data, x[train_idx]) and torch.equal(dm.val_set.targets, y[val_idx])
 
 
 def test_split_is_reproducible_per_seed_and_independent_of_global_seed():
@@ -51,9 +52,9 @@ def test_split_is_reproducible_per_seed_and_independent_of_global_seed():
     torch.manual_seed(456)
     b = _setup(seed=0)
     c = _setup(seed=1)
-    assert torch.equal(a.val_set.tensors[0], b.val_set.tensors[0])
-    assert torch.equal(a.train_set.tensors[1], b.train_set.tensors[1])
-    assert not torch.equal(a.val_set.tensors[0], c.val_set.tensors[0])
+    assert torch.equal(a.val_set.data, b.val_set.data)
+    assert torch.equal(a.train_set.targets, b.train_set.targets)
+    assert not torch.equal(a.val_set.data, c.val_set.data)
 
 
 def test_loaders_values_and_order():
@@ -61,7 +62,7 @@ def test_loaders_values_and_order():
     x, y = next(iter(dm.train_dataloader()))
     assert x.dtype == torch.float32 and y.dtype == torch.int64
     assert x.shape == (50, 64) and y.shape == (50,)
-    full = dm.train_set.tensors[0]
+    full = dm.train_set.data
     assert full.min() >= 0.0 and full.max() <= 1.0 and full.max() == 1.0
     # the training shuffle has its own seeded generator: the same order whatever the global seed
     torch.manual_seed(1)
@@ -70,7 +71,7 @@ def test_loaders_values_and_order():
     assert torch.equal(first, next(iter(dm.train_dataloader()))[1])
     # validation and test (the validation split) are not shuffled
     val_y = torch.cat([b[1] for b in dm.val_dataloader()])
-    assert torch.equal(val_y, dm.val_set.tensors[1])
+    assert torch.equal(val_y, dm.val_set.targets)
     assert torch.equal(torch.cat([b[1] for b in dm.test_dataloader()]), val_y)
 
 
@@ -126,7 +127,7 @@ def test_classifier_argument_errors(kwargs, match):
 
 
 def _mean_loss(model: MLPClassifier, dm: DigitsDataModule) -> float:
-    x, y = dm.train_set.tensors
+    x, y = (dm.train_set.data, dm.train_set.targets)
     with torch.no_grad():
         return torch.nn.functional.cross_entropy(model(x), y).item()
 

@@ -30,7 +30,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 __all__ = ["DigitsDataModule", "DigitsDataset", "load_digits_tensors"]
@@ -197,19 +197,17 @@ class DigitsDataModule(pl.LightningDataModule):
         self.val_fraction = float(val_fraction)
         self.seed = seed
         self.num_workers = num_workers
-        self.train_set: Optional[TensorDataset] = None
-        self.val_set: Optional[TensorDataset] = None
+        self.train_set: Optional[DigitsDataset] = None
+        self.val_set: Optional[DigitsDataset] = None
 
     @override
     def setup(self, stage: str) -> None:
         if self.train_set is not None:
             return
-        x, y = load_digits_tensors()
-        train_idx, val_idx = stratified_split(y, self.val_fraction, torch.Generator().manual_seed(self.seed))
-        self.train_set = TensorDataset(x[train_idx], y[train_idx])
-        self.val_set = TensorDataset(x[val_idx], y[val_idx])
+        self.train_set = DigitsDataset(train=True, test_fraction=self.val_fraction, seed=self.seed)
+        self.val_set = DigitsDataset(train=False, test_fraction=self.val_fraction, seed=self.seed)
 
-    def _loader(self, dataset: Optional[TensorDataset], shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Optional[DigitsDataset], shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("DigitsDataModule: call `setup()` (the Trainer does) before asking for a dataloader.")
         return DataLoader(
