@@ -3,9 +3,12 @@
 from nl_lightning.callbacks.cms_consolidation import CMSConsolidation, ConsolidationPair
 from nl_lightning.callbacks.continual_evaluation import ContinualEvaluation
 from nl_lightning.callbacks.ewc import ElasticWeightConsolidation
+from nl_lightning.callbacks.hypergradient import HypergradientRule
 from nl_lightning.callbacks.monitor import NestedLearningMonitor
 from nl_lightning.callbacks.multi_frequency import MultiFrequencyUpdates
 from nl_lightning.callbacks.replay import ExperienceReplay
+from nl_lightning.callbacks.scheduled_rule import ScheduledRule
+from nl_lightning.callbacks.self_modifying import RuleTarget, SelfModifyingRule
 
 __all__ = [
     "CMSConsolidation",
@@ -13,6 +16,10 @@ __all__ = [
     "ContinualEvaluation",
     "ElasticWeightConsolidation",
     "ExperienceReplay",
+    "HypergradientRule",
     "MultiFrequencyUpdates",
     "NestedLearningMonitor",
+    "RuleTarget",
+    "ScheduledRule",
+    "SelfModifyingRule",
 ]

@@ -36,6 +36,7 @@ from typing_extensions import override
 
 from nl_lightning.callbacks._step_hooks import StepHookCallback
 from nl_lightning.callbacks.multi_frequency import MultiFrequencyUpdates
+from nl_lightning.callbacks.self_modifying import SelfModifyingRule
 
 __all__ = ["NestedLearningMonitor"]
 
@@ -70,7 +71,8 @@ class NestedLearningMonitor(StepHookCallback):
     - ``nested/<level>/drift`` and ``drift_rel``: ``||theta_after - theta_before||`` of that update, absolute and
       relative to ``||theta_before||``. A slow level does not move between its updates, so this is its drift since
       the previous update;
-    - ``nested/<level>/lr``: the learning rate of the level's parameter group at that update.
+    - ``nested/<level>/lr``: the learning rate of the level's parameter group at that update, as the optimizer used
+      it (after any :class:`~nl_lightning.callbacks.SelfModifyingRule`).
 
     A level is measured at its last update at or before each logging step, so a slow level reports the values of its
     latest update and a fast one costs a measurement only at logging steps. With a
@@ -139,6 +141,9 @@ class NestedLearningMonitor(StepHookCallback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
+        for rule in trainer.callbacks:  # read the effective learning rates, whatever the callbacks' order
+            if isinstance(rule, SelfModifyingRule):
+                rule.prepare(trainer, pl_module, optimizer)
         i = self.optimizer_index(optimizer)
         watches = self._watches[i]
         due = self._mfu.prepare_step(optimizer).due if self._mfu is not None else tuple(watches)

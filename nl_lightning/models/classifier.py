@@ -28,6 +28,7 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor, nn
@@ -54,10 +55,14 @@ class MLPClassifier(pl.LightningModule):
         num_classes: Number of classes, ``>= 1``.
         hidden: The widths of the backbone's hidden layers, each ``>= 1``. Empty makes a linear classifier with an
             empty backbone. ``None`` means ``(128, 128)``.
-        lr: AdamW learning rate, ``> 0``.
-        weight_decay: AdamW (decoupled) weight decay, ``>= 0``.
+        lr: AdamW learning rate, ``> 0`` (used only when ``optimizer`` is ``None``).
+        weight_decay: AdamW (decoupled) weight decay, ``>= 0`` (used only when ``optimizer`` is ``None``).
         mask_by_task: Restrict each sample's logits to its task's classes (needs ``(x, y, task)`` batches and a data
             module with a ``logit_mask()`` method, such as a task-incremental ``TaskStreamDataModule``).
+        optimizer: A callable that builds the optimizer from parameter groups; in YAML a ``class_path`` with
+            ``init_args``, for example ``nl_lightning.optim.M3`` or ``torch.optim.SGD``. It receives two named groups,
+            ``{"name": "backbone", ...}`` and ``{"name": "head", ...}`` (an empty backbone is left out), so a rule or a
+            level can target either alone. ``None``: ``AdamW(lr=lr, weight_decay=weight_decay)`` on the same groups.
 
     Raises:
         MisconfigurationException: If ``in_features`` or ``num_classes`` is below 1, a hidden width is below 1,
@@ -79,6 +84,7 @@ class MLPClassifier(pl.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.01,
         mask_by_task: bool = False,
+        optimizer: Optional[OptimizerCallable] = None,
     ) -> None:
         super().__init__()
         hidden = (128, 128) if hidden is None else tuple(hidden)
@@ -95,7 +101,8 @@ class MLPClassifier(pl.LightningModule):
             raise MisconfigurationException(f"`lr` must be > 0, got {lr!r}; use e.g. 1e-3.")
         if not weight_decay >= 0:
             raise MisconfigurationException(f"`weight_decay` must be >= 0, got {weight_decay!r}; use 0 to disable it.")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["optimizer"])  # a callable: checkpoints hold tensors and primitives only
+        self.optimizer = optimizer
         self.lr = lr
         self.weight_decay = weight_decay
         self.mask_by_task = mask_by_task
@@ -176,7 +183,17 @@ class MLPClassifier(pl.LightningModule):
 
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        if self.optimizer is not None:
+            return self.optimizer(self.param_groups())
+        return torch.optim.AdamW(self.param_groups(), lr=self.lr, weight_decay=self.weight_decay)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The parameter groups the optimizer gets: ``backbone`` (when it has parameters) and ``head``, named."""
+        groups = [
+            {"name": "backbone", "params": list(self.backbone.parameters())},
+            {"name": "head", "params": list(self.head.parameters())},
+        ]
+        return [g for g in groups if g["params"]]
 
     @override
     def on_fit_end(self) -> None:
