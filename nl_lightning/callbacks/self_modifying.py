@@ -101,8 +101,8 @@ class SelfModifyingRule(StepHookCallback):
     A subclass implements :meth:`update_multipliers`, which reads the step's (final) gradients or any other signal and
     sets ``self.multipliers[target.name][hparam]``. The base class resolves the targets, applies
     ``effective = value * multiplier`` before the step and restores ``value`` after it, logs every effective value as
-    ``<log_prefix>/<target>/<hparam>``, checkpoints the multipliers (plus :meth:`extra_state`) and refuses two rules
-    on one hyper-parameter of one group.
+    ``<log_prefix>/<target>/<hparam>`` (and its multiplier as ``..._multiplier``) at the Trainer's logging steps,
+    checkpoints the multipliers (plus :meth:`extra_state`) and refuses two rules on one hyper-parameter of one group.
 
     Args:
         hparams: The group entries to modulate: ``"lr"``, ``"momentum"`` (``betas[0]`` for the Adam family) and/or
@@ -337,10 +337,11 @@ class SelfModifyingRule(StepHookCallback):
                     effective[h] = self.clamp(t, h, value * self.multipliers[t.name][h])
                     set_hparam(group, h, effective[h])
             self._applied[i].append(t)
-        self._log(pl_module)
+        self._log(trainer, pl_module)
 
-    def _log(self, pl_module: pl.LightningModule) -> None:
-        if pl_module._current_fx_name is None:  # outside a Trainer hook (direct calls in tests)
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Only on the Trainer's logging steps (`log_every_n_steps`): `self.log` costs more than a small model's step.
+        if pl_module._current_fx_name is None or not trainer._logger_connector.should_update_logs:
             return
         metrics = {
             f"{self.log_prefix}/{name}/{h}": v for name, values in self.effective.items() for h, v in values.items()

@@ -53,7 +53,12 @@ Choices where the paper is open (paper-notes Sec. 3.5 and 4):
   ``{1e-3, 3e-3, 1e-2}``: 0.029). With ``eps`` in ``[1e-5, 1e-3]``, ``lr=1e-4`` was best (0.002 to 0.007), ``1e-3``
   reached 0.1 to 0.5 and ``>= 1e-2`` diverged or stalled. With ``eps=1e-8`` (Adam's value) every ``lr`` from
   ``1e-6`` to ``3e-2`` diverged, because of the unbounded step above, so ``eps`` is larger than Adam's; scale it with
-  your gradients (it is the gradient size below which an entry's step stops growing).
+  your gradients (it is the gradient size below which an entry's step stops growing). In
+  ``benchmarks/optimizers.py`` (``MLPClassifier`` 64-128-128-10 on digits and 784-128-128-10 on Fashion-MNIST, 600
+  steps of batch 32, 3 seeds) the best ``lr`` was ``1e-5`` on both, where M3 had the best validation accuracy of all
+  the optimizers compared (0.988 and 0.862); at larger rates accuracy stayed high but the weights grew over-confident
+  (validation loss 0.4-4.4). On the orthogonal-task regression no ``lr`` both learned and kept the tasks: 72-81 % of
+  each update fell in earlier tasks' directions (0 % for SGD), also with ``alpha=0``.
 - Newton-Schulz is the quintic of :func:`~nl_lightning.optim.newton_schulz.newton_schulz` in fp32; a conv kernel
   ``(out, in, kh, kw)`` is orthogonalised as the matrix ``(out, in * kh * kw)``.
 """
