@@ -9,6 +9,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 import nl_lightning
@@ -46,7 +47,8 @@ def test_recipes_are_bundled():
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
 def test_recipe_instantiates(recipe):
-    cli = main(["--config", str(recipe)], run=False)
+    cpu = ["--trainer.accelerator=cpu"] if recipe.stem.startswith("gpu_") and not torch.cuda.is_available() else []
+    cli = main(["--config", str(recipe), *cpu], run=False)
     assert isinstance(cli.model, pl.LightningModule)
     assert cli.trainer is not None
     if recipe == DIGITS:
@@ -127,5 +129,9 @@ def test_recipe_trains_a_few_steps(recipe, tmp_path):
     if "fmnist" in recipe.stem and not fashion_mnist_available():
         pytest.skip("Fashion-MNIST files not found: install dataset-fashion-mnist or set NL_FASHION_MNIST_ROOT")
     args = ["fit", "--config", str(recipe), "--trainer.max_steps=2", *QUIET, f"--trainer.default_root_dir={tmp_path}"]
+    if recipe.stem.startswith("gpu_") and not torch.cuda.is_available():
+        # The GPU recipes' model, optimizer and bf16-mixed precision, on the CPU with short sequences.
+        args += ["--trainer.accelerator=cpu", "--data.init_args.seq_len=128", "--data.init_args.batch_size=2"]
+        args += ["--data.init_args.num_workers=0"]
     cli = main(args)
     assert cli.trainer.global_step == 2

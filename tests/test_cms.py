@@ -215,3 +215,22 @@ def test_in_context_without_writes_is_bitwise_the_static_chain():
     y, state = cms(x)
     assert torch.equal(y, static(x))
     assert [lvl.count for lvl in state.levels] == [1, 3] and state.levels[0].pending is None
+
+
+def test_write_false_reads_without_writing():
+    torch.manual_seed(0)
+    cms = ContinuumMemory(dim=8, chunk_sizes=[2, 4], in_context=True, inner_lr=0.5)
+    x = torch.randn(2, 12, 8)
+    _, state = cms(x)  # a state that has been written to
+    y_read, same = cms(x, state, write=False)
+    assert all(a is b for a, b in zip(same.levels, state.levels, strict=True))  # nothing written or advanced
+    # equal to a read with frozen weights: a memory whose chunk is longer than the input never writes in between
+    frozen = [blk.chunk_size for blk in cms.blocks]
+    for blk in cms.blocks:
+        blk.chunk_size = 10**6
+    y_ref, _ = cms(x, state)
+    for blk, c in zip(cms.blocks, frozen, strict=True):
+        blk.chunk_size = c
+    assert torch.allclose(y_read, y_ref, atol=1e-6)
+    y_write, _ = cms(x, state)
+    assert not torch.allclose(y_read, y_write, atol=1e-4)  # with writes the later chunks read other weights

@@ -10,15 +10,23 @@ from nl_lightning.data.fashion_mnist import (
 )
 from nl_lightning.data.regression import SlowlyChangingRegression, SlowlyChangingRegressionDataModule
 from nl_lightning.data.stream import TaskStreamDataModule
+from nl_lightning.data.synthetic import MQARDataModule, MQARDataset, NeedleDataModule, NeedleDataset
+from nl_lightning.data.text import TextDataModule, TextDataset
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
     "DigitsDataModule",
     "DigitsDataset",
     "FashionMNIST",
+    "MQARDataModule",
+    "MQARDataset",
+    "NeedleDataModule",
+    "NeedleDataset",
     "SlowlyChangingRegression",
     "SlowlyChangingRegressionDataModule",
     "TaskStreamDataModule",
+    "TextDataModule",
+    "TextDataset",
     "clear_fashion_mnist_cache",
     "fashion_mnist_available",
     "read_idx",

@@ -121,23 +121,30 @@ class CMSLevel(nn.Module):
         params = [p.to(device=device, dtype=torch.float32) for p in (self.w1, self.b1, self.w2, self.b2)]
         return FastWeights(*(p.unsqueeze(0).expand(batch, *p.shape) for p in params))
 
-    def forward(self, h: Tensor, state: Optional[FastWeights] = None, differentiable: bool = True) -> tuple:
+    def forward(
+        self, h: Tensor, state: Optional[FastWeights] = None, differentiable: bool = True, write: bool = True
+    ) -> tuple:
         """Apply the level to ``h`` ``(batch, seq, dim)``.
 
         Without ``state``: the static MLP (parameters only), returning ``(out, None)``. With ``state``: the token axis,
-        chunk by chunk, returning ``(out, new_state)``.
+        chunk by chunk, returning ``(out, new_state)``; ``write=False`` reads every token with the state's current
+        weights and returns the state unchanged (test-time memorization off).
         """
         if state is None:
             out = mlp_forward(self.norm(h), self.w1, self.b1, self.w2, self.b2, self.activation)[0]
             return (h + out if self.residual else out), None
-        return self._in_context(h, state, differentiable)
+        return self._in_context(h, state, differentiable, write)
 
-    def _in_context(self, h: Tensor, state: FastWeights, differentiable: bool) -> tuple[Tensor, FastWeights]:
+    def _in_context(
+        self, h: Tensor, state: FastWeights, differentiable: bool, write: bool = True
+    ) -> tuple[Tensor, FastWeights]:
         with torch.autocast(device_type=h.device.type, enabled=False):
             x = h.float()  # (B, S, D): fast state and writes in fp32 under autocast
-            if self.inner_lr == 0:  # nothing is ever written: one read of the whole input, as the static MLP does
+            if self.inner_lr == 0 or not write:  # nothing is written: one read of the whole input
                 y = mlp_forward(self.norm(x).float(), *_shared(state.weights), self.activation)[0]
                 out = x + y if self.residual else y
+                if not write:
+                    return out.to(h.dtype), state
                 return out.to(h.dtype), replace(state, count=(state.count + x.shape[1]) % self.chunk_size)
             outs, t = [], 0
             while t < x.shape[1]:
@@ -282,8 +289,14 @@ class ContinuumMemory(nn.Module):
         """The state ``state=None`` stands for: every level at its learned initial weights."""
         return CMSState([blk.initial_state(batch, device) for blk in self.blocks])
 
-    def forward(self, x: Tensor, state: Optional[CMSState] = None) -> Union[Tensor, tuple[Tensor, CMSState]]:
-        """``x`` ``(batch, seq, dim)`` -> ``y`` (static) or ``(y, state)`` (``in_context=True``)."""
+    def forward(
+        self, x: Tensor, state: Optional[CMSState] = None, write: bool = True
+    ) -> Union[Tensor, tuple[Tensor, CMSState]]:
+        """``x`` ``(batch, seq, dim)`` -> ``y`` (static) or ``(y, state)`` (``in_context=True``).
+
+        ``write=False`` (token axis only) reads with the state's current fast weights and returns the state unchanged:
+        test-time memorization switched off.
+        """
         if not self.in_context:
             if state is not None:
                 raise ValueError("This ContinuumMemory is static (in_context=False): it takes no state.")
@@ -295,7 +308,7 @@ class ContinuumMemory(nn.Module):
             raise ValueError(f"The state has {len(state.levels)} levels, this memory {len(self.blocks)}.")
         new = []
         for blk, fast in zip(self.blocks, state.levels, strict=True):
-            x, fast = blk(x, fast, self.differentiable_writes)
+            x, fast = blk(x, fast, self.differentiable_writes, write)
             new.append(fast)
         return x, CMSState(new)
 

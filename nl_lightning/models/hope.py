@@ -1,0 +1,237 @@
+# Copyright The Lightning AI team.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+r"""
+Hope
+^^^^
+
+Hope (NL NeurIPS Fig. 3; NL arXiv §8.3, Eq. 94-97): self-modifying Titans followed by a Continuum Memory System. The
+Titans part has a small state and an expressive, self-generated learning rule (keys, values, learning rates and
+retention gates written by delta gradient descent); the CMS has a large state updated at a few fixed frequencies.
+Both keep writing while the model reads, at training and at test time.
+
+A :class:`HopeBlock` is, with pre-norm residuals,
+
+.. math::
+
+    h \leftarrow h + \mathrm{SMT}(\mathrm{RMSNorm}(h)), \qquad
+    h \leftarrow \mathrm{CMS}(h) = \mathrm{MLP}^{(f_k)}(\cdots \mathrm{MLP}^{(f_1)}(h))
+
+(each CMS level is itself a pre-norm residual MLP, written every ``C_i`` tokens). ``variant="attention"`` is
+Hope-Attention: causal softmax attention (RoPE, optionally a sliding window) in place of the self-modifying Titans,
+followed by the same CMS. :class:`HopeModule` stacks blocks into a byte-level language model with the segment,
+evaluation and generation machinery of :class:`~nl_lightning.models.lm.CausalLM`.
+
+Choices [ours] (paper-notes §3.8, §4): CMS token-axis writes are first order (``differentiable_writes=False``: the
+initial weights learn through every read, the writes carry no graph), which keeps memory flat in the segment length;
+the self-modifying Titans writes stay differentiable within a segment; between segments every state is detached
+(truncated backpropagation). Hope-Attention attends within a segment only; its CMS carries across segments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+from torch import Tensor, nn
+from typing_extensions import override
+
+from nl_lightning.models.cms import ContinuumMemory
+from nl_lightning.models.cms_memory import CMSState
+from nl_lightning.models.lm import BlockStackLM
+from nl_lightning.models.self_modifying_titans import SelfModifyingState, SelfModifyingTitans
+from nl_lightning.models.transformer import CausalSelfAttention, RMSNorm
+
+__all__ = ["HopeBlock", "HopeBlockState", "HopeModule", "HopeState"]
+
+Variant = Literal["titans", "attention"]
+
+
+@dataclass
+class HopeBlockState:
+    """One block's memory: the self-modifying Titans state (``None`` for Hope-Attention) and the CMS state."""
+
+    titans: Optional[SelfModifyingState]
+    cms: CMSState
+
+    def detach(self) -> HopeBlockState:
+        return HopeBlockState(None if self.titans is None else self.titans.detach(), self.cms.detach())
+
+    def select(self, index: Tensor) -> HopeBlockState:
+        return HopeBlockState(None if self.titans is None else self.titans.select(index), self.cms.select(index))
+
+
+@dataclass
+class HopeState:
+    """The memory of a :class:`HopeModule`: one :class:`HopeBlockState` per block. Pass it back to continue a stream."""
+
+    blocks: list[HopeBlockState]
+
+    def detach(self) -> HopeState:
+        """Stop gradients here (truncated backpropagation); also usable outside the inference mode that made it."""
+        return HopeState([b.detach() for b in self.blocks])
+
+    def select(self, index: Tensor) -> HopeState:
+        return HopeState([b.select(index) for b in self.blocks])
+
+
+class HopeBlock(nn.Module):
+    """Self-modifying Titans (or softmax attention) then a Continuum Memory System, each with a residual.
+
+    Args:
+        dim: Model width.
+        heads: Heads of the self-modifying Titans (or the attention).
+        chunk_size: Tokens per write of the self-modifying memories.
+        cms_chunk_sizes: ``C_i`` of each CMS level, the fastest first.
+        cms_hidden_mult: Hidden width of each CMS MLP as a multiple of ``dim``.
+        cms_inner_lr: Token-axis learning rate of the CMS levels (``None``: ContinuumMemory's default).
+        variant: ``"titans"`` (Hope) or ``"attention"`` (Hope-Attention).
+        window: Sliding window of the attention variant (``None``: full causal attention within a segment).
+        titans_kwargs: Further :class:`~nl_lightning.models.self_modifying_titans.SelfModifyingTitans` arguments.
+
+    Raises:
+        ValueError: On an unknown ``variant`` (and the sub-modules' own errors).
+
+    Example::
+
+        block = HopeBlock(dim=64, heads=4, cms_chunk_sizes=[16, 64])
+        y, state = block(torch.randn(2, 128, 64))
+        y2, state = block(torch.randn(2, 128, 64), state)  # continues the stream
+
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int = 4,
+        chunk_size: int = 16,
+        cms_chunk_sizes: Sequence[int] = (16, 64, 256),
+        cms_hidden_mult: float = 2.0,
+        cms_inner_lr: Optional[float] = None,
+        variant: Variant = "titans",
+        window: Optional[int] = None,
+        titans_kwargs: Optional[dict[str, Any]] = None,
+    ) -> None:
+        super().__init__()
+        if variant not in ("titans", "attention"):
+            raise ValueError(f"`variant` must be 'titans' (Hope) or 'attention' (Hope-Attention), got {variant!r}.")
+        self.variant = variant
+        self.norm = RMSNorm(dim)
+        if variant == "titans":
+            self.mixer: nn.Module = SelfModifyingTitans(dim, heads, chunk_size, **(titans_kwargs or {}))
+        else:
+            self.mixer = CausalSelfAttention(dim, heads, window=window)
+        cms_kwargs: dict[str, Any] = {} if cms_inner_lr is None else {"inner_lr": cms_inner_lr}
+        self.cms = ContinuumMemory(
+            dim,
+            list(cms_chunk_sizes),
+            hidden_mult=cms_hidden_mult,
+            in_context=True,
+            differentiable_writes=False,
+            **cms_kwargs,
+        )
+
+    def forward(
+        self, x: Tensor, state: Optional[HopeBlockState] = None, write: bool = True
+    ) -> tuple[Tensor, HopeBlockState]:
+        """``x`` ``(B, T, D)`` -> ``(y (B, T, D), state)``; ``write=False`` reads every memory without writing."""
+        titans_state = None if state is None else state.titans
+        if self.variant == "titans":
+            h, titans_state = self.mixer(self.norm(x), titans_state, write=write)
+        else:
+            h = self.mixer(self.norm(x))
+        x, cms_state = self.cms(x + h, None if state is None else state.cms, write=write)
+        return x, HopeBlockState(titans_state, cms_state)
+
+    def stats(self) -> dict[str, float]:
+        """The last call's memory statistics: the self-modifying memories' inner losses and norms, the CMS norms."""
+        out = {}
+        if self.variant == "titans":
+            out.update({k: float(v) for k, v in self.mixer.last_stats.items()})
+        return out
+
+
+class HopeModule(BlockStackLM):
+    r"""The Hope language model: byte embeddings, :class:`HopeBlock` s, RMSNorm and a tied output head.
+
+    ``logits, state = model(tokens, state=None)`` maps ``(batch, seq)`` tokens to ``(batch, seq, vocab_size)`` logits
+    and the memory after the last token (a :class:`HopeState`); pass it back to continue a stream with constant
+    memory. Training cuts sequences into ``segment_len`` segments, carries the memory and detaches it at every boundary
+    (truncated backpropagation); validation, test and predict keep writing (test-time memorization,
+    ``memorize_at_eval=True``, switchable); ``generate`` carries the state token by token (see
+    :class:`~nl_lightning.models.lm.CausalLM`). After every training step it logs, per layer ``i``,
+    ``train_layer<i>/<stat>``: the inner (surprise) loss of each self-modifying memory and their weight norms.
+
+    Args:
+        vocab_size: Vocabulary size (256 for bytes).
+        dim: Model width.
+        depth: Number of Hope blocks.
+        heads: Heads per block.
+        chunk_size: Tokens per write of the self-modifying Titans memories.
+        cms_chunk_sizes: CMS levels' periods in tokens, the fastest first.
+        cms_hidden_mult: CMS MLP hidden width as a multiple of ``dim``.
+        cms_inner_lr: Token-axis learning rate of the CMS levels (``None``: the ContinuumMemory default).
+        variant: ``"titans"`` (Hope) or ``"attention"`` (Hope-Attention).
+        window: The attention variant's sliding window.
+        titans_kwargs: Further SelfModifyingTitans arguments (``hidden_mult``, ``rule``, ``eta_max``, ...).
+        tie_embeddings: Share the input embedding and the output head.
+        **lm_kwargs: :class:`~nl_lightning.models.lm.CausalLM` arguments (``lr``, ``segment_len``,
+            ``memorize_at_eval``, ...).
+
+    Raises:
+        ValueError: On sizes below 1, an unknown variant, or a bad sub-module / CausalLM argument.
+
+    Example::
+
+        model = HopeModule(vocab_size=256, dim=64, depth=2, heads=4, segment_len=128)
+        logits, state = model(torch.randint(0, 256, (2, 128)))
+        logits, state = model(torch.randint(0, 256, (2, 128)), state)   # the next segment
+        model.generate(torch.randint(0, 256, (1, 8)), max_new_tokens=16)  # (1, 24)
+
+    """
+
+    state_type = HopeState
+
+    def __init__(
+        self,
+        vocab_size: int = 256,
+        dim: int = 256,
+        depth: int = 4,
+        heads: int = 4,
+        chunk_size: int = 16,
+        cms_chunk_sizes: Sequence[int] = (16, 64, 256),
+        cms_hidden_mult: float = 2.0,
+        cms_inner_lr: Optional[float] = None,
+        variant: Variant = "titans",
+        window: Optional[int] = None,
+        titans_kwargs: Optional[dict[str, Any]] = None,
+        tie_embeddings: bool = True,
+        **lm_kwargs: Any,
+    ) -> None:
+        super().__init__(vocab_size, **lm_kwargs)
+        for name, value in (("dim", dim), ("depth", depth), ("heads", heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+        self.dim, self.variant = dim, variant
+        blocks = [
+            HopeBlock(
+                dim, heads, chunk_size, cms_chunk_sizes, cms_hidden_mult, cms_inner_lr, variant, window, titans_kwargs
+            )
+            for _ in range(depth)
+        ]
+        self.build(dim, blocks, tie_embeddings)
+
+    @override
+    def state_stats(self) -> dict[str, float]:
+        return {f"layer{i}/{k}": v for i, block in enumerate(self.blocks) for k, v in block.stats().items()}

@@ -1,0 +1,467 @@
+# Copyright The Lightning AI team.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+r"""
+Causal Language Model
+^^^^^^^^^^^^^^^^^^^^^
+
+:class:`CausalLM` is the LightningModule base of every causal LM in nl_lightning (Transformer++, Titans, Hope). A
+subclass implements only the network:
+
+.. code-block:: python
+
+    def forward(self, tokens, state=None, write=True):  # tokens (B, T) int64
+        return logits, new_state                         # logits (B, T, vocab); new_state None if stateless
+
+``state`` is the model's memory (fast weights) after the previous segment, ``None`` at the start of a sequence;
+``write=False`` asks the model to read its memory without writing to it (test-time memorization off). A subclass may
+override :meth:`CausalLM.state_stats` to log memory statistics, set ``stateful = False`` if it carries no state
+(generation then re-reads a window of ``max_context`` tokens), and set ``max_context``.
+
+**Batches** are ``{"tokens": (B, T), "targets": (B, T)}`` (``int64``), ``targets[:, t]`` the token to predict after
+``tokens[:, :t + 1]``, ``-100`` where there is none (:mod:`nl_lightning.data.text`, :mod:`nl_lightning.data.synthetic`).
+
+**Segments and truncated backpropagation.** A sequence is cut into segments of ``segment_len`` tokens, run in order
+with the state carried from one to the next and detached at every boundary, so gradients flow within a segment only
+(the meta-learned initial state still learns from the first segment of every sequence). The loss is one mean
+cross-entropy over every target position of the whole sequence; its value in bits (``loss / ln 2``) is bits per byte
+for byte-level data.
+
+**Evaluation** runs the same segmentation under Lightning's inference mode with ``write=memorize_at_eval`` (test-time
+memorization is on by default: the memory keeps writing while it reads the evaluation sequence) and logs the loss,
+bits and the accuracy of the target positions. With several evaluation loaders (a data module with ``eval_lengths``),
+each loader's metrics carry its length (``val_acc_len128``); the first loader also logs the plain names
+(``val_loss``, ``val_bpc``, ``val_acc``) so that checkpoints and the progress bar can monitor one value.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from typing_extensions import override
+
+__all__ = ["IGNORE_INDEX", "BlockStackLM", "CausalLM", "detach_state"]
+
+IGNORE_INDEX = -100
+
+
+def detach_state(state: Any) -> Any:
+    """Stop gradients at a segment boundary: ``None``, ints, floats and strings stay; an object with ``detach()`` (a
+    memory state dataclass) or a tensor is detached; lists, tuples, named tuples and dicts are detached element-wise."""
+    if state is None:
+        return None
+    if isinstance(state, tuple) and hasattr(state, "_fields"):  # a NamedTuple
+        return type(state)(*(detach_state(s) for s in state))
+    if isinstance(state, (list, tuple)):
+        return type(state)(detach_state(s) for s in state)
+    if isinstance(state, Mapping):
+        return {k: detach_state(v) for k, v in state.items()}
+    if hasattr(state, "detach"):
+        return state.detach()
+    if isinstance(state, (int, float, str)):  # counters and flags carried along with the tensors
+        return state
+    raise TypeError(f"Cannot detach a memory state of type {type(state).__name__}; give it a `detach()` method.")
+
+
+def _unpack(batch: Any) -> tuple[Tensor, Optional[Tensor]]:
+    if isinstance(batch, Mapping):
+        return batch["tokens"], batch.get("targets")
+    if isinstance(batch, (list, tuple)):
+        return batch[0], batch[1] if len(batch) > 1 else None
+    return batch, None
+
+
+class CausalLM(pl.LightningModule):
+    r"""Base LightningModule for causal language models: segmented training, evaluation, generation, optimizer.
+
+    Subclasses implement ``forward(tokens, state=None, write=True) -> (logits, state)`` (see the module docstring).
+    Training minimises the mean cross-entropy over all target positions (``-100`` ignored) and logs ``train_loss`` and
+    ``train_bpc`` (``loss / ln 2``), plus ``train_<key>`` for each entry of :meth:`state_stats`. Validation and test log
+    ``{val,test}_loss``, ``_bpc`` and ``_acc`` (argmax accuracy on the target positions), averaged over every target
+    position of the loader. The optimizer is AdamW with weight decay on the parameters with two or more dimensions only,
+    a linear warm-up over ``warmup_steps`` steps, then a constant rate or, with ``max_steps_schedule``, a cosine decay
+    to ``min_lr_ratio * lr`` at that step (constant after it).
+
+    Args:
+        vocab_size: Vocabulary size ``V`` (256 for byte-level text).
+        lr: Peak learning rate.
+        weight_decay: AdamW decoupled weight decay on ``>= 2``-D parameters.
+        warmup_steps: Linear warm-up steps (0: none).
+        max_steps_schedule: Step at which the cosine decay reaches ``min_lr_ratio * lr``; ``None`` keeps ``lr``.
+        betas: AdamW betas.
+        segment_len: Tokens per segment (truncated backpropagation and memory carry); ``None``: the whole sequence.
+        memorize_at_eval: Let the memory write during validation, test, predict and generation.
+        grad_clip: Clip the gradient norm to this value, unless the Trainer sets ``gradient_clip_val`` (which wins);
+            ``None`` disables it.
+        min_lr_ratio: The cosine schedule's final rate as a fraction of ``lr``.
+
+    Raises:
+        ValueError: On ``vocab_size < 2``, ``lr <= 0``, ``weight_decay < 0``, ``warmup_steps < 0``,
+            ``max_steps_schedule <= warmup_steps``, betas outside ``[0, 1)``, ``segment_len < 1``, ``grad_clip <= 0``
+            or ``min_lr_ratio`` outside ``[0, 1]``.
+
+    Example::
+
+        class Bigram(CausalLM):
+            def __init__(self, vocab_size=256, **lm_kwargs):
+                super().__init__(vocab_size, **lm_kwargs)
+                self.table = nn.Embedding(vocab_size, vocab_size)
+
+            def forward(self, tokens, state=None, write=True):
+                return self.table(tokens), None
+
+        Trainer(max_steps=100).fit(Bigram(lr=1e-2), datamodule=TextDataModule())
+
+    """
+
+    #: Whether the model carries a memory state between calls; a stateless model re-reads a window when generating.
+    stateful: bool = True
+    #: The longest window a stateless model re-reads per generated token (``None``: the whole sequence).
+    max_context: Optional[int] = None
+
+    def __init__(
+        self,
+        vocab_size: int,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        warmup_steps: int = 100,
+        max_steps_schedule: Optional[int] = None,
+        betas: tuple[float, float] = (0.9, 0.95),
+        segment_len: Optional[int] = None,
+        memorize_at_eval: bool = True,
+        grad_clip: Optional[float] = 1.0,
+        min_lr_ratio: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
+            raise ValueError(f"`vocab_size` must be an integer >= 2, got {vocab_size!r}; use 256 for byte-level text.")
+        if not lr > 0:
+            raise ValueError(f"`lr` must be > 0, got {lr!r}; use e.g. 1e-3.")
+        if not weight_decay >= 0:
+            raise ValueError(f"`weight_decay` must be >= 0, got {weight_decay!r}; use 0 to disable it.")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"`warmup_steps` must be an integer >= 0, got {warmup_steps!r}.")
+        if max_steps_schedule is not None and (
+            isinstance(max_steps_schedule, bool)
+            or not isinstance(max_steps_schedule, int)
+            or max_steps_schedule <= warmup_steps
+        ):
+            raise ValueError(
+                f"`max_steps_schedule` must be None or an integer > warmup_steps={warmup_steps}, got"
+                f" {max_steps_schedule!r}; set it to the Trainer's max_steps for a cosine decay."
+            )
+        betas = tuple(betas)
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"`betas` must be two numbers in [0, 1), got {betas!r}.")
+        if segment_len is not None and (
+            isinstance(segment_len, bool) or not isinstance(segment_len, int) or segment_len < 1
+        ):
+            raise ValueError(f"`segment_len` must be None (one segment) or an integer >= 1, got {segment_len!r}.")
+        if grad_clip is not None and not grad_clip > 0:
+            raise ValueError(f"`grad_clip` must be None (no clipping) or > 0, got {grad_clip!r}.")
+        if not 0 <= min_lr_ratio <= 1:
+            raise ValueError(f"`min_lr_ratio` must be in [0, 1], got {min_lr_ratio!r}.")
+        self.save_hyperparameters()  # also collects the subclass's __init__ arguments
+        self.vocab_size, self.lr, self.weight_decay, self.betas = vocab_size, float(lr), float(weight_decay), betas
+        self.warmup_steps, self.max_steps_schedule, self.min_lr_ratio = warmup_steps, max_steps_schedule, min_lr_ratio
+        self.segment_len, self.memorize_at_eval, self.grad_clip = segment_len, bool(memorize_at_eval), grad_clip
+
+    # ------------------------------------------------------------------------------------------------ the network
+    @override
+    def forward(self, tokens: Tensor, state: Any = None, write: bool = True) -> tuple[Tensor, Any]:
+        """Map ``tokens`` ``(B, T)`` to ``(logits (B, T, V), new_state)``; implemented by subclasses."""
+        raise NotImplementedError(f"{type(self).__name__} must implement forward(tokens, state=None, write=True).")
+
+    def state_stats(self) -> dict[str, float]:
+        """Memory statistics to log after each training step (e.g. the inner loss); none by default."""
+        return {}
+
+    def segment_forward(
+        self, tokens: Tensor, state: Any = None, write: bool = True, segment_len: Optional[int] = None
+    ) -> tuple[Tensor, Any]:
+        """Run ``tokens`` ``(B, T)`` segment by segment, carrying the state and detaching it at every boundary.
+
+        Args:
+            tokens: Input tokens ``(B, T)``.
+            state: The state to start from (``None``: a new sequence).
+            write: Passed to every ``forward`` call.
+            segment_len: Tokens per segment; ``None`` uses ``self.segment_len`` (``None`` there: one segment).
+
+        Returns:
+            The logits of every position ``(B, T, V)`` and the state after the last segment (not detached).
+
+        """
+        seg = segment_len or self.segment_len or tokens.shape[1]
+        outs = []
+        for start in range(0, tokens.shape[1], seg):
+            if start > 0:
+                state = detach_state(state)  # truncated backpropagation at the segment boundary
+            logits, state = self(tokens[:, start : start + seg], state=state, write=write)
+            outs.append(logits)
+        return torch.cat(outs, dim=1), state
+
+    # ------------------------------------------------------------------------------------------------ steps
+    def sequence_loss(self, tokens: Tensor, targets: Tensor, write: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+        """The loss of a batch, run with :meth:`segment_forward` from a new sequence.
+
+        Args:
+            tokens: Input tokens ``(B, T)``.
+            targets: Targets ``(B, T)``, ``-100`` where there is none.
+            write: Passed to every ``forward`` call.
+
+        Returns:
+            The mean cross-entropy over the target positions (0 if there are none), the number of target positions,
+            and the number of them whose argmax prediction is right (0-dim tensors).
+
+        """
+        logits, _ = self.segment_forward(tokens, write=write)  # (B, T, V)
+        flat_logits, flat_targets = logits.flatten(0, 1).float(), targets.flatten()  # (B*T, V), (B*T,)
+        count = (flat_targets != IGNORE_INDEX).sum()
+        total = F.cross_entropy(flat_logits, flat_targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        loss = total / count.clamp(min=1)
+        hits = ((flat_logits.argmax(dim=-1) == flat_targets) & (flat_targets != IGNORE_INDEX)).sum()
+        return loss, count, hits
+
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        tokens, targets = _unpack(batch)
+        loss, _, _ = self.sequence_loss(tokens, targets, write=True)
+        n = tokens.shape[0]  # no device sync per step; evaluation weights by target positions
+        self.log("train_loss", loss, prog_bar=True, batch_size=n)
+        self.log("train_bpc", loss / math.log(2), prog_bar=True, batch_size=n)
+        for key, value in self.state_stats().items():
+            self.log(f"train_{key}", value, batch_size=n)
+        return loss
+
+    def _evaluate(self, batch: Any, stage: str, dataloader_idx: int) -> Tensor:
+        tokens, targets = _unpack(batch)
+        loss, count, hits = self.sequence_loss(tokens, targets, write=self.memorize_at_eval)
+        n = int(count)  # the epoch value is the mean weighted by target positions
+        if n == 0:
+            return loss
+        values = {"loss": loss, "bpc": loss / math.log(2), "acc": hits.float() / n}
+        names = [""]
+        if self._num_eval_loaders(stage) > 1:
+            names = [self._loader_suffix(dataloader_idx)] + ([""] if dataloader_idx == 0 else [])
+        for suffix in names:
+            for key, value in values.items():
+                self.log(
+                    f"{stage}_{key}{suffix}",
+                    value,
+                    batch_size=n,
+                    prog_bar=suffix == "" and key != "acc",
+                    add_dataloader_idx=False,
+                    sync_dist=True,
+                )
+        return loss
+
+    @override
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        return self._evaluate(batch, "val", dataloader_idx)
+
+    @override
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        return self._evaluate(batch, "test", dataloader_idx)
+
+    @override
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """The argmax next-token prediction at every position, ``int64`` ``(B, T)`` (``batch``: a batch dict or the
+        tokens); the same segmentation and ``write=memorize_at_eval`` as evaluation. For logits, call
+        :meth:`segment_forward`."""
+        tokens, _ = _unpack(batch)
+        logits, _ = self.segment_forward(tokens, write=self.memorize_at_eval)
+        return logits.argmax(dim=-1)
+
+    def _num_eval_loaders(self, stage: str) -> int:
+        if self._trainer is None:
+            return 1
+        loaders = self.trainer.val_dataloaders if stage == "val" else self.trainer.test_dataloaders
+        return len(loaders) if isinstance(loaders, (list, tuple, Mapping)) else 1
+
+    def _loader_suffix(self, dataloader_idx: int) -> str:
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        lengths = getattr(datamodule, "eval_lengths", None)
+        if lengths is not None and dataloader_idx < len(lengths):
+            return f"_len{lengths[dataloader_idx]}"
+        return f"_dl{dataloader_idx}"
+
+    # ------------------------------------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> Tensor:
+        """Continue ``prompt`` ``(B, P)`` by ``max_new_tokens`` sampled tokens, returning ``(B, P + max_new_tokens)``.
+
+        A stateful model reads the prompt once (in segments, writing its memory if ``memorize_at_eval``), then one
+        token per step, carrying its state. A stateless model (``stateful = False``) re-reads the last ``max_context``
+        tokens at every step. The model is put in eval mode for the call and restored after it.
+
+        Args:
+            prompt: Prompt tokens ``(B, P)``, ``P >= 1``.
+            max_new_tokens: Tokens to generate, ``>= 0``.
+            temperature: Softmax temperature; ``0`` picks the argmax (greedy, deterministic).
+            top_k: Sample among the ``top_k`` most likely tokens only (``None``: all).
+            generator: Random generator of the sampling (``None``: the global one).
+
+        Returns:
+            The prompt followed by the generated tokens.
+
+        Raises:
+            ValueError: If ``prompt`` is not ``(B, P)`` with ``P >= 1``, ``max_new_tokens < 0``, ``temperature < 0``
+                or ``top_k < 1``.
+
+        Example::
+
+            out = model.generate(encode("The ").unsqueeze(0), max_new_tokens=64, temperature=0.8, top_k=20)
+            print(decode(out[0]))
+
+        """
+        if prompt.dim() != 2 or prompt.shape[1] < 1:
+            raise ValueError(f"`prompt` must be (batch, length >= 1) tokens, got shape {tuple(prompt.shape)}.")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"`max_new_tokens` must be an integer >= 0, got {max_new_tokens!r}.")
+        if not temperature >= 0:
+            raise ValueError(f"`temperature` must be >= 0 (0: greedy), got {temperature!r}.")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"`top_k` must be None or an integer >= 1, got {top_k!r}.")
+        was_training = self.training
+        self.eval()
+        try:
+            out = [prompt]
+            if max_new_tokens == 0:
+                return prompt
+            if self.stateful:
+                logits, state = self.segment_forward(prompt, write=self.memorize_at_eval)
+                for i in range(max_new_tokens):
+                    out.append(_sample(logits[:, -1], temperature, top_k, generator))
+                    if i + 1 < max_new_tokens:
+                        logits, state = self(out[-1], state=state, write=self.memorize_at_eval)
+            else:
+                seq = prompt
+                for _ in range(max_new_tokens):
+                    window = seq if self.max_context is None else seq[:, -self.max_context :]
+                    logits, _ = self(window)
+                    seq = torch.cat([seq, _sample(logits[:, -1], temperature, top_k, generator)], dim=1)
+                return seq
+            return torch.cat(out, dim=1)
+        finally:
+            self.train(was_training)
+
+    # ------------------------------------------------------------------------------------------------ optimizer
+    def param_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups: ``decay`` (parameters with ``>= 2`` dimensions) and ``no_decay`` (biases, norms, gates)."""
+        decay, no_decay = [], []
+        for p in self.parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+        groups = [
+            {"name": "decay", "params": decay, "weight_decay": self.weight_decay},
+            {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+        ]
+        return [g for g in groups if g["params"]]
+
+    def lr_factor(self, step: int) -> float:
+        """The learning-rate multiplier at optimizer step ``step`` (0-based): warm-up, then constant or cosine."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.max_steps_schedule is None:
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / (self.max_steps_schedule - self.warmup_steps))
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    @override
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.AdamW(self.param_groups(), lr=self.lr, betas=self.betas)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    @override
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: Optional[Union[int, float]] = None,
+        gradient_clip_algorithm: Optional[str] = None,
+    ) -> None:
+        if gradient_clip_val is None and self.grad_clip is not None:
+            gradient_clip_val = self.grad_clip  # the Trainer's gradient_clip_val, when set, wins
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    # ------------------------------------------------------------------------------------------------ sizes
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        """Number of distinct parameters; ``non_embedding=True`` leaves out those of ``nn.Embedding`` modules (and so
+        a head tied to the embedding), the usual count for matching model sizes."""
+        params = {id(p): p for p in self.parameters()}
+        if non_embedding:
+            for module in self.modules():
+                if isinstance(module, nn.Embedding):
+                    for p in module.parameters():
+                        params.pop(id(p), None)
+        return sum(p.numel() for p in params.values())
+
+
+def _sample(logits: Tensor, temperature: float, top_k: Optional[int], generator: Optional[torch.Generator]) -> Tensor:
+    """One token per row of ``logits`` ``(B, V)``, as ``(B, 1)``."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+
+
+class BlockStackLM(CausalLM):
+    """A :class:`CausalLM` made of token embeddings, a stack of stateful blocks, RMSNorm and a (tied) output head.
+
+    Each block is called as ``h, block_state = block(h, block_state, write=write)``; the model's state is
+    ``state_type(list_of_block_states)`` (a dataclass with a ``blocks`` field and ``detach()``). Subclasses call
+    :meth:`build` in ``__init__`` and set ``state_type``.
+    """
+
+    #: Built from the list of block states; needs a ``blocks`` attribute.
+    state_type: Any = None
+
+    def build(self, dim: int, blocks: list[nn.Module], tie_embeddings: bool = True) -> None:
+        """Create ``embed``, ``blocks``, ``norm`` and ``head`` (normal(0, 0.02) embeddings, the head scaled by
+        ``1 / sqrt(2 depth)``; tied to the embeddings when ``tie_embeddings``)."""
+        self.depth = len(blocks)
+        self.embed = nn.Embedding(self.vocab_size, dim)
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = nn.RMSNorm(dim)
+        self.head = nn.Linear(dim, self.vocab_size, bias=False)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        nn.init.normal_(self.head.weight, std=0.02 / math.sqrt(2 * self.depth))
+        if tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    @override
+    def forward(self, tokens: Tensor, state: Any = None, write: bool = True) -> tuple[Tensor, Any]:
+        """``tokens`` ``(B, T)`` -> ``(logits (B, T, vocab_size), state)``."""
+        h = self.embed(tokens)  # (B, T, D)
+        states = [None] * self.depth if state is None else state.blocks
+        new = []
+        for block, s in zip(self.blocks, states, strict=True):
+            h, s = block(h, s, write=write)
+            new.append(s)
+        return self.head(self.norm(h)), self.state_type(new)

@@ -1,0 +1,475 @@
+# Copyright The Lightning AI team.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+r"""
+Titans Neural Memory
+^^^^^^^^^^^^^^^^^^^^
+
+The long-term memory of Titans (Titans §3.1-3.2, Eq. 13-14): per head, an MLP :math:`\mathcal{M}` trained *at test
+time* to map keys to values, with surprise momentum and a forgetting gate,
+
+.. math::
+
+    \ell(\mathcal{M}; x_t) = \lVert \mathcal{M}(k_t) - v_t \rVert^2, \qquad
+    S_t = \eta_t S_{t-1} - \theta_t u_t, \qquad
+    \mathcal{M}_t = (1 - \alpha_t)\, \mathcal{M}_{t-1} + S_t, \qquad
+    y_t = \mathcal{M}_{\xi(t)}(q_t).
+
+**Chunks.** Every token of a chunk takes its gradient at the chunk-start state (the anchor),
+:math:`u_t = \nabla \ell(\mathcal{M}_{\xi(t)}; x_t)`, and reads that same anchor, so tokens of chunk ``j`` read the
+state at the end of chunk ``j - 1`` (causal; paper notes §4). A chunk is then computed in parallel.
+
+**Chunk-end state (derivation).** Take a chunk of ``n`` tokens ``i = 1..n`` starting from :math:`(\mathcal{M}_0, S_0)`,
+with :math:`E_t = \prod_{j \le t} \eta_j` and :math:`\beta_t = \prod_{j \le t} (1 - \alpha_j)` (:math:`E_0 = \beta_0
+= 1`). Unrolling the two recurrences,
+
+.. math::
+
+    S_t = E_t S_0 - \sum_{i \le t} \theta_i \tfrac{E_t}{E_i} u_i, \qquad
+    \mathcal{M}_n = \beta_n \mathcal{M}_0 + \sum_{t \le n} \tfrac{\beta_n}{\beta_t} S_t ,
+
+and substituting the first into the second and swapping the sums,
+
+.. math::
+
+    S_n = E_n S_0 - \sum_i c^S_i u_i, \qquad
+    \mathcal{M}_n = \beta_n \mathcal{M}_0 + a_S S_0 - \sum_i c^M_i u_i,
+
+    a_S = \sum_{t=1}^{n} \tfrac{\beta_n}{\beta_t} E_t, \qquad
+    c^S_i = \theta_i \tfrac{E_n}{E_i}, \qquad
+    c^M_i = \theta_i \sum_{t=i}^{n} \tfrac{\beta_n}{\beta_t} \tfrac{E_t}{E_i}.
+
+Without momentum (:math:`S_t = -\theta_t u_t`): :math:`\mathcal{M}_n = \beta_n \mathcal{M}_0 - \sum_i \theta_i
+\frac{\beta_n}{\beta_i} u_i` (the chunk-parallel form of Titans §3.2). Every coefficient depends on the gates only, so
+they are computed for all chunks at once, in log space: each term is
+:math:`\exp\big((\log\beta_n - \log\beta_t) + (\log E_t - \log E_i)\big)` with exponent :math:`\le 0` for
+:math:`t \ge i` (an ``n x n`` masked matrix per chunk), where :math:`\log \eta` and :math:`\log(1 - \alpha)` come from
+``logsigmoid`` of the gate logits and cumulative sums, so they are finite for every finite logit: no product can
+overflow or hit ``log 0`` (this replaces clamping the gates away from 0 and 1, without its zero gradient). A token's
+gradient is one outer product per layer, :math:`u_i^{(l)} = \delta_{l,i} a_{l-1,i}^\top`
+(:mod:`nl_lightning.models._memory_mlp`), so :math:`\sum_i c_i u_i^{(l)} = (c \odot \delta_l)^\top A_{l-1}`: one
+batched matmul per layer and chunk (:math:`c^M` and :math:`c^S` stacked), and no per-token gradient tensor is
+formed. Only the loop over chunks is sequential; projections, gates and coefficients are computed for the whole
+sequence at once.
+
+**Choices [ours].**
+
+- Input: ``RMSNorm``, then ``q, k, v = W_Q x, W_K x, W_V x`` (no bias), a causal depthwise convolution over time
+  (``conv_size`` taps, 0 disables it; initialised to the identity, i.e. the current token only), SiLU, and
+  ℓ2-normalisation of ``q`` and ``k`` per head (Titans §4.4).
+- Memory: ``depth`` bias-free layers, hidden width ``round(expansion * head_dim)``, ``M(k) = k + MLP(k)`` when
+  ``depth >= 2`` (``residual``; a depth-1 memory is the plain linear map ``W``). Initial weights are meta-learned
+  parameters ``(heads, out, in)``, normal with std ``1 / sqrt(in)``, one memory per head, copied per sample.
+- Gates, per token and head, linear in the normalised input: ``theta = lr_max * sigmoid(.)`` (inner learning rate,
+  starts at ``init_lr = lr_max / 2``), ``eta = sigmoid(.)`` (momentum decay, starts near 0.9), ``alpha = sigmoid(.)``
+  (forget fraction, starts near 0.01), through the biases.
+- Output: per-head ``RMSNorm`` of the reads, times ``2 * sigmoid(W_G x)`` with ``W_G = 0`` at init (``output_gate``;
+  it starts as the identity; a randomly initialised ``SiLU`` gate multiplies the reads by noise, and with it the
+  recall test of the test suite did not learn in 60 steps), then ``W_O``. The output is not added to ``x``: the
+  residual belongs to the block.
+- A partial last chunk (``seq_len % chunk_size != 0``, or ``seq_len < chunk_size``) reads its anchor and writes at its
+  end, so the returned state includes every token; the next call starts a new chunk from it. Carrying the state
+  across calls therefore equals one long pass exactly when the segment lengths are multiples of ``chunk_size``, and
+  otherwise equals one pass whose chunks restart at each segment boundary.
+- Stability: with momentum the effective inner learning rate is about ``theta / (1 - eta)`` (``10 theta`` at
+  ``eta = 0.9``) on a loss whose gradient carries a factor 2, so keep ``lr_max`` around 0.1 (the default); at
+  ``lr_max = 1`` the memory can blow up within a few chunks (cf. lucidrains #22/#29, paper notes §7).
+- Memory state and inner computation in fp32 (fp64 for a float64 input) with autocast disabled; outer gradients
+  (to the projections, gates, convolution and initial memory) flow through the writes within a call and across calls
+  until :meth:`NeuralMemoryState.detach`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nl_lightning.models._memory_mlp import memory_backward, memory_forward
+from nl_lightning.models.cms_memory import ACTIVATIONS, _portable
+
+__all__ = ["NeuralMemory", "NeuralMemoryState", "chunk_coefficients"]
+
+
+@dataclass
+class NeuralMemoryState:
+    """The per-sample state of a :class:`NeuralMemory`: memory weights, surprise momenta and the convolution's inputs.
+
+    Pass it back to continue a stream; ``None`` starts a new sequence from the learned initial memory.
+
+    Attributes:
+        weights: ``W_1 .. W_L`` of every sample and head, each ``(B, H, out_l, in_l)``, fp32.
+        momentum: The surprise ``S`` of each layer (same shapes); ``()`` when the memory has no momentum.
+        conv: The last ``conv_size - 1`` projected inputs ``(B, conv_size - 1, 3 * dim)`` (``None`` without a
+            convolution).
+
+    """
+
+    weights: tuple[Tensor, ...]
+    momentum: tuple[Tensor, ...] = ()
+    conv: Optional[Tensor] = None
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> NeuralMemoryState:
+        """Apply ``fn`` to every tensor."""
+        conv = fn(self.conv) if self.conv is not None else None
+        return NeuralMemoryState(tuple(fn(w) for w in self.weights), tuple(fn(s) for s in self.momentum), conv)
+
+    def detach(self) -> NeuralMemoryState:
+        """Stop gradients here (truncated backpropagation between segments); also makes a state computed under
+        ``torch.inference_mode`` usable outside it."""
+        return self.map(_portable)
+
+    def to(self, *args: Any, **kwargs: Any) -> NeuralMemoryState:
+        """``Tensor.to`` on every tensor (device moves; keep the dtype fp32)."""
+        return self.map(lambda t: t.to(*args, **kwargs))
+
+    def select(self, index: Tensor) -> NeuralMemoryState:
+        """The states of some samples of the batch (e.g. those whose sequence continues)."""
+        return self.map(lambda t: t[index])
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors, lists and ``None`` only (loads with ``torch.load(weights_only=True)``); detached."""
+        s = self.detach()
+        return {"weights": list(s.weights), "momentum": list(s.momentum), "conv": s.conv}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> NeuralMemoryState:
+        """Inverse of :meth:`state_dict`."""
+        return cls(tuple(state["weights"]), tuple(state["momentum"]), state["conv"])
+
+
+def chunk_coefficients(lr: Tensor, log_keep: Tensor, log_decay: Optional[Tensor]) -> dict[str, Tensor]:
+    r"""The scalar coefficients of the chunk-end state (module docstring), for chunks along the last axis.
+
+    Args:
+        lr: :math:`\theta_i` ``(..., n)``.
+        log_keep: :math:`\log(1 - \alpha_i)` ``(..., n)``.
+        log_decay: :math:`\log \eta_i` ``(..., n)``, or ``None`` without momentum.
+
+    Returns:
+        ``keep`` :math:`\beta_n` ``(...)`` and ``c_M`` ``(..., n)``; with momentum also ``decay`` :math:`E_n`, ``a_S``
+        ``(...)`` and ``c_S`` ``(..., n)``.
+
+    """
+    log_beta = log_keep.cumsum(-1)  # (..., n)
+    to_end = log_beta[..., -1:] - log_beta  # log(beta_n / beta_t)
+    out = {"keep": log_beta[..., -1].exp()}
+    if log_decay is None:
+        out["c_M"] = lr * to_end.exp()
+        return out
+    log_e = log_decay.cumsum(-1)
+    n = lr.shape[-1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=lr.device).tril()  # [t, i]: t >= i
+    expo = to_end.unsqueeze(-1) + (log_e.unsqueeze(-1) - log_e.unsqueeze(-2))  # (..., t, i)
+    out["c_M"] = lr * expo.masked_fill(~causal, -math.inf).exp().sum(-2)
+    out["c_S"] = lr * (log_e[..., -1:] - log_e).exp()
+    out["decay"] = log_e[..., -1].exp()
+    out["a_S"] = (to_end + log_e).exp().sum(-1)
+    return out
+
+
+def _chunks(t: Optional[Tensor], start: int, stop: int, n: int) -> Optional[Tensor]:
+    """Tokens ``start:stop`` of ``t`` ``(B, H, T, ...)`` as chunks of ``n``: ``(B, H, (stop - start) // n, n, ...)``."""
+    return None if t is None else t[:, :, start:stop].unflatten(2, (-1, n))
+
+
+def _l2_normalize(t: Tensor) -> Tensor:
+    """``t / ||t||`` over the last axis (a multiply by ``rsqrt``: a cheaper backward than ``F.normalize``)."""
+    return t * t.square().sum(-1, keepdim=True).clamp_min(1e-12).rsqrt()
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1.0 - p))
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _is_int(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+class NeuralMemory(nn.Module):
+    r"""The Titans long-term memory: a deep MLP per head, written at test time with momentum and forgetting.
+
+    ``y, state = mem(x, state)``: ``x`` and ``y`` are ``(batch, seq, dim)``; ``state=None`` starts every sample from the
+    learned initial memory, a returned :class:`NeuralMemoryState` continues the stream. The sequence is processed in
+    chunks of ``chunk_size`` tokens that read the state of the end of the previous chunk and are written in parallel
+    (Titans Eq. 13-14 and §3.2; the derivation is in the module docstring). ``mem.last_stats`` holds detached logging
+    figures of the last call: ``surprise`` (mean inner loss at the anchor), ``grad_norm`` (mean Frobenius norm of a
+    token's inner gradient, only when writing), ``weight_norm`` (mean norm of the memories at the end), and the mean
+    gates ``lr``, ``forget`` and, with momentum, ``mom_decay``.
+
+    Args:
+        dim: Model width ``D``.
+        heads: Number of heads ``H``; each has its own memory on ``head_dim = dim // heads``.
+        chunk_size: Tokens per chunk ``C``: tokens of a chunk read its anchor and write together at its end.
+        depth: Layers of the memory MLP (1: a linear map).
+        expansion: Hidden width of the memory MLP as a multiple of ``head_dim``.
+        activation: ``"silu"``, ``"gelu"``, ``"relu"`` or ``"tanh"``, between the memory's layers.
+        residual: ``M(k) = k + MLP(k)``; default ``depth >= 2``.
+        momentum: Keep the surprise momentum ``S`` (``False``: ``S_t = -theta_t u_t``).
+        lr_max: Cap ``theta_max`` of the inner learning rate.
+        init_lr: Initial inner learning rate, in ``(0, lr_max)``; default ``lr_max / 2``.
+        init_mom_decay: Initial momentum decay ``eta``, in ``(0, 1)``.
+        init_forget: Initial forget fraction ``alpha``, in ``(0, 1)``.
+        conv_size: Taps of the causal depthwise convolution after the projections (0: none).
+        output_gate: Multiply the normalised reads by ``2 * sigmoid(W_G x)`` (``W_G = 0`` at init) before ``W_O``.
+
+    Raises:
+        ValueError: If ``dim`` is not divisible by ``heads``, a size is below 1, ``expansion`` or ``lr_max`` is not
+            positive, an initial gate is out of range, or the activation is unknown.
+
+    Example::
+
+        mem = NeuralMemory(dim=256, heads=4, chunk_size=64, depth=2)
+        y, state = mem(torch.randn(2, 1000, 256))      # 15 full chunks and a partial one, all written
+        y2, state = mem(torch.randn(2, 512, 256), state)  # continues the stream
+        mem.last_stats["surprise"]
+
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int = 4,
+        chunk_size: int = 64,
+        depth: int = 2,
+        expansion: float = 2.0,
+        activation: str = "silu",
+        residual: Optional[bool] = None,
+        momentum: bool = True,
+        lr_max: float = 0.1,
+        init_lr: Optional[float] = None,
+        init_mom_decay: float = 0.9,
+        init_forget: float = 0.01,
+        conv_size: int = 4,
+        output_gate: bool = True,
+    ) -> None:
+        super().__init__()
+        _check(_is_int(dim, 1), f"`dim` must be an integer >= 1, got {dim!r}.")
+        _check(_is_int(heads, 1), f"`heads` must be an integer >= 1, got {heads!r}.")
+        _check(dim % heads == 0, f"`dim` ({dim}) must be divisible by `heads` ({heads}); choose a divisor of dim.")
+        _check(_is_int(chunk_size, 1), f"`chunk_size` must be an integer >= 1, got {chunk_size!r}.")
+        _check(_is_int(depth, 1), f"`depth` must be an integer >= 1 (1 = linear memory), got {depth!r}.")
+        _check(expansion > 0, f"`expansion` must be > 0, got {expansion!r}.")
+        _check(activation in ACTIVATIONS, f"`activation` must be one of {sorted(ACTIVATIONS)}, got {activation!r}.")
+        _check(0 < lr_max < math.inf, f"`lr_max` must be a positive number, got {lr_max!r}.")
+        init_lr = lr_max / 2 if init_lr is None else init_lr
+        _check(0 < init_lr < lr_max, f"`init_lr` must be in (0, lr_max={lr_max}), got {init_lr!r}.")
+        _check(0 < init_mom_decay < 1, f"`init_mom_decay` must be in (0, 1), got {init_mom_decay!r}.")
+        _check(0 < init_forget < 1, f"`init_forget` must be in (0, 1), got {init_forget!r}.")
+        _check(_is_int(conv_size, 0), f"`conv_size` must be an integer >= 0 (0: no convolution), got {conv_size!r}.")
+        self.dim, self.heads, self.head_dim = dim, heads, dim // heads
+        self.chunk_size, self.depth, self.activation = chunk_size, depth, activation
+        self.residual = depth >= 2 if residual is None else bool(residual)
+        self.momentum, self.lr_max, self.conv_size = momentum, float(lr_max), conv_size
+        self.hidden = max(1, round(expansion * self.head_dim))
+
+        self.norm = nn.RMSNorm(dim)
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(dim, dim, bias=False)
+        self.to_v = nn.Linear(dim, dim, bias=False)
+        self.conv = None  # taps (3D, K) of the causal depthwise convolution; the last tap is the current token
+        if conv_size:
+            self.conv = nn.Parameter(torch.zeros(3 * dim, conv_size))
+            with torch.no_grad():
+                self.conv[:, -1] = 1.0  # identity
+        # gate logits per head, in this order: lr (theta), forget (alpha), mom_decay (eta, with momentum)
+        self.to_gates = nn.Linear(dim, (3 if momentum else 2) * heads)
+        with torch.no_grad():
+            biases = [_logit(init_lr / lr_max), _logit(init_forget), _logit(init_mom_decay)]
+            self.to_gates.bias.copy_(torch.tensor(biases[: 3 if momentum else 2]).repeat_interleave(heads))
+        sizes = [self.head_dim] + [self.hidden] * (depth - 1) + [self.head_dim]
+        shapes = [(heads, n_out, n_in) for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True)]  # W_l: (H, out, in)
+        self.memory = nn.ParameterList(nn.Parameter(torch.randn(shape) / math.sqrt(shape[-1])) for shape in shapes)
+        self.out_norm = nn.RMSNorm(self.head_dim)
+        self.to_out_gate = None
+        if output_gate:  # 2 * sigmoid(W_G x), zero-initialised: the gate starts as the identity
+            self.to_out_gate = nn.Linear(dim, dim, bias=False)
+            nn.init.zeros_(self.to_out_gate.weight)
+        self.to_out = nn.Linear(dim, dim, bias=False)
+        self.last_stats: dict[str, Tensor] = {}
+
+    def initial_state(
+        self, batch: int, device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32
+    ) -> NeuralMemoryState:
+        """The state ``state=None`` stands for: every sample at the learned initial memory, zero momentum and
+        convolution inputs (differentiable w.r.t. the initial memory)."""
+        weights = tuple(w.to(device=device, dtype=dtype).unsqueeze(0).expand(batch, *w.shape) for w in self.memory)
+        momentum = tuple(torch.zeros_like(w) for w in weights) if self.momentum else ()
+        conv = None
+        if self.conv_size > 1:
+            conv = torch.zeros(batch, self.conv_size - 1, 3 * self.dim, device=device, dtype=dtype)
+        return NeuralMemoryState(weights, momentum, conv)
+
+    def forward(
+        self, x: Tensor, state: Optional[NeuralMemoryState] = None, write: bool = True
+    ) -> tuple[Tensor, NeuralMemoryState]:
+        """Read (and write) the memory along ``x``.
+
+        Args:
+            x: Input ``(batch, seq, dim)``.
+            state: The state to continue from; ``None`` starts from the learned initial memory.
+            write: ``False`` reads only: every token reads ``state`` and the same ``state`` is returned (as if the
+                segment had not been seen; the convolution's inputs are not advanced either).
+
+        Returns:
+            ``(y (batch, seq, dim), new_state)``.
+
+        Raises:
+            ValueError: If ``x`` or ``state`` has the wrong shape, or ``x`` has no token.
+
+        """
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"`x` must be (batch, seq, dim={self.dim}), got shape {tuple(x.shape)}.")
+        batch, seq, _ = x.shape
+        if seq == 0:
+            raise ValueError("`x` is an empty sequence (seq = 0); pass at least one token.")
+        inner = torch.float64 if x.dtype == torch.float64 else torch.float32
+        if state is None:
+            state = self.initial_state(batch, x.device, inner)
+        self._check_state(state, batch)
+        h = self.norm(x)
+        proj = F.linear(h, torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight]))  # (B, T, 3D)
+        conv = state.conv
+        if self.conv is not None:
+            past = state.conv.to(proj.dtype) if state.conv is not None else proj[:, :0]
+            full = torch.cat([past, proj], dim=1)  # (B, K - 1 + T, 3D)
+            taps = self.conv.to(proj.dtype).t().contiguous()  # (K, 3D)
+            proj = sum(full[:, j : j + seq] * taps[j] for j in range(self.conv_size))  # t sees t-K+1 .. t
+            conv = full[:, full.shape[1] - (self.conv_size - 1) :].to(inner) if self.conv_size > 1 else None
+        logits = self.to_gates(h)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            q, k, v = F.silu(proj.to(inner)).view(batch, seq, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k = _l2_normalize(q), _l2_normalize(k)  # (B, H, T, hd)
+            gates = logits.to(inner).view(batch, seq, -1, self.heads).permute(2, 0, 3, 1)  # (G, B, H, T)
+            lr = self.lr_max * torch.sigmoid(gates[0])
+            log_keep = F.logsigmoid(-gates[1])  # log(1 - alpha)
+            log_decay = F.logsigmoid(gates[2]) if self.momentum else None  # log(eta)
+            weights = tuple(w.to(inner) for w in state.weights)
+            moms = tuple(s.to(inner) for s in state.momentum)
+            if write:
+                y, weights, moms, stats = self._scan(q, k, v, lr, log_keep, log_decay, weights, moms)
+                new_state = NeuralMemoryState(weights, moms, conv)
+            else:
+                y, _, _ = memory_forward(weights, torch.cat([q, k], dim=2), self.activation, self.residual)
+                y, pred = y.split(seq, dim=2)
+                stats = {"surprise": (pred - v).detach().square().sum(-1).mean()}
+                new_state = state
+            self.last_stats = self._stats(stats, new_state, lr, log_keep, log_decay)
+        y = self.out_norm(y.transpose(1, 2).to(x.dtype)).reshape(batch, seq, self.dim)  # (B, T, D)
+        if self.to_out_gate is not None:
+            y = y * (2 * torch.sigmoid(self.to_out_gate(h)))
+        return self.to_out(y), new_state
+
+    def _scan(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        lr: Tensor,
+        log_keep: Tensor,
+        log_decay: Optional[Tensor],
+        weights: tuple[Tensor, ...],
+        moms: tuple[Tensor, ...],
+    ) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...], dict[str, Tensor]]:
+        """Read and write the whole sequence: coefficients of all chunks at once, then one step per chunk."""
+        seq, c = q.shape[2], self.chunk_size
+        full = seq // c * c
+        reads, surprise, grad_norm = [], [], []
+        for start, stop, n in [(0, full, c), (full, seq, seq - full)]:  # the full chunks, then the partial one
+            if stop == start:
+                continue
+            k_, q_, v_, lr_, keep_, decay_ = (_chunks(t, start, stop, n) for t in (k, q, v, lr, log_keep, log_decay))
+            coef = chunk_coefficients(lr_, keep_, decay_)  # (B, H, N, n) and (B, H, N)
+            names = ("c_M", "c_S") if self.momentum else ("c_M",)
+            cs = torch.stack([coef[name] for name in names], dim=-1)  # (B, H, N, n, K)
+            names = ("keep", "a_S", "decay") if self.momentum else ("keep",)
+            scalars = torch.stack([coef[name] for name in names], dim=-1)  # (B, H, N, 1 or 3)
+            for k_j, q_j, v_j, c_j, s_j in zip(*(t.unbind(2) for t in (k_, q_, v_, cs, scalars)), strict=True):
+                reads.append(memory_forward(weights, q_j, self.activation, self.residual)[0])  # at the anchor
+                pred, inputs, pre = memory_forward(weights, k_j, self.activation, self.residual)
+                error = pred - v_j  # (B, H, n, hd): M(k) - v at the anchor
+                deltas = memory_backward(weights, pre, 2 * error, self.activation)
+                weights, moms = self._write(weights, moms, deltas, inputs, c_j, s_j)
+                with torch.no_grad():
+                    surprise.append(error.square().sum(-1).flatten())
+                    sq = sum(d.square().sum(-1) * a.square().sum(-1) for d, a in zip(deltas, inputs, strict=True))
+                    grad_norm.append(sq.sqrt().flatten())  # ||u_i||_F, all layers: ||d a^T|| = ||d|| ||a||
+        stats = {"surprise": torch.cat(surprise).mean(), "grad_norm": torch.cat(grad_norm).mean()}
+        return torch.cat(reads, dim=2), weights, moms, stats
+
+    def _write(
+        self,
+        weights: tuple[Tensor, ...],
+        moms: tuple[Tensor, ...],
+        deltas: list[Tensor],
+        inputs: list[Tensor],
+        coefs: Tensor,
+        scalars: Tensor,
+    ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """The chunk-end state: ``M = keep M_0 + a_S S_0 - sum_i c^M_i u_i`` and ``S = decay S_0 - sum_i c^S_i u_i``."""
+        keep, *momentum_scalars = scalars[..., None, None].unbind(2)  # (B, H, 1, 1): keep (, a_S, decay)
+        new_weights, new_moms = [], []
+        for i, (w, d, a) in enumerate(zip(weights, deltas, inputs, strict=True)):
+            weighted = (d.unsqueeze(-2) * coefs.unsqueeze(-1)).flatten(-2)  # (B, H, n, K * out): c^M_i d_i, c^S_i d_i
+            g = (weighted.transpose(-1, -2) @ a).unflatten(-2, (-1, d.shape[-1]))  # (B, H, K, out, in): sum_i c_i u_i
+            if self.momentum:
+                a_s, decay = momentum_scalars
+                new_weights.append(keep * w + a_s * moms[i] - g[:, :, 0])
+                new_moms.append(decay * moms[i] - g[:, :, 1])
+            else:
+                new_weights.append(keep * w - g[:, :, 0])
+        return tuple(new_weights), tuple(new_moms)
+
+    def _stats(
+        self,
+        stats: dict[str, Tensor],
+        state: NeuralMemoryState,
+        lr: Tensor,
+        log_keep: Tensor,
+        log_decay: Optional[Tensor],
+    ) -> dict[str, Tensor]:
+        with torch.no_grad():
+            norm = sum(w.detach().square().sum((-1, -2)) for w in state.weights).sqrt().mean()
+            stats.update(weight_norm=norm, lr=lr.detach().mean(), forget=-torch.expm1(log_keep.detach()).mean())
+            if log_decay is not None:
+                stats["mom_decay"] = log_decay.detach().exp().mean()
+        return {name: value.detach().float() for name, value in stats.items()}
+
+    def _check_state(self, state: NeuralMemoryState, batch: int) -> None:
+        expected = [(batch, *w.shape) for w in self.memory]
+        shapes = [tuple(w.shape) for w in state.weights]
+        moms = len(expected) if self.momentum else 0
+        conv = (batch, self.conv_size - 1, 3 * self.dim) if self.conv_size > 1 else None
+        got_conv = tuple(state.conv.shape) if state.conv is not None else None
+        if shapes != expected or len(state.momentum) != moms or got_conv != conv:
+            raise ValueError(
+                f"The state does not fit this memory and batch: weights {shapes}, {len(state.momentum)} momenta, conv"
+                f" {got_conv}; expected weights {expected}, {moms} momenta, conv {conv}. Pass the state this module"
+                " returned for the same batch, or None."
+            )
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, heads={self.heads}, chunk_size={self.chunk_size}, depth={self.depth},"
+            f" hidden={self.hidden}, residual={self.residual}, momentum={self.momentum}, lr_max={self.lr_max}"
+        )

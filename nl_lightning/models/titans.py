@@ -1,0 +1,149 @@
+# Copyright The Lightning AI team.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+r"""
+Titans (MAL)
+^^^^^^^^^^^^
+
+The Titans baseline (Behrouz et al., "Titans: Learning to Memorize at Test Time", §4.3, "memory as a layer"): each
+block runs the long-term :class:`~nl_lightning.models.neural_memory.NeuralMemory` as a layer, then sliding-window
+softmax attention, then a SwiGLU MLP, all pre-norm residual:
+
+.. math::
+
+    h \leftarrow h + \mathrm{LMM}(\mathrm{RMSNorm}(h)), \quad
+    h \leftarrow h + \mathrm{SWA}(\mathrm{RMSNorm}(h)), \quad
+    h \leftarrow h + \mathrm{SwiGLU}(\mathrm{RMSNorm}(h))
+
+The memory keeps its per-sample state across segments (and writes at test time); the attention sees a window of the
+current segment. MAL is the simplest Titans variant to stack; paper-notes §3.9 lists MAC and MAG. Persistent memory
+tokens are not used [ours] (they add a constant prefix to the attention and do not change the memory).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from torch import Tensor, nn
+from typing_extensions import override
+
+from nl_lightning.models.lm import BlockStackLM
+from nl_lightning.models.neural_memory import NeuralMemory, NeuralMemoryState
+from nl_lightning.models.transformer import CausalSelfAttention, RMSNorm, SwiGLU
+
+__all__ = ["TitansBlock", "TitansMAL", "TitansState"]
+
+
+@dataclass
+class TitansState:
+    """The memory of a :class:`TitansMAL`: one :class:`NeuralMemoryState` per block."""
+
+    blocks: list[NeuralMemoryState]
+
+    def detach(self) -> TitansState:
+        return TitansState([s.detach() for s in self.blocks])
+
+    def select(self, index: Tensor) -> TitansState:
+        return TitansState([s.select(index) for s in self.blocks])
+
+
+class TitansBlock(nn.Module):
+    """``h + LMM(norm h)``, then ``h + SWA(norm h)``, then ``h + SwiGLU(norm h)`` (Titans MAL)."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        window: int,
+        chunk_size: int,
+        memory_depth: int,
+        mlp_mult: float,
+        memory_kwargs: Optional[dict[str, Any]] = None,
+    ) -> None:
+        super().__init__()
+        self.mem_norm, self.attn_norm, self.mlp_norm = RMSNorm(dim), RMSNorm(dim), RMSNorm(dim)
+        self.memory = NeuralMemory(dim, heads, chunk_size, memory_depth, **(memory_kwargs or {}))
+        self.attn = CausalSelfAttention(dim, heads, window=window)
+        self.mlp = SwiGLU(dim, mlp_mult)
+
+    def forward(
+        self, h: Tensor, state: Optional[NeuralMemoryState] = None, write: bool = True
+    ) -> tuple[Tensor, NeuralMemoryState]:
+        y, state = self.memory(self.mem_norm(h), state, write=write)
+        h = h + y
+        h = h + self.attn(self.attn_norm(h))
+        return h + self.mlp(self.mlp_norm(h)), state
+
+
+class TitansMAL(BlockStackLM):
+    r"""A Titans language model (memory as a layer), the baseline Hope is compared with at equal size.
+
+    ``logits, state = model(tokens, state=None)``; the state (a :class:`TitansState`) carries every block's long-term
+    memory across segments, like :class:`~nl_lightning.models.hope.HopeModule`'s. Logs ``train_layer<i>/<stat>``
+    (surprise, memory norm, gates) after every training step.
+
+    Args:
+        vocab_size: Vocabulary size.
+        dim: Model width.
+        depth: Number of blocks.
+        heads: Heads of the memory and the attention.
+        window: Sliding-window length of the attention.
+        chunk_size: Tokens per memory write.
+        memory_depth: Layers of each memory MLP.
+        mlp_mult: SwiGLU hidden width as a multiple of ``dim``.
+        memory_kwargs: Further :class:`~nl_lightning.models.neural_memory.NeuralMemory` arguments.
+        tie_embeddings: Share the input embedding and the output head.
+        **lm_kwargs: :class:`~nl_lightning.models.lm.CausalLM` arguments.
+
+    Raises:
+        ValueError: On sizes below 1 (and the sub-modules' own errors).
+
+    Example::
+
+        model = TitansMAL(vocab_size=256, dim=64, depth=2, heads=4, window=64, segment_len=128)
+        logits, state = model(torch.randint(0, 256, (2, 128)))
+
+    """
+
+    state_type = TitansState
+
+    def __init__(
+        self,
+        vocab_size: int = 256,
+        dim: int = 256,
+        depth: int = 4,
+        heads: int = 4,
+        window: int = 64,
+        chunk_size: int = 16,
+        memory_depth: int = 2,
+        mlp_mult: float = 8 / 3,
+        memory_kwargs: Optional[dict[str, Any]] = None,
+        tie_embeddings: bool = True,
+        **lm_kwargs: Any,
+    ) -> None:
+        super().__init__(vocab_size, **lm_kwargs)
+        for name, value in (("dim", dim), ("depth", depth), ("heads", heads), ("window", window)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+        self.dim = dim
+        blocks = [
+            TitansBlock(dim, heads, window, chunk_size, memory_depth, mlp_mult, memory_kwargs) for _ in range(depth)
+        ]
+        self.build(dim, blocks, tie_embeddings)
+
+    @override
+    def state_stats(self) -> dict[str, float]:
+        return {
+            f"layer{i}/{k}": float(v) for i, block in enumerate(self.blocks) for k, v in block.memory.last_stats.items()
+        }

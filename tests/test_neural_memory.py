@@ -1,0 +1,308 @@
+"""NeuralMemory against a slow, obvious reference: one token at a time, inner gradients by autograd, in float64."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nl_lightning.models.neural_memory import NeuralMemory, NeuralMemoryState, chunk_coefficients
+
+DIM, HEADS = 8, 2
+ACT = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu, "tanh": torch.tanh}
+
+
+def make(chunk_size: int = 4, depth: int = 2, momentum: bool = True, dtype=torch.float64, **kwargs) -> NeuralMemory:
+    """A memory with large, varied gates and a convolution that mixes tokens, so that every term matters."""
+    torch.manual_seed(0)
+    kwargs = {"lr_max": 1.0, "init_forget": 0.2, "init_mom_decay": 0.7, **kwargs}
+    mem = NeuralMemory(DIM, heads=HEADS, chunk_size=chunk_size, depth=depth, momentum=momentum, **kwargs)
+    with torch.no_grad():
+        if mem.conv is not None:
+            mem.conv.add_(0.3 * torch.randn_like(mem.conv))
+        mem.to_gates.weight.mul_(3.0)
+    return mem.to(dtype)
+
+
+def reference(mem: NeuralMemory, x: torch.Tensor, segments=None) -> tuple[torch.Tensor, list, list]:
+    """The equations, token by token: u_t by autograd at the chunk's anchor, S and M updated after every token.
+
+    Chunks restart at every segment boundary (``segments``: lengths summing to ``seq``). Returns the output and the
+    final weights and momenta, each stacked ``(B, H, out, in)``.
+    """
+    batch, seq, dim = x.shape
+    hd, chunk = mem.head_dim, mem.chunk_size
+    h = F.rms_norm(x, (dim,), mem.norm.weight, mem.norm.eps)
+    proj = torch.cat([h @ mem.to_q.weight.T, h @ mem.to_k.weight.T, h @ mem.to_v.weight.T], dim=-1)
+    if mem.conv is not None:
+        taps = mem.conv  # (3D, K)
+        padded = F.pad(proj, (0, 0, mem.conv_size - 1, 0))
+        proj = sum(padded[:, j : j + seq] * taps[:, j] for j in range(mem.conv_size))
+    q, k, v = (t.reshape(batch, seq, mem.heads, hd) for t in F.silu(proj).split(dim, dim=-1))
+    q, k = q / q.norm(dim=-1, keepdim=True), k / k.norm(dim=-1, keepdim=True)
+    g = (h @ mem.to_gates.weight.T + mem.to_gates.bias).reshape(batch, seq, -1, mem.heads)
+    theta, alpha = mem.lr_max * torch.sigmoid(g[:, :, 0]), torch.sigmoid(g[:, :, 1])
+    eta = torch.sigmoid(g[:, :, 2]) if mem.momentum else torch.zeros_like(theta)
+    starts, pos = set(), 0
+    for length in segments or [seq]:
+        starts.update(range(pos, pos + length, chunk))
+        pos += length
+
+    def memory(weights, z):
+        out = z
+        for i, w in enumerate(weights):
+            out = w @ out
+            out = ACT[mem.activation](out) if i < len(weights) - 1 else out
+        return z + out if mem.residual else out
+
+    reads = torch.zeros(batch, seq, mem.heads, hd, dtype=x.dtype)
+    finals, moms = [], []
+    for b in range(batch):
+        finals.append([]), moms.append([])
+        for hh in range(mem.heads):
+            weights = [p[hh].detach().clone() for p in mem.memory]
+            surprise = [torch.zeros_like(w) for w in weights]
+            for t in range(seq):
+                if t in starts:
+                    anchor = weights
+                reads[b, t, hh] = memory(anchor, q[b, t, hh])
+                with torch.enable_grad():
+                    leaves = [w.detach().requires_grad_() for w in anchor]
+                    loss = (memory(leaves, k[b, t, hh].detach()) - v[b, t, hh].detach()).square().sum()
+                    grads = torch.autograd.grad(loss, leaves)
+                surprise = [eta[b, t, hh] * s - theta[b, t, hh] * u for s, u in zip(surprise, grads, strict=True)]
+                weights = [(1 - alpha[b, t, hh]) * w + s for w, s in zip(weights, surprise, strict=True)]
+            finals[-1].append(weights), moms[-1].append(surprise)
+    y = F.rms_norm(reads, (hd,), mem.out_norm.weight, mem.out_norm.eps).reshape(batch, seq, dim)
+    if mem.to_out_gate is not None:
+        y = y * 2 * torch.sigmoid(h @ mem.to_out_gate.weight.T)
+
+    def stacked(per_sample):  # [b][head][layer] -> per layer (B, H, out, in)
+        return [torch.stack([torch.stack([w[i] for w in heads]) for heads in per_sample]) for i in range(mem.depth)]
+
+    return y @ mem.to_out.weight.T, stacked(finals), stacked(moms)
+
+
+def close(a, b, tol=1e-9):
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("momentum", [True, False])
+@pytest.mark.parametrize("chunk_size", [1, 4, 16])
+def test_chunk_parallel_equals_token_by_token(depth, momentum, chunk_size):
+    mem = make(chunk_size, depth, momentum)
+    x = torch.randn(2, 11, DIM, dtype=torch.float64)  # 11: not a multiple of 4; shorter than 16 (one partial chunk)
+    with torch.no_grad():
+        y, state = mem(x)
+    ref_y, ref_w, ref_s = reference(mem, x)
+    close(y, ref_y)
+    for got, want in zip(state.weights, ref_w, strict=True):
+        close(got, want)
+    assert len(state.momentum) == (depth if momentum else 0)
+    for got, want in zip(state.momentum, ref_s if momentum else [], strict=True):
+        close(got, want)
+    # the writes did something, including for a sequence shorter than the chunk (Titans pitfall #59)
+    assert (state.weights[0] - mem.memory[0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"conv_size": 0}, {"conv_size": 1, "output_gate": False}, {"residual": True}, {"activation": "tanh"}],
+)
+def test_variants_equal_reference(options):
+    mem = make(3, depth=1 if "residual" in options else 3, **options)
+    x = torch.randn(1, 7, DIM, dtype=torch.float64)
+    with torch.no_grad():
+        y, state = mem(x)
+    ref_y, ref_w, _ = reference(mem, x)
+    close(y, ref_y)
+    close(state.weights[-1], ref_w[-1])
+
+
+def test_chunk_coefficients_against_products():
+    torch.manual_seed(1)
+    lr, eta, alpha = torch.rand(3, 5, dtype=torch.float64)
+    c = chunk_coefficients(lr, torch.log1p(-alpha), eta.log())
+    beta, e = torch.cumprod(1 - alpha, 0), torch.cumprod(eta, 0)
+    close(c["keep"], beta[-1]), close(c["decay"], e[-1])
+    close(c["a_S"], sum(beta[-1] / beta[t] * e[t] for t in range(5)))
+    close(c["c_S"], lr * e[-1] / e)
+    close(c["c_M"], torch.stack([lr[i] * sum(beta[-1] / beta[t] * e[t] / e[i] for t in range(i, 5)) for i in range(5)]))
+    # extreme gates stay finite (log-space products never overflow)
+    c = chunk_coefficients(torch.ones(64), torch.full((64,), -80.0), torch.full((64,), -80.0))
+    assert all(torch.isfinite(t).all() for t in c.values())
+
+
+def test_samples_are_isolated():
+    mem = make(4)
+    x = torch.randn(3, 10, DIM, dtype=torch.float64)
+    with torch.no_grad():
+        y, state = mem(x)
+        for b in range(3):
+            y_b, state_b = mem(x[b : b + 1])
+            close(y[b : b + 1], y_b, 1e-12)
+            for got, want in zip(state.select(torch.tensor([b])).weights, state_b.weights, strict=True):
+                close(got, want, 1e-12)
+
+
+def test_carry_across_segments():
+    """Segments at chunk multiples equal one long pass (values and gradients); other boundaries restart the chunks."""
+    mem = make(4)
+    x = torch.randn(2, 24, DIM, dtype=torch.float64)
+    y, state = mem(x)
+    y.square().sum().backward()
+    grads = [p.grad.clone() for p in mem.parameters()]
+    mem.zero_grad()
+    outs, s = [], None
+    for part in x.split([8, 4, 12], dim=1):
+        out, s = mem(part, s)
+        outs.append(out)
+    close(torch.cat(outs, 1), y, 1e-12)
+    close(s.weights[1], state.weights[1], 1e-12)
+    torch.cat(outs, 1).square().sum().backward()
+    for p, g in zip(mem.parameters(), grads, strict=True):
+        close(p.grad, g, 1e-10)
+
+    with torch.no_grad():
+        outs, s = [], None
+        for part in x.split([5, 7, 12], dim=1):  # the partial chunks of 1 and 3 tokens are written at segment ends
+            out, s = mem(part, s)
+            outs.append(out)
+        ref_y, ref_w, _ = reference(mem, x, segments=[5, 7, 12])
+    close(torch.cat(outs, 1), ref_y)
+    close(s.weights[0], ref_w[0])
+    assert not torch.allclose(torch.cat(outs, 1), y)  # not the long pass: its chunks are aligned differently
+
+
+def test_gradients_reach_every_parameter():
+    mem = make(4, dtype=torch.float32)
+    y, _ = mem(torch.randn(2, 12, DIM))
+    y.square().sum().backward()
+    for name, p in mem.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_inference_mode_and_detached_state():
+    mem = make(4, dtype=torch.float32)
+    x, x2 = torch.randn(2, 10, DIM), torch.randn(2, 6, DIM)
+    with torch.inference_mode():
+        y, state = mem(x)
+    with torch.no_grad():
+        y_ref, state_ref = mem(x)
+    close(y, y_ref, 1e-6)
+    close(state.weights[0], state_ref.weights[0], 1e-6)
+    out, _ = mem(x2, state.detach())  # usable outside inference mode, with gradients to the parameters
+    out.square().sum().backward()
+    assert mem.to_q.weight.grad.abs().sum() > 0 and mem.memory[0].grad is None  # the detached state is a leaf
+    close(out, mem(x2, state_ref)[0], 1e-6)
+
+
+def test_autocast_bf16_keeps_state_fp32():
+    torch.manual_seed(0)
+    mem = NeuralMemory(DIM, heads=HEADS, chunk_size=4)  # default gates (make()'s lr_max = 1 is for exactness tests)
+    x = torch.randn(2, 12, DIM)
+    with torch.no_grad():
+        want, _ = mem(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, state = mem(x)
+            y2, state = mem(x, state)
+    assert y.dtype == y2.dtype == torch.bfloat16
+    assert all(t.dtype == torch.float32 for t in (*state.weights, *state.momentum, state.conv))
+    assert torch.isfinite(y2).all() and all(torch.isfinite(t).all() for t in state.weights)
+    assert (y.float() - want).norm() < 0.05 * want.norm()
+
+
+def test_state_helpers_and_read_only():
+    mem = make(4, dtype=torch.float32)
+    x = torch.randn(3, 9, DIM)
+    y, state = mem(x)
+    buffer = io.BytesIO()
+    torch.save(state.state_dict(), buffer)
+    buffer.seek(0)
+    loaded = NeuralMemoryState.from_state_dict(torch.load(buffer, weights_only=True))
+    close(mem(x, loaded)[0], mem(x, state.detach())[0], 1e-6)
+    assert loaded.to(torch.float64).weights[0].dtype == torch.float64
+    picked = state.select(torch.tensor([0, 2]))
+    assert picked.weights[0].shape[0] == 2 and picked.conv.shape == (2, 3, 3 * DIM)
+    # read only: the state comes back untouched, and every token reads it (as the first chunk of a long one would)
+    read, same = mem(x, state, write=False)
+    assert same is state and set(mem.last_stats) == {"surprise", "weight_norm", "lr", "forget", "mom_decay"}
+    mem.chunk_size = 9
+    close(read, mem(x, state)[0], 1e-6)
+    mem.chunk_size = 4
+    mem(x, state)
+    assert mem.last_stats["surprise"] > 0 and mem.last_stats["grad_norm"] > 0
+    assert 0 < mem.last_stats["forget"] < 1 and mem.last_stats["lr"] <= mem.lr_max
+    with pytest.raises(ValueError, match="does not fit"):
+        mem(x[:2], state)
+
+
+def test_initial_gates():
+    mem = NeuralMemory(16, heads=4, lr_max=0.1)
+    mem(torch.randn(2, 8, 16))
+    stats = mem.last_stats
+    assert abs(stats["forget"] - 0.01) < 0.01 and abs(stats["mom_decay"] - 0.9) < 0.05
+    assert abs(stats["lr"] - 0.05) < 0.02
+
+
+def test_training_learns_in_context_recall():
+    """Pairs (key, value) are shown in chunk 1 and queried (key, 0) in chunk 2: only the memory can answer."""
+    torch.manual_seed(0)
+    dim, half, pairs = 32, 16, 8
+    mem = NeuralMemory(dim, heads=2, chunk_size=pairs, depth=2, lr_max=0.5)
+    opt = torch.optim.AdamW(mem.parameters(), lr=1e-2)
+
+    def batch(size=32):
+        keys = F.normalize(torch.randn(size, pairs, half), dim=-1) * half**0.5
+        values = torch.randn(size, pairs, half)
+        order = torch.argsort(torch.rand(size, pairs), dim=1)
+        queried = torch.gather(keys, 1, order[..., None].expand(-1, -1, half))
+        x = torch.cat([torch.cat([keys, values], -1), torch.cat([queried, torch.zeros_like(queried)], -1)], 1)
+        return x, torch.gather(values, 1, order[..., None].expand(-1, -1, half))
+
+    def loss(x, target, write=True):
+        y, _ = mem(x, write=write)
+        return F.mse_loss(y[:, pairs:, half:], target)
+
+    for _ in range(80):
+        opt.zero_grad()
+        loss(*batch()).backward()
+        opt.step()
+    with torch.no_grad():
+        x, target = batch(256)
+        final, without_writes = loss(x, target), loss(x, target, write=False)
+    assert final < 0.75 * target.square().mean()  # better than predicting 0 (the values' variance is 1; ~0.5 here)
+    assert final < 0.75 * without_writes  # thanks to what was written (reading the initial memory gives ~1.2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"dim": 10, "heads": 4}, "divisible"),
+        ({"dim": 8, "depth": 0}, "depth"),
+        ({"dim": 8, "chunk_size": 0}, "chunk_size"),
+        ({"dim": 8, "heads": 0}, "heads"),
+        ({"dim": 8, "expansion": 0.0}, "expansion"),
+        ({"dim": 8, "activation": "swish"}, "activation"),
+        ({"dim": 8, "lr_max": 0.0}, "lr_max"),
+        ({"dim": 8, "init_lr": 0.5}, "init_lr"),
+        ({"dim": 8, "init_forget": 1.0}, "init_forget"),
+        ({"dim": 8, "init_mom_decay": 0.0}, "init_mom_decay"),
+        ({"dim": 8, "conv_size": -1}, "conv_size"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        NeuralMemory(**kwargs)
+
+
+def test_bad_input_shape():
+    with pytest.raises(ValueError, match="batch, seq, dim"):
+        NeuralMemory(8, heads=2)(torch.randn(2, 5, 6))
+    with pytest.raises(ValueError, match="empty sequence"):
+        NeuralMemory(8, heads=2)(torch.randn(2, 0, 8))
+    with pytest.raises(ValueError, match="does not fit"):  # a state of a memory without convolution
+        NeuralMemory(8, heads=2)(torch.randn(2, 5, 8), NeuralMemory(8, heads=2, conv_size=0).initial_state(2))
