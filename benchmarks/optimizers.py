@@ -171,14 +171,14 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import nl_lightning
 from nl_lightning.callbacks import HypergradientRule, ScheduledRule
-from nl_lightning.data import DigitsDataModule, FashionMNIST, fashion_mnist_available
-from nl_lightning.models import MLPClassifier
+from nl_lightning.data import DigitsDataModule, FashionMNIST, TextDataModule, fashion_mnist_available
+from nl_lightning.models import MLPClassifier, TransformerPP
 from nl_lightning.optim.delta_momentum import DeltaMomentum
 from nl_lightning.optim.dmgd import DMGD
 from nl_lightning.optim.m3 import M3
 from nl_lightning.optim.preconditioned_momentum import PreconditionedMomentum
 
-PARTS = ("surface", "regression", "digits", "fmnist")
+PARTS = ("surface", "regression", "digits", "fmnist", "charlm")
 DASH = "–"
 Builder = Callable[..., Optimizer]
 
@@ -946,6 +946,113 @@ def part_classifier(name: str, seeds: Sequence[int], quick: bool, steps: int, ba
     return {"setting": setting, "methods": results}
 
 
+LM_GRID = (1e-3, 3e-3, 1e-2)
+LM_METHODS: dict[str, Method] = {
+    "adamw": Method(_adamw, LM_GRID, note="AdamW (the LM's groups: weight decay 0.1 on matrices, 0 elsewhere)"),
+    "muon_dmgd_h0": Method(partial(_dmgd, hidden=0), (0.005, 0.01, 0.02, 0.05), note="DMGD Newton-Schulz, hidden 0"),
+    "m3": Method(_m3, (3e-6, 1e-5, 3e-5, 1e-4), note="M3 defaults (EMA form, eps 1e-4, slow_every 100)"),
+    "adamw_hypergradient": Method(_adamw, LM_GRID, rule="hypergradient", note="AdamW + HypergradientRule()"),
+    "adamw_surprise": Method(_adamw, LM_GRID, rule="surprise", note="AdamW + ScheduledRule(surprise, reference 1.0)"),
+}
+LM_SETTING = {"dim": 64, "depth": 2, "heads": 4, "seq_len": 128, "batch_size": 8, "warmup_steps": 20}
+
+
+def run_charlm(steps: int, method: Method, lr: float, seed: int) -> dict[str, Any]:
+    """A byte-level Transformer++ on the default text corpus, ``steps`` steps; validation once at the end."""
+    pl.seed_everything(seed, verbose=False)
+    cfg = LM_SETTING
+    dm = TextDataModule(seq_len=cfg["seq_len"], batch_size=cfg["batch_size"], samples_per_epoch=steps * 8, seed=seed)
+    model = TransformerPP(
+        vocab_size=256,
+        dim=cfg["dim"],
+        depth=cfg["depth"],
+        heads=cfg["heads"],
+        warmup_steps=cfg["warmup_steps"],
+        max_steps_schedule=steps,
+        optimizer=partial(method.build, lr=lr, seed=seed),
+    )
+    stats, rules = StepStats(), _rule(method.rule)
+    start = time.perf_counter()
+    with quiet(io.StringIO()):
+        trainer = make_trainer(steps, [stats, *rules])
+        trainer.fit(model, dm)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("val_bpc", "val_loss")}
+    train_loss = statistics.fmean(stats.losses[-20:]) if stats.losses else None
+    diverged = not all(finite(v) for v in [metrics.get("val_bpc"), train_loss, *stats.losses])
+    return {
+        "lr": lr,
+        "seed": seed,
+        "steps": trainer.global_step,
+        "diverged": diverged,
+        "val_bpc": metrics.get("val_bpc"),
+        "train_loss_last20": train_loss,
+        "median_step_ms": 1e3 * statistics.median(stats.times[5:] or stats.times),
+        "median_step_cpu_ms": 1e3 * statistics.median(stats.cpu_times[5:] or stats.cpu_times),
+        "seconds": time.perf_counter() - start,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "lr_multipliers": {t: dict(m) for t, m in rules[0].multipliers.items()} if rules else None,
+    }
+
+
+def charlm_score(run: dict[str, Any]) -> tuple[float]:
+    return (math.inf,) if run["diverged"] or not finite(run["val_bpc"]) else (run["val_bpc"],)
+
+
+def part_charlm(seeds: Sequence[int], quick: bool, steps: int) -> dict[str, Any]:
+    results = tune_and_run(LM_METHODS, seeds, quick, partial(run_charlm, steps), charlm_score, "charlm")
+    for block in results.values():
+        runs = block["runs"]
+        agg = {k: summary([None if r["diverged"] else r[k] for r in runs]) for k in ("val_bpc", "train_loss_last20")}
+        agg["median_step_ms"] = summary([r["median_step_ms"] for r in runs])
+        agg["median_step_cpu_ms"] = summary([r["median_step_cpu_ms"] for r in runs])
+        agg["diverged"] = sum(r["diverged"] for r in runs)
+        if runs[0]["lr_multipliers"] is not None:
+            agg["lr_multipliers"] = {
+                t: summary([r["lr_multipliers"][t]["lr"] for r in runs]) for t in runs[0]["lr_multipliers"]
+            }
+        block["aggregate"] = agg
+    setting = {
+        "model": "TransformerPP {dim}x{depth}, {heads} heads, byte-level".format(**LM_SETTING),
+        "data": "TextDataModule default corpus (pydoc_data.topics), seq_len {seq_len}, batch {batch_size}".format(
+            **LM_SETTING
+        ),
+        "steps": steps,
+        "schedule": f"CausalLM warm-up {LM_SETTING['warmup_steps']} steps then cosine to 10 % at the last step",
+        "selection": "lowest val_bpc of the first seed",
+    }
+    return {"setting": setting, "methods": results}
+
+
+def charlm_markdown(part: dict[str, Any]) -> list[str]:
+    s = part["setting"]
+    lines = [
+        "## 5. Character (byte-level) language model",
+        "",
+        f"{s['model']}, {s['data']}, {s['steps']} steps; {s['schedule']} for every optimizer; lr chosen by"
+        f" {s['selection']}. Validation bits per byte on the held-out tail, once after the last step; train loss: the"
+        " mean of the last 20 steps (nats). Mean ± std over seeds.",
+        "",
+        "| method | lr (grid) | val bpc | train loss | ms/step [CPU] | final lr multiplier |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, block in part["methods"].items():
+        agg = block["aggregate"]
+        grid = ", ".join(f"{v:g}" for v in block["grid"])
+        mults = agg.get("lr_multipliers")
+        mult = "; ".join(f"{t} {cell(v, '.3g')}" for t, v in mults.items()) if mults else DASH
+        flag = f" ({agg['diverged']} diverged)" if agg["diverged"] else ""
+        lines.append(
+            f"| {name}{flag} | {block['chosen_lr']:g} ({grid}) | {cell(agg['val_bpc'], '.3f')} |"
+            f" {cell(agg['train_loss_last20'])} | {cell(agg['median_step_ms'], '.2f')}"
+            f" [{cell(agg['median_step_cpu_ms'], '.2f')}] | {mult} |"
+        )
+    bpc = _ranked({n: b["aggregate"]["val_bpc"]["mean"] for n, b in part["methods"].items()})
+    lines += ["", "Methods: " + "; ".join(f"`{n}`: {m.note}" for n, m in LM_METHODS.items()) + "."]
+    if bpc:
+        lines += ["", "- charlm: val bpc from best to worst: " + ", ".join(f"{n} {v:.3f}" for n, v in bpc) + "."]
+    return lines
+
+
 # ---------------------------------------------------------------------------------------------------- report
 def grid_text(grid: dict[str, list[float]]) -> str:
     return " × ".join(f"{k} {{{', '.join(f'{v:g}' for v in values)}}}" for k, values in grid.items())
@@ -1199,7 +1306,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"{env['lightning']}, Python {env['python']}, {env['cpu_count']} CPU core(s), {report['threads']} torch "
         f"thread(s); seeds {' '.join(map(str, report['seeds']))}; total {report['wall_s']:.0f} s.",
     ]
-    builders = {"surface": surface_markdown, "regression": regression_markdown}
+    builders = {"surface": surface_markdown, "regression": regression_markdown, "charlm": charlm_markdown}
     for number, (name, part) in enumerate(report["parts"].items(), 1):
         body = builders[name](part) if name in builders else classifier_markdown(number, name, part)
         if name in builders:
@@ -1245,7 +1352,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "--parts",
         nargs="+",
         default=list(PARTS),
-        help="surface, regression, digits, fmnist (default: all; fmnist is skipped without its files); also"
+        help="surface, regression, digits, fmnist, charlm (default: all; fmnist is skipped without its files); also"
         " comma-separated",
     )
     parser.add_argument("--seeds", nargs="+", type=int, help="default 0 1 2 (0 with --quick); the first one tunes")
@@ -1256,6 +1363,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--relearn-steps", type=int, default=300, help="regression: budget to re-learn task 1 (300)")
     parser.add_argument("--steps", type=int, default=600, help="digits, fmnist: optimizer steps per run (600)")
     parser.add_argument("--batch-size", type=int, default=32, help="digits, fmnist: batch size (32)")
+    parser.add_argument("--lm-steps", type=int, default=400, help="charlm: optimizer steps per run (400)")
     parser.add_argument("--out", help="write the JSON here (the Markdown then goes to stdout)")
     parser.add_argument("--markdown", help="also write the Markdown report here")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2-point grids, short runs, seed 0")
@@ -1267,7 +1375,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args.parts = [p for p in PARTS if p in parts]
     args.seeds = list(dict.fromkeys(args.seeds or ([0] if args.quick else [0, 1, 2])))
     if args.quick:
-        args.steps_per_task, args.relearn_steps, args.steps = [10], 60, 60
+        args.steps_per_task, args.relearn_steps, args.steps, args.lm_steps = [10], 60, 60, 40
     if args.threads < 1:
         parser.error("--threads must be >= 1")
     return args
@@ -1294,6 +1402,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "regression": lambda: part_regression(args.seeds, args.quick, args.steps_per_task, args.relearn_steps),
         "digits": lambda: part_classifier("digits", args.seeds, args.quick, args.steps, args.batch_size),
         "fmnist": lambda: part_classifier("fmnist", args.seeds, args.quick, args.steps, args.batch_size),
+        "charlm": lambda: part_charlm(args.seeds, args.quick, args.lm_steps),
     }
     for name in args.parts:
         t0 = time.perf_counter()

@@ -192,3 +192,19 @@ def test_errors(cls, kwargs, match):
     args = {"dim": 32} if cls is HopeBlock else {}
     with pytest.raises(ValueError, match=match):
         cls(**{**args, **kwargs})
+
+
+def test_language_models_take_an_optimizer_callable():
+    from functools import partial
+
+    from nl_lightning.optim import M3
+
+    model = TransformerPP(**TINY, optimizer=partial(M3, lr=1e-5, slow_every=10), warmup_steps=4)
+    config = model.configure_optimizers()
+    opt, sched = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert isinstance(opt, M3) and [g["name"] for g in opt.param_groups] == ["decay", "no_decay"]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-5 / 4)  # the warm-up schedule applies to it too
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(2e-5 / 4)
+    assert "optimizer" not in model.hparams  # a callable is not saved in checkpoints

@@ -53,6 +53,7 @@ from typing import Any, Optional, Union
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -110,6 +111,9 @@ class CausalLM(pl.LightningModule):
         grad_clip: Clip the gradient norm to this value, unless the Trainer sets ``gradient_clip_val`` (which wins);
             ``None`` disables it.
         min_lr_ratio: The cosine schedule's final rate as a fraction of ``lr``.
+        optimizer: A callable that builds the optimizer from :meth:`param_groups` (in YAML a ``class_path`` with
+            ``init_args``, e.g. ``nl_lightning.optim.M3``); it must set its own learning rate. ``None``: AdamW with
+            ``lr``, ``betas`` and the groups' weight decay. The warm-up / cosine schedule applies to either.
 
     Raises:
         ValueError: On ``vocab_size < 2``, ``lr <= 0``, ``weight_decay < 0``, ``warmup_steps < 0``,
@@ -147,6 +151,7 @@ class CausalLM(pl.LightningModule):
         memorize_at_eval: bool = True,
         grad_clip: Optional[float] = 1.0,
         min_lr_ratio: float = 0.1,
+        optimizer: Optional[OptimizerCallable] = None,
     ) -> None:
         super().__init__()
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
@@ -177,7 +182,8 @@ class CausalLM(pl.LightningModule):
             raise ValueError(f"`grad_clip` must be None (no clipping) or > 0, got {grad_clip!r}.")
         if not 0 <= min_lr_ratio <= 1:
             raise ValueError(f"`min_lr_ratio` must be in [0, 1], got {min_lr_ratio!r}.")
-        self.save_hyperparameters()  # also collects the subclass's __init__ arguments
+        self.save_hyperparameters(ignore=["optimizer"])  # also the subclass's arguments; a callable is not saved
+        self.optimizer_factory = optimizer
         self.vocab_size, self.lr, self.weight_decay, self.betas = vocab_size, float(lr), float(weight_decay), betas
         self.warmup_steps, self.max_steps_schedule, self.min_lr_ratio = warmup_steps, max_steps_schedule, min_lr_ratio
         self.segment_len, self.memorize_at_eval, self.grad_clip = segment_len, bool(memorize_at_eval), grad_clip
@@ -392,7 +398,10 @@ class CausalLM(pl.LightningModule):
 
     @override
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.AdamW(self.param_groups(), lr=self.lr, betas=self.betas)
+        if self.optimizer_factory is not None:
+            optimizer = self.optimizer_factory(self.param_groups())
+        else:
+            optimizer = torch.optim.AdamW(self.param_groups(), lr=self.lr, betas=self.betas)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
