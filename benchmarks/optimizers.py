@@ -949,8 +949,8 @@ def part_classifier(name: str, seeds: Sequence[int], quick: bool, steps: int, ba
 LM_GRID = (1e-3, 3e-3, 1e-2)
 LM_METHODS: dict[str, Method] = {
     "adamw": Method(_adamw, LM_GRID, note="AdamW (the LM's groups: weight decay 0.1 on matrices, 0 elsewhere)"),
-    "muon_dmgd_h0": Method(partial(_dmgd, hidden=0), (0.005, 0.01, 0.02, 0.05), note="DMGD Newton-Schulz, hidden 0"),
-    "m3": Method(_m3, (3e-6, 1e-5, 3e-5, 1e-4), note="M3 defaults (EMA form, eps 1e-4, slow_every 100)"),
+    "muon_dmgd_h0": Method(partial(_dmgd, hidden=0), (0.01, 0.02, 0.05, 0.1, 0.2), note="DMGD Newton-Schulz, hidden 0"),
+    "m3": Method(_m3, (1e-5, 3e-5, 1e-4, 3e-4, 1e-3), note="M3 defaults (EMA form, eps 1e-4, slow_every 100)"),
     "adamw_hypergradient": Method(_adamw, LM_GRID, rule="hypergradient", note="AdamW + HypergradientRule()"),
     "adamw_surprise": Method(_adamw, LM_GRID, rule="surprise", note="AdamW + ScheduledRule(surprise, reference 1.0)"),
 }

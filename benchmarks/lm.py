@@ -1,0 +1,1107 @@
+"""Hope vs Hope-Attention vs Transformer++ vs Titans at tiny CPU sizes: bits per byte, recall, streaming memory.
+
+The four causal LMs of ``nl_lightning.models`` (paper-notes Sec. 3.7-3.9), at (nearly) equal parameter counts, in three
+parts (``--parts``). Every number is measured in this process or in a subprocess it starts; nothing is copied from the
+paper. The sha256 of each model and data source file is recorded in the JSON.
+
+Models (tiny sizes of the CPU recipes ``nl_lightning/recipes/text_*.yaml``; width 64, 4 heads)
+------------------------------------------------------------------------------------------------
+- ``hope``: ``HopeModule(dim=64, depth=2, heads=4, chunk_size=16, cms_chunk_sizes=[16, 64])``, self-modifying Titans
+  then a CMS (the parameter reference);
+- ``hope_attention``: the same with ``variant="attention"`` (softmax attention within a segment, then the CMS);
+- ``transformer``: ``TransformerPP(dim=64, depth=3, heads=4, mlp_mult=2.0)``. The recipe's ``mlp_mult`` (8/3) gives
+  about 22 % more parameters than Hope, so the SwiGLU width is lowered to 128 to match;
+- ``titans``: ``TitansMAL(dim=64, depth=2, heads=4, window=64, chunk_size=16, mlp_mult=1.5)`` (MAL, memory depth 2);
+  ``mlp_mult`` is lowered from 8/3 for the same reason.
+
+The exact parameter counts (all distinct parameters, embeddings tied with the head) and their difference from Hope's
+are in the JSON and the report; the script warns when one is more than 5 % off. All models: AdamW, lr 3e-3, weight
+decay 0.1 on matrices, betas (0.9, 0.95), linear warm-up over 30 steps (scaled down for short runs), cosine decay to
+0.1 x lr at the last step, gradient clipping at 1.0 (the ``CausalLM`` defaults and the recipes' values).
+
+Part 1, ``bpc`` (byte-level language modelling)
+-----------------------------------------------
+``TextDataModule(seq_len=256, batch_size=8, samples_per_epoch=800, seed=S)`` on the default corpus (the standard
+library's ``pydoc_data.topics``; the last 5 % of its bytes validate). ``segment_len=128``: the memory is carried
+across the two segments of a training sequence, detached at the boundary. Each (model, seed) trains ``--steps``
+(300) optimizer steps through Lightning's ``Trainer`` (``logger=False``, no checkpoints, no progress bar, no
+validation during the fit) after ``seed_everything(S)``, so every model sees the same batches: ``steps * 8 * 256``
+training tokens. Then a fresh ``Trainer`` validates the trained weights over the whole held-out tail, twice for the
+stateful models: with test-time memorization (``memorize_at_eval=True``, the default: the memory keeps writing while
+it reads a validation window) and without (``False``: every memory is read, never written, within a window). Reported:
+``val_bpc`` (mean cross-entropy in bits per byte over every held-out byte), mean +- std over seeds; the fit's wall
+time, training tokens per second, the median wall time of a training step (leaving out the first 5), and the final
+training loss (mean of the last 10 steps). A run whose training loss or validation loss is NaN or infinite is
+reported as diverged and left out of the means (the step of the first non-finite loss is in the JSON); training stops
+there.
+
+Part 2, ``recall`` (paper-notes Sec. 6.5, 6.7)
+----------------------------------------------
+- ``mqar``: ``MQARDataModule(num_pairs=8, seq_len=64, vocab_size=64, batch_size=32, train_samples=6400,
+  val_samples=256, seed=S)``: 8 key-value pairs at the start, queries of every key at the end; the evaluation sets at
+  1x, 2x and 4x the length keep the pairs and the queries and lengthen the filler between them.
+- ``needle``: ``NeedleDataModule(seq_len=128, vocab_size=64, batch_size=32, ...)``: one ``0 key value`` needle at a
+  random depth in random filler, queried by ``0 key`` at the end; evaluation sets at 1x, 2x, 4x with depths spread
+  evenly over [0, 1].
+
+Models as above with ``vocab_size=64`` and ``segment_len=64`` (the recipes' ``mqar_*`` / ``needle_*``), trained for
+``--recall-steps`` steps and validated once (``memorize_at_eval=True``) on every length. Score: ``val_acc_len{L}``,
+the argmax accuracy on the scored positions (a query's value; chance is 1/32 for both tasks), mean +- std over
+``--recall-seeds``. Transformer++ attends within a 64-token segment and carries nothing across segments, so it can
+only answer a query whose evidence (the queried pair, or the needle's value) lies in the query's own segment. The
+share of such targets in each evaluation set is computed from the data and reported (``in-segment``): it is the
+ceiling of a model without memory across segments, and chance applies to the rest.
+
+Part 3, ``streaming`` (inference memory against length)
+-------------------------------------------------------
+Each configuration runs in a fresh Python process (``--_stream-probe``; glibc's ``MALLOC_MMAP_THRESHOLD_=131072``
+unless set, so that freed blocks leave the resident set, as in ``benchmarks/cms.py``). The probe builds the text-size
+model (``vocab_size=256``), loads the weights that seed ``--seeds[0]`` trained in part 1 when part 1 ran in the same
+invocation (initial weights otherwise; the JSON says which), and reads the first ``L`` bytes of the corpus under
+``torch.inference_mode()`` at batch 1:
+
+- stateful models (``hope``, ``titans``, ``hope_attention``): segment by segment (``--stream-segment``, 512 tokens),
+  the state carried from one segment to the next, memory writing (test-time memorization on), for
+  ``--stream-lengths`` (4K and 64K tokens). Each segment's logits are reduced to their cross-entropy sum and dropped.
+- ``transformer``: the whole sequence in one forward pass (full causal attention over ``L`` tokens; logits ``L x 256``
+  kept), for ``--tpp-lengths`` (4K, 8K, ... 64K) in order, stopping before a length whose time, extrapolated
+  quadratically from the last one, would pass ``--stream-time-cap`` seconds, or after one whose peak passed
+  ``--stream-mem-cap`` MiB; the report says where it stopped and why.
+
+Peak memory: a short untimed warm-up segment runs first (one-time allocations), then the peak resident set size is
+reset (``/proc/self/clear_refs``) and the figure is the peak (``VmHWM``) during the stream minus the resident set
+(``VmRSS``) just before it. The increase of ``getrusage(RUSAGE_SELF).ru_maxrss`` over the same span is recorded too
+(it cannot be reset and also holds the peak of the imports, so it can read 0 for a small increase). For the streamed
+models the peak so far is also recorded after every 4K tokens, to show whether it stays flat. Reported as well: the
+stream's wall time, tokens/s, and the bits per byte over the first and the last 4K tokens of the stream. These are
+training bytes (the first 95 % of the corpus are the training split) and, for the transformer, positions far beyond
+the 128-token segments it was trained on: the figure is a check that nothing diverges (NaN, blow-up) along a long
+stream, not a held-out score.
+
+Running it
+----------
+::
+
+    OMP_NUM_THREADS=1 python benchmarks/lm.py --out benchmarks/results/lm.json \\
+        --markdown benchmarks/results/lm.md          # all parts, ~25 min with 1 thread
+    python benchmarks/lm.py --quick                    # smoke run, about a minute
+    python benchmarks/lm.py --parts bpc,streaming --seeds 0 1 2
+
+Output: ``--out PATH`` writes the JSON (all numbers, settings, versions, thread count, date) and prints the Markdown
+report to stdout; without ``--out`` the JSON goes to stdout. ``--markdown PATH`` also writes the report. Progress goes
+to stderr. The script is not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+
+import nl_lightning
+from nl_lightning.data.synthetic import MQARDataModule, NeedleDataModule
+from nl_lightning.data.text import TextDataModule, load_corpus
+from nl_lightning.models.hope import HopeModule
+from nl_lightning.models.lm import CausalLM
+from nl_lightning.models.titans import TitansMAL
+from nl_lightning.models.transformer import TransformerPP
+
+PARTS = ("bpc", "recall", "streaming")
+MODELS = ("hope", "hope_attention", "transformer", "titans")
+STATEFUL = ("hope", "hope_attention", "titans")
+DASH = "–"
+# glibc raises its mmap threshold each time a large block is freed, after which freed blocks stay in the heap and
+# count in the RSS; pinning it (which turns that off) makes the peak RSS of a probe follow the live bytes.
+MALLOC_MMAP_THRESHOLD = "131072"
+BLOCK = 4096  # tokens per block of the streaming curves and the first/last bpc
+
+ARCH: dict[str, tuple[type[CausalLM], dict[str, Any], str]] = {
+    "hope": (
+        HopeModule,
+        {"dim": 64, "depth": 2, "heads": 4, "chunk_size": 16, "cms_chunk_sizes": [16, 64]},
+        "HopeModule(dim=64, depth=2, heads=4, chunk_size=16, cms_chunk_sizes=[16, 64])",
+    ),
+    "hope_attention": (
+        HopeModule,
+        {"dim": 64, "depth": 2, "heads": 4, "variant": "attention", "cms_chunk_sizes": [16, 64]},
+        "HopeModule(dim=64, depth=2, heads=4, variant='attention', cms_chunk_sizes=[16, 64])",
+    ),
+    "transformer": (
+        TransformerPP,
+        {"dim": 64, "depth": 3, "heads": 4, "mlp_mult": 2.0},
+        "TransformerPP(dim=64, depth=3, heads=4, mlp_mult=2.0)",
+    ),
+    "titans": (
+        TitansMAL,
+        {"dim": 64, "depth": 2, "heads": 4, "window": 64, "chunk_size": 16, "mlp_mult": 1.5},
+        "TitansMAL(dim=64, depth=2, heads=4, window=64, chunk_size=16, mlp_mult=1.5)",
+    ),
+}
+OPTIM = {"lr": 3e-3, "warmup_steps": 30}
+TEXT = {"seq_len": 256, "batch_size": 8, "samples_per_epoch": 800, "segment_len": 128}
+TASKS: dict[str, dict[str, Any]] = {
+    "mqar": {
+        "title": "MQAR (8 pairs, train length 64)",
+        "data": "MQARDataModule(num_pairs=8, seq_len=64, vocab_size=64, batch_size=32, train_samples=6400,"
+        " val_samples=V, seed=S)",
+        "make": lambda seed, val: MQARDataModule(
+            num_pairs=8, seq_len=64, vocab_size=64, batch_size=32, train_samples=6400, val_samples=val, seed=seed
+        ),
+        "vocab_size": 64,
+        "segment_len": 64,
+        "chance": 1 / 32,
+    },
+    "needle": {
+        "title": "Needle (train length 128)",
+        "data": "NeedleDataModule(seq_len=128, vocab_size=64, batch_size=32, train_samples=6400, val_samples=V,"
+        " seed=S)",
+        "make": lambda seed, val: NeedleDataModule(
+            seq_len=128, vocab_size=64, batch_size=32, train_samples=6400, val_samples=val, seed=seed
+        ),
+        "vocab_size": 64,
+        "segment_len": 64,
+        "chance": 1 / 32,
+    },
+}
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def summary(values: Sequence[Optional[float]]) -> dict[str, Any]:
+    """Mean, sample std (ddof=1), min, max of the finite values; ``None`` marks a missing or diverged run."""
+    ok = [float(v) for v in values if finite(v)]
+    out: dict[str, Any] = {"values": list(values), "n": len(values), "n_defined": len(ok)}
+    if not ok:
+        return {**out, "mean": None, "std": None, "min": None, "max": None}
+    return {
+        **out,
+        "mean": statistics.fmean(ok),
+        "std": statistics.stdev(ok) if len(ok) > 1 else None,
+        "min": min(ok),
+        "max": max(ok),
+    }
+
+
+def num(x: Any, spec: str = ".3g") -> str:
+    """``x`` formatted with ``spec``; a dash for ``None``, and non-finite values (strings in the rounded JSON) as is."""
+    if x is None:
+        return DASH
+    if isinstance(x, (int, float)) and math.isfinite(x):
+        return format(x, spec)
+    return str(x)
+
+
+def cell(entry: dict[str, Any], spec: str = ".3f", missing: str = "diverged") -> str:
+    """``mean ± std`` over the defined values, with ``(k/n)`` when some runs are missing or diverged."""
+    if entry["mean"] is None:
+        return f"{missing} ({entry['n']}/{entry['n']})" if entry["n"] else DASH
+    text = num(entry["mean"], spec) + ("" if entry["std"] is None else f" ± {num(entry['std'], spec)}")
+    return text if entry["n_defined"] == entry["n"] else f"{text} ({entry['n_defined']}/{entry['n']})"
+
+
+def rounded(x: Any, digits: int = 6) -> Any:
+    """Round floats (recursively) to ``digits`` significant digits for the JSON; NaN and inf become strings."""
+    if isinstance(x, float):
+        return float(f"{x:.{digits}g}") if math.isfinite(x) else str(x)
+    if isinstance(x, dict):
+        return {k: rounded(v, digits) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [rounded(v, digits) for v in x]
+    return x
+
+
+def log(message: str) -> None:
+    print(f"[lm] {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def quiet(sink: io.StringIO) -> Iterator[None]:
+    """Silence Lightning's info logs, warnings and prints."""
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def build(name: str, vocab_size: int, segment_len: Optional[int], steps: int) -> CausalLM:
+    """One of :data:`MODELS` at the tiny size, with the shared optimizer settings and a cosine decay to ``steps``."""
+    cls, kwargs, _ = ARCH[name]
+    warmup = min(OPTIM["warmup_steps"], max(1, steps // 10))
+    return cls(
+        vocab_size=vocab_size,
+        segment_len=segment_len,
+        lr=OPTIM["lr"],
+        warmup_steps=warmup,
+        max_steps_schedule=max(steps, warmup + 1),
+        **kwargs,
+    )
+
+
+def parameter_counts(vocab_size: int) -> dict[str, dict[str, Any]]:
+    counts = {}
+    for name in MODELS:
+        model = build(name, vocab_size, None, 10)
+        counts[name] = {"total": model.num_parameters(), "non_embedding": model.num_parameters(non_embedding=True)}
+    ref = counts["hope"]["total"]
+    for c in counts.values():
+        c["vs_hope"] = c["total"] / ref - 1
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------------- training
+class StepStats(pl.Callback):
+    """Wall time and loss of every training step; stops the fit at the first non-finite loss."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.losses: list[float] = []
+        self.first_nonfinite: Optional[int] = None
+        self._t0 = 0.0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        self.times.append(time.perf_counter() - self._t0)
+        loss = float(outputs["loss"])
+        self.losses.append(loss)
+        if not math.isfinite(loss) and self.first_nonfinite is None:
+            self.first_nonfinite = len(self.losses)
+            trainer.should_stop = True
+
+
+def fit(model: CausalLM, dm: pl.LightningDataModule, steps: int) -> tuple[StepStats, float, int]:
+    """``steps`` optimizer steps, no validation; returns the step stats, the fit's wall seconds and the steps done."""
+    stats = StepStats()
+    trainer = pl.Trainer(
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        accelerator="cpu",
+        devices=1,
+        callbacks=[stats],
+    )
+    t0 = time.perf_counter()
+    trainer.fit(model, dm)
+    return stats, time.perf_counter() - t0, trainer.global_step
+
+
+def validate(model: CausalLM, dm: pl.LightningDataModule, memorize: bool) -> tuple[dict[str, float], float]:
+    """One pass over every validation loader with ``memorize_at_eval=memorize``; the metrics of all loaders merged."""
+    model.memorize_at_eval = memorize
+    trainer = pl.Trainer(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
+    t0 = time.perf_counter()
+    results = trainer.validate(model, datamodule=dm, verbose=False)
+    seconds = time.perf_counter() - t0
+    merged: dict[str, float] = {}
+    for res in results:
+        merged.update({k: float(v) for k, v in res.items()})
+    model.memorize_at_eval = True
+    return merged, seconds
+
+
+def train_run(
+    name: str,
+    make_dm: Callable[[], pl.LightningDataModule],
+    vocab_size: int,
+    segment_len: int,
+    steps: int,
+    seed: int,
+    tokens_per_step: int,
+    memorize_off: bool,
+    save_to: Optional[str] = None,
+) -> dict[str, Any]:
+    """Train one (model, seed) and validate it; ``save_to`` keeps the trained weights for the streaming part."""
+    pl.seed_everything(seed, verbose=False)
+    model = build(name, vocab_size, segment_len, steps)
+    dm = make_dm()
+    sink = io.StringIO()
+    with quiet(sink):
+        stats, seconds, done = fit(model, dm, steps)
+        diverged = stats.first_nonfinite is not None
+        on, on_s = validate(model, dm, True) if not diverged else ({}, 0.0)
+        off, off_s = validate(model, dm, False) if memorize_off and not diverged else ({}, 0.0)
+    if save_to is not None and not diverged:
+        torch.save(model.state_dict(), save_to)
+    val_loss = on.get("val_loss")
+    if not diverged and not finite(val_loss):
+        diverged = True
+    tail = [v for v in stats.losses[-10:] if math.isfinite(v)]
+    times = stats.times[5:] or stats.times
+    return {
+        "seed": seed,
+        "steps": done,
+        "diverged": diverged,
+        "first_nonfinite_train_step": stats.first_nonfinite,
+        "train_tokens": done * tokens_per_step,
+        "fit_s": seconds,
+        "tokens_per_s": done * tokens_per_step / seconds if seconds > 0 else None,
+        "median_step_ms": 1e3 * statistics.median(times) if times else None,
+        "final_train_loss": statistics.fmean(tail) if tail else None,
+        "train_loss_every_10": stats.losses[::10],
+        "val_memorize_on": on,
+        "val_memorize_off": off,
+        "validate_s": on_s + off_s,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- part 1: bpc
+def part_bpc(args: argparse.Namespace, weights_dir: Optional[str]) -> dict[str, Any]:
+    tokens_per_step = TEXT["batch_size"] * TEXT["seq_len"]
+    models: dict[str, Any] = {}
+    saved: dict[str, str] = {}
+    for name in args.models:
+        runs = []
+        for seed in args.seeds:
+            save_to = None
+            if weights_dir is not None and seed == args.seeds[0]:
+                save_to = os.path.join(weights_dir, f"{name}.pt")
+            run = train_run(
+                name,
+                lambda seed=seed: TextDataModule(
+                    seq_len=TEXT["seq_len"],
+                    batch_size=TEXT["batch_size"],
+                    samples_per_epoch=TEXT["samples_per_epoch"],
+                    seed=seed,
+                ),
+                256,
+                TEXT["segment_len"],
+                args.steps,
+                seed,
+                tokens_per_step,
+                memorize_off=name in STATEFUL,
+                save_to=save_to,
+            )
+            if save_to is not None and os.path.exists(save_to):
+                saved[name] = save_to
+            on, off = run["val_memorize_on"].get("val_bpc"), run["val_memorize_off"].get("val_bpc")
+            log(
+                f"bpc {name} seed {seed}: val_bpc {num(on, '.4f')} (memorize off {num(off, '.4f')}),"
+                f" {run['fit_s']:.0f} s, {num(run['tokens_per_s'], '.0f')} tok/s"
+                + (f", DIVERGED at step {run['first_nonfinite_train_step']}" if run["diverged"] else "")
+            )
+            runs.append(run)
+
+        def values(key: str, runs: list[dict[str, Any]] = runs) -> list[Optional[float]]:
+            return [None if r["diverged"] else r[key] for r in runs]
+
+        models[name] = {
+            "architecture": ARCH[name][2],
+            "runs": runs,
+            "aggregate": {
+                "val_bpc": summary([None if r["diverged"] else r["val_memorize_on"].get("val_bpc") for r in runs]),
+                "val_bpc_memorize_off": summary(
+                    [None if r["diverged"] else r["val_memorize_off"].get("val_bpc") for r in runs]
+                ),
+                "val_acc": summary([None if r["diverged"] else r["val_memorize_on"].get("val_acc") for r in runs]),
+                "final_train_bpc": summary(
+                    [None if v is None else v / math.log(2) for v in values("final_train_loss")]
+                ),
+                "fit_s": summary([r["fit_s"] for r in runs]),
+                "tokens_per_s": summary([r["tokens_per_s"] for r in runs]),
+                "median_step_ms": summary([r["median_step_ms"] for r in runs]),
+                "diverged": sum(r["diverged"] for r in runs),
+                "train_tokens": runs[0]["train_tokens"],
+            },
+        }
+    return {
+        "setting": {
+            "data": "TextDataModule(seq_len=256, batch_size=8, samples_per_epoch=800, val_fraction=0.05, seed=S),"
+            " default corpus (pydoc_data.topics)",
+            "corpus_bytes": int(len(load_corpus())),
+            "segment_len": TEXT["segment_len"],
+            "steps": args.steps,
+            "tokens_per_step": tokens_per_step,
+            "optimizer": {**OPTIM, "warmup_steps": min(OPTIM["warmup_steps"], max(1, args.steps // 10))},
+            "seeds": args.seeds,
+        },
+        "parameters": parameter_counts(256),
+        "models": models,
+        "saved_weights": saved,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- part 2: recall
+def in_segment_share(task: str, dataset: Any, segment_len: int) -> float:
+    """The share of scored targets whose evidence lies in the query's own segment (``segment_len`` tokens)."""
+    targets = dataset.targets
+    if task == "needle":
+        value_pos = dataset.positions + 2  # the needle is "0 key value"; the query's target is at the last position
+        query_pos = torch.full_like(value_pos, targets.shape[1] - 1)
+        return float(((value_pos // segment_len) == (query_pos // segment_len)).float().mean())
+    rows, cols = (targets != -100).nonzero(as_tuple=True)  # query key positions
+    keys = dataset.tokens[rows, cols]
+    pair_keys = dataset.keys[rows]  # (Q, n) keys in sequence order: key j at 2j, value at 2j + 1
+    j = (pair_keys == keys[:, None]).float().argmax(dim=1)
+    value_pos = 2 * j + 1
+    return float(((value_pos // segment_len) == (cols // segment_len)).float().mean())
+
+
+def part_recall(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for task, spec in TASKS.items():
+        probe = spec["make"](0, args.val_samples)
+        probe.setup("validate")
+        lengths = list(probe.eval_lengths)
+        shares = {
+            str(L): in_segment_share(task, ds, spec["segment_len"])
+            for L, ds in zip(lengths, probe.val_sets, strict=True)
+        }
+        tokens_per_step = probe.batch_size * probe.seq_len
+        models: dict[str, Any] = {}
+        for name in args.models:
+            runs = []
+            for seed in args.recall_seeds:
+                run = train_run(
+                    name,
+                    lambda seed=seed, spec=spec: spec["make"](seed, args.val_samples),
+                    spec["vocab_size"],
+                    spec["segment_len"],
+                    args.recall_steps,
+                    seed,
+                    tokens_per_step,
+                    memorize_off=False,
+                )
+                val = run["val_memorize_on"]
+                # an accuracy read from NaN logits (argmax 0) means nothing: left out, and the length recorded
+                run["nonfinite_eval_lengths"] = [L for L in lengths if not finite(val.get(f"val_loss_len{L}"))]
+                accs = {
+                    str(L): None if L in run["nonfinite_eval_lengths"] else val.get(f"val_acc_len{L}") for L in lengths
+                }
+                run["acc"] = accs
+                log(
+                    f"recall {task} {name} seed {seed}: acc "
+                    + ", ".join(f"{L}: {num(a, '.3f')}" for L, a in accs.items())
+                    + f" ({run['fit_s']:.0f} s)"
+                    + (f", DIVERGED at step {run['first_nonfinite_train_step']}" if run["diverged"] else "")
+                    + (
+                        f", non-finite val loss at {run['nonfinite_eval_lengths']}"
+                        if run["nonfinite_eval_lengths"] and not run["diverged"]
+                        else ""
+                    )
+                )
+                runs.append(run)
+            models[name] = {
+                "runs": runs,
+                "aggregate": {
+                    "acc": {
+                        str(L): summary([None if r["diverged"] else r["acc"][str(L)] for r in runs]) for L in lengths
+                    },
+                    "fit_s": summary([r["fit_s"] for r in runs]),
+                    "diverged": sum(r["diverged"] for r in runs),
+                    "nonfinite_eval": {
+                        str(L): sum(L in r["nonfinite_eval_lengths"] for r in runs if not r["diverged"])
+                        for L in lengths
+                    },
+                },
+            }
+        out[task] = {
+            "setting": {
+                "title": spec["title"],
+                "data": spec["data"].replace("val_samples=V", f"val_samples={args.val_samples}"),
+                "segment_len": spec["segment_len"],
+                "train_length": probe.seq_len,
+                "eval_lengths": lengths,
+                "steps": args.recall_steps,
+                "seeds": args.recall_seeds,
+                "chance": spec["chance"],
+                "in_segment_share": shares,
+            },
+            "parameters": parameter_counts(spec["vocab_size"]),
+            "models": models,
+        }
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- part 3: streaming
+def _proc_status_kib(key: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the process's peak RSS to its current RSS (Linux >= 4.0); ``False`` where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    hwm, rss = _proc_status_kib("VmHWM"), _proc_status_kib("VmRSS")
+    return hwm is not None and rss is not None and hwm <= rss + 1024
+
+
+def stream_probe(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Peak memory and time of one streaming configuration; runs in a fresh process (``--_stream-probe``)."""
+    torch.set_num_threads(cfg["threads"])
+    model = build(cfg["model"], 256, None, 10)
+    if cfg["weights"]:
+        model.load_state_dict(torch.load(cfg["weights"], weights_only=True))
+    model.eval()
+    length, seg = cfg["length"], cfg["segment"]
+    data = load_corpus()[: length + 1].long()
+    tokens, targets = data[:-1].unsqueeze(0), data[1:].unsqueeze(0)  # (1, L)
+    with torch.inference_mode():
+        model(tokens[:, : min(64, length)])  # one-time allocations (kernels, caches)
+    gc.collect()
+    reset = _reset_peak_rss()
+    base = _proc_status_kib("VmRSS") if reset else None
+    ru0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    nll = torch.zeros(length, dtype=torch.float64)
+    curve: list[dict[str, float]] = []
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        if cfg["mode"] == "whole":
+            logits, _ = model(tokens)
+            nll = F.cross_entropy(logits[0].float(), targets[0], reduction="none").double()
+            del logits
+        else:
+            state = None
+            for start in range(0, length, seg):
+                logits, state = model(tokens[:, start : start + seg], state=state, write=True)
+                nll[start : start + logits.shape[1]] = F.cross_entropy(
+                    logits[0].float(), targets[0, start : start + seg], reduction="none"
+                ).double()
+                del logits
+                end = start + seg
+                if reset and end % BLOCK == 0:
+                    curve.append(
+                        {
+                            "tokens": end,
+                            "peak_increase_mib": (_proc_status_kib("VmHWM") - base) / 1024,
+                            "rss_increase_mib": (_proc_status_kib("VmRSS") - base) / 1024,
+                        }
+                    )
+    seconds = time.perf_counter() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out: dict[str, Any] = {
+        "model": cfg["model"],
+        "mode": cfg["mode"],
+        "length": length,
+        "segment": seg if cfg["mode"] == "stream" else None,
+        "weights": "trained (part 1, first seed)" if cfg["weights"] else "initial (untrained)",
+        "seconds": seconds,
+        "tokens_per_s": length / seconds,
+        "rss_peak_reset": reset,
+        "method": "VmHWM (reset by /proc/self/clear_refs) - VmRSS before the stream" if reset else "ru_maxrss",
+        "ru_maxrss_increase_mib": (ru1 - ru0) / 1024,
+        "ru_maxrss_mib": ru1 / 1024,
+        "nonfinite_nll": int((~torch.isfinite(nll)).sum()),
+        "bpc_first_block": float(nll[:BLOCK].mean() / math.log(2)),
+        "bpc_last_block": float(nll[-BLOCK:].mean() / math.log(2)),
+        "bpc_all": float(nll.mean() / math.log(2)),
+        "curve": curve,
+    }
+    if reset:
+        out["baseline_rss_mib"] = base / 1024
+        out["peak_increase_mib"] = (_proc_status_kib("VmHWM") - base) / 1024
+    else:
+        out["peak_increase_mib"] = out["ru_maxrss_increase_mib"]
+    return out
+
+
+def run_stream_probe(cfg: dict[str, Any]) -> dict[str, Any]:
+    env = dict(os.environ)
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", MALLOC_MMAP_THRESHOLD)
+    env["OMP_NUM_THREADS"] = str(cfg["threads"])
+    cmd = [sys.executable, os.path.abspath(__file__), "--_stream-probe", json.dumps(cfg)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        return {**cfg, "error": f"exit status {proc.returncode}", "stderr_tail": proc.stderr[-2000:]}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["process_s"] = time.perf_counter() - t0
+    return result
+
+
+def part_streaming(args: argparse.Namespace, weights: dict[str, str]) -> dict[str, Any]:
+    base = {"threads": args.threads, "segment": args.stream_segment}
+    rows: list[dict[str, Any]] = []
+    for name in args.stream_models:
+        for length in args.stream_lengths:
+            cfg = {**base, "model": name, "mode": "stream", "length": length, "weights": weights.get(name)}
+            res = run_stream_probe(cfg)
+            rows.append(res)
+            log(
+                f"streaming {name} {length}: peak +{num(res.get('peak_increase_mib'), '.1f')} MiB,"
+                f" {num(res.get('seconds'), '.1f')} s" + (f" ERROR {res['error']}" if "error" in res else "")
+            )
+    stop: Optional[str] = None
+    last: Optional[dict[str, Any]] = None
+    for length in args.tpp_lengths if "transformer" in args.models else []:
+        if last is not None:
+            projected = last["seconds"] * (length / last["length"]) ** 2
+            if projected > args.stream_time_cap:
+                stop = (
+                    f"stopped before {length} tokens: the forward at {last['length']} took {last['seconds']:.1f} s,"
+                    f" so {length} would take about {projected:.0f} s (quadratic extrapolation) > the"
+                    f" {args.stream_time_cap:.0f} s cap"
+                )
+                break
+        cfg = {**base, "model": "transformer", "mode": "whole", "length": length, "weights": weights.get("transformer")}
+        res = run_stream_probe(cfg)
+        rows.append(res)
+        log(
+            f"streaming transformer whole {length}: peak +{num(res.get('peak_increase_mib'), '.1f')} MiB,"
+            f" {num(res.get('seconds'), '.1f')} s" + (f" ERROR {res['error']}" if "error" in res else "")
+        )
+        if "error" in res:
+            stop = f"stopped at {length} tokens: the probe failed ({res['error']})"
+            break
+        last = res
+        if res["peak_increase_mib"] > args.stream_mem_cap:
+            stop = (
+                f"stopped after {length} tokens: its peak increase {res['peak_increase_mib']:.0f} MiB passed the"
+                f" {args.stream_mem_cap:.0f} MiB cap"
+            )
+            break
+    if "transformer" not in args.models:
+        stop = "not run (--models)"
+    elif stop is None:
+        stop = f"reached the longest length asked for ({args.tpp_lengths[-1]} tokens) within both caps"
+    return {
+        "setting": {
+            "batch": 1,
+            "segment": args.stream_segment,
+            "stream_lengths": args.stream_lengths,
+            "tpp_lengths": args.tpp_lengths,
+            "time_cap_s": args.stream_time_cap,
+            "mem_cap_mib": args.stream_mem_cap,
+            "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_", MALLOC_MMAP_THRESHOLD),
+            "architectures": {n: ARCH[n][2] for n in MODELS},
+            "weights": {n: f"trained (part 1, seed {args.seeds[0]})" if n in weights else "initial" for n in MODELS},
+        },
+        "rows": rows,
+        "transformer_stop": stop,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- report
+def bpc_markdown(part: dict[str, Any]) -> list[str]:
+    s = part["setting"]
+    lines = [
+        "## 1. Bits per byte on the default corpus",
+        "",
+        f"{s['data']}; {s['steps']} steps of {s['tokens_per_step']} tokens ({s['steps'] * s['tokens_per_step']:,}"
+        f" training tokens per run), segments of {s['segment_len']} tokens, AdamW lr {s['optimizer']['lr']:g},"
+        f" warm-up {s['optimizer']['warmup_steps']}, cosine to the last step. val bpc over the whole held-out tail"
+        " (5 % of the corpus), with test-time memorization (memory writes while reading) and without it (stateful"
+        " models only). Mean ± std over seeds " + " ".join(map(str, s["seeds"])) + ". Time: the fit alone, 1 thread"
+        " on a shared 2-core machine.",
+        "",
+        "| model | params (non-emb.) | vs Hope | val bpc | val bpc, memorize off | final train bpc | train tokens |"
+        " fit s | tokens/s | ms/step (median) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, block in part["models"].items():
+        agg, p = block["aggregate"], part["parameters"][name]
+        flag = f" ({agg['diverged']} diverged)" if agg["diverged"] else ""
+        off = cell(agg["val_bpc_memorize_off"], ".4f", "non-finite") if name in STATEFUL else "n/a (stateless)"
+        lines.append(
+            f"| {name}{flag} | {p['total']:,} ({p['non_embedding']:,}) | {p['vs_hope']:+.1%} |"
+            f" {cell(agg['val_bpc'], '.4f')} | {off} | {cell(agg['final_train_bpc'], '.3f')} |"
+            f" {agg['train_tokens']:,} | {cell(agg['fit_s'], '.0f')} | {cell(agg['tokens_per_s'], '.0f')} |"
+            f" {cell(agg['median_step_ms'], '.0f')} |"
+        )
+    lines += ["", "Architectures: " + "; ".join(f"`{n}`: `{b['architecture']}`" for n, b in part["models"].items())]
+    return lines
+
+
+def recall_markdown(part: dict[str, Any]) -> list[str]:
+    lines = ["## 2. Recall at 1x, 2x and 4x the training length", ""]
+    first = next(iter(part.values()))["setting"]
+    lines += [
+        f"{first['steps']} steps per run, seeds {' '.join(map(str, first['seeds']))}; accuracy on the scored positions"
+        " (argmax), validated once with test-time memorization on, mean ± std over seeds. Chance is 1/32 = 0.031."
+        " In-segment: the share of scored targets whose evidence lies in the query's own segment of"
+        f" {first['segment_len']} tokens, the ceiling of a model that carries nothing across segments"
+        " (Transformer++).",
+        "",
+    ]
+    for block in part.values():
+        s = block["setting"]
+        lengths = [str(L) for L in s["eval_lengths"]]
+        lines += [
+            f"### {s['title']}",
+            "",
+            f"`{s['data']}`, segments of {s['segment_len']} tokens.",
+            "",
+            "| model | params | " + " | ".join(f"acc @ {L}" for L in lengths) + " | fit s |",
+            "|---|---|" + "---|" * len(lengths) + "---|",
+        ]
+        for name, m in block["models"].items():
+            agg = m["aggregate"]
+            flags = [f"{agg['diverged']} diverged in training"] if agg["diverged"] else []
+            nan_at = [L for L in lengths if agg["nonfinite_eval"][L]]
+            if nan_at:
+                flags.append("non-finite val loss at " + ", ".join(f"{L} ({agg['nonfinite_eval'][L]})" for L in nan_at))
+            flag = f" ({'; '.join(flags)})" if flags else ""
+            lines.append(
+                f"| {name}{flag} | {block['parameters'][name]['total']:,} | "
+                + " | ".join(cell(agg["acc"][L], ".3f", "no finite value") for L in lengths)
+                + f" | {cell(agg['fit_s'], '.0f')} |"
+            )
+        lines.append(
+            "| *in-segment share* | | " + " | ".join(f"*{s['in_segment_share'][L]:.3f}*" for L in lengths) + " | |"
+        )
+        lines.append("")
+    return lines[:-1]
+
+
+def streaming_markdown(part: dict[str, Any]) -> list[str]:
+    s = part["setting"]
+    lines = [
+        "## 3. Streaming inference: peak memory against length",
+        "",
+        "Batch 1, `torch.inference_mode()`, one fresh process per row. Stateful models stream segments of"
+        f" {s['segment']} tokens with the state carried and the memory writing; Transformer++ reads the whole"
+        " sequence in one forward pass. Peak: the peak resident set during the stream minus the resident set just"
+        " before it (after the model and a warm-up). bpc over the first / last 4K tokens: training bytes, a check that"
+        " nothing diverges along the stream, not a held-out score (the transformer was trained on 128-token segments,"
+        " so every longer position is out of its training range). Weights: "
+        + ", ".join(f"{n} {w}" for n, w in s["weights"].items())
+        + ".",
+        "",
+        "| model | mode | tokens | peak increase MiB | ru_maxrss increase MiB | s | tokens/s | bpc first 4K |"
+        " bpc last 4K | non-finite |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in part["rows"]:
+        mode = f"stream ({r.get('segment')})" if r.get("mode") == "stream" else "whole sequence"
+        if "error" in r:
+            lines.append(f"| {r['model']} | {mode} | {r['length']:,} | failed: {r['error']} | | | | | | |")
+            continue
+        lines.append(
+            f"| {r['model']} | {mode} | {r['length']:,} | {num(r['peak_increase_mib'], '.1f')} |"
+            f" {num(r['ru_maxrss_increase_mib'], '.1f')} | {num(r['seconds'], '.1f')} |"
+            f" {num(r['tokens_per_s'], ',.0f')} |"
+            f" {num(r['bpc_first_block'], '.3f')} | {num(r['bpc_last_block'], '.3f')} | {r['nonfinite_nll']} |"
+        )
+    lines += ["", f"Transformer++: {part['transformer_stop']}."]
+    curves = [r for r in part["rows"] if r.get("curve") and r["length"] == max(s["stream_lengths"])]
+    if curves:
+        lines += ["", f"Peak increase (MiB) so far, every {BLOCK} tokens, in the longest stream:", ""]
+        for r in curves:
+            pts = r["curve"]
+            step = max(1, len(pts) // 8)
+            shown = pts[::step] + ([pts[-1]] if (len(pts) - 1) % step else [])
+            lines.append(
+                f"- {r['model']}: " + ", ".join(f"{p['tokens'] // 1024}K {p['peak_increase_mib']:.1f}" for p in shown)
+            )
+    return lines
+
+
+def _ranked(items: dict[str, Optional[float]], reverse: bool = False) -> list[tuple[str, float]]:
+    return sorted(((k, v) for k, v in items.items() if v is not None), key=lambda kv: kv[1], reverse=reverse)
+
+
+def reading(report: dict[str, Any]) -> list[str]:
+    """Plain-English sentences generated from the measured numbers (no claim is written by hand)."""
+    lines = ["## Reading (generated from the numbers above)", ""]
+    parts = report["parts"]
+    if "bpc" in parts:
+        agg = {n: b["aggregate"] for n, b in parts["bpc"]["models"].items()}
+        ranked = _ranked({n: a["val_bpc"]["mean"] for n, a in agg.items()})
+        if ranked:
+            lines.append(
+                "- val bpc from lowest to highest: "
+                + ", ".join(f"{n} {v:.4f}" for n, v in ranked)
+                + f"; the spread between best and worst is {ranked[-1][1] - ranked[0][1]:.4f} bits per byte."
+            )
+            stds = [a["val_bpc"]["std"] for a in agg.values() if a["val_bpc"]["std"] is not None]
+            if stds:
+                lines.append(f"- The largest seed-to-seed std of val bpc is {max(stds):.4f}.")
+        diffs = []
+        for n in (n for n in STATEFUL if n in agg):
+            on, off = agg[n]["val_bpc"]["mean"], agg[n]["val_bpc_memorize_off"]["mean"]
+            if on is not None and off is not None:
+                diffs.append(f"{n} {off - on:+.4f}")
+        if diffs:
+            lines.append(
+                "- Switching test-time memorization off changes val bpc by (off − on; positive: memorization helps): "
+                + ", ".join(diffs)
+                + "."
+            )
+        speed = {n: a["tokens_per_s"]["mean"] for n, a in agg.items()}
+        if speed.get("transformer"):
+            lines.append(
+                "- Training throughput relative to Transformer++: "
+                + ", ".join(f"{n} {v / speed['transformer']:.2f}×" for n, v in _ranked(speed, reverse=True))
+                + "."
+            )
+        bad = [n for n, a in agg.items() if a["diverged"]]
+        if bad:
+            lines.append(f"- Runs that diverged (NaN or infinite loss): {', '.join(bad)}.")
+    if "recall" in parts:
+        for task, block in parts["recall"].items():
+            lengths = [str(L) for L in block["setting"]["eval_lengths"]]
+            accs = {n: [m["aggregate"]["acc"][L]["mean"] for L in lengths] for n, m in block["models"].items()}
+            text = (
+                f"- {task}: accuracy at "
+                + "/".join(lengths)
+                + ": "
+                + "; ".join(f"{n} " + "/".join(num(a, ".2f") for a in v) for n, v in accs.items())
+            )
+            shares = block["setting"]["in_segment_share"]
+            text += "; in-segment share " + "/".join(f"{shares[L]:.2f}" for L in lengths)
+            best = _ranked({n: v[-1] for n, v in accs.items()}, reverse=True)
+            if best:
+                text += (
+                    f"; best at {lengths[-1]}: {best[0][0]} ({best[0][1]:.2f}; chance {block['setting']['chance']:.3f})"
+                )
+            nan = [
+                f"{n} at {', '.join(L for L in lengths if m['aggregate']['nonfinite_eval'][L])}"
+                for n, m in block["models"].items()
+                if any(m["aggregate"]["nonfinite_eval"].values())
+            ]
+            if nan:
+                text += "; non-finite validation loss (NaN/inf logits) for " + "; ".join(nan)
+            lines.append(text + ".")
+    if "streaming" in parts:
+        rows = [r for r in parts["streaming"]["rows"] if "error" not in r]
+        for name in ("hope", "titans", "hope_attention"):
+            mine = sorted((r for r in rows if r["model"] == name), key=lambda r: r["length"])
+            if len(mine) >= 2:
+                a, b = mine[0], mine[-1]
+                lines.append(
+                    f"- Streaming {name}: peak increase {a['peak_increase_mib']:.1f} MiB at {a['length']:,} tokens and"
+                    f" {b['peak_increase_mib']:.1f} MiB at {b['length']:,} ({b['length'] // a['length']}× the tokens,"
+                    f" {b['peak_increase_mib'] - a['peak_increase_mib']:+.1f} MiB); bpc first / last 4K of the"
+                    f" longest stream {num(b['bpc_first_block'], '.3f')} / {num(b['bpc_last_block'], '.3f')}"
+                    + (f"; {b['nonfinite_nll']} non-finite losses" if b["nonfinite_nll"] else "")
+                    + "."
+                )
+        tpp = sorted((r for r in rows if r["model"] == "transformer"), key=lambda r: r["length"])
+        if tpp:
+            lines.append(
+                "- Transformer++ whole-sequence peak increase: "
+                + ", ".join(
+                    f"{r['length'] // 1024}K {r['peak_increase_mib']:.1f} MiB ({r['seconds']:.1f} s)" for r in tpp
+                )
+                + f"; {parts['streaming']['transformer_stop']}."
+            )
+        bad = [f"{r['model']} {r['length']}" for r in rows if r["nonfinite_nll"]]
+        if bad:
+            lines.append(f"- Non-finite losses along a stream: {', '.join(bad)}.")
+    return lines
+
+
+def markdown(report: dict[str, Any]) -> str:
+    env = report["environment"]
+    lines = [
+        "# Hope vs Hope-Attention vs Transformer++ vs Titans (tiny CPU sizes)",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"{report['timestamp']}; nl_lightning {env['nl_lightning']}, torch {env['torch']}, lightning "
+        f"{env['lightning']}, Python {env['python']}, {env['cpu_count']} CPU core(s), {report['threads']} torch "
+        f"thread(s); total {report['wall_s']:.0f} s.",
+    ]
+    builders = {"bpc": bpc_markdown, "recall": recall_markdown, "streaming": streaming_markdown}
+    for number, (name, part) in enumerate(report["parts"].items(), 1):
+        body = builders[name](part)
+        body[0] = f"## {number}. " + body[0].split(". ", 1)[1]
+        lines += ["", *body, "", f"Part time: {report['part_seconds'][name]:.0f} s."]
+    lines += ["", *reading(report)]
+    return "\n".join(lines) + "\n"
+
+
+def source_hashes() -> dict[str, dict[str, str]]:
+    """sha256 and modification time of the model and data sources (other engineers edit them meanwhile)."""
+    root = Path(nl_lightning.__file__).parent
+    names = [
+        "models/lm.py",
+        "models/hope.py",
+        "models/transformer.py",
+        "models/titans.py",
+        "models/neural_memory.py",
+        "models/_memory_mlp.py",
+        "models/_residual_memory.py",
+        "models/self_modifying_titans.py",
+        "models/cms.py",
+        "models/cms_memory.py",
+        "data/text.py",
+        "data/synthetic.py",
+    ]
+    out = {}
+    for name in names:
+        path = root / name
+        if path.exists():
+            stamp = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc)
+            out[f"nl_lightning/{name}"] = {
+                "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                "mtime": stamp.isoformat(timespec="seconds"),
+            }
+    return out
+
+
+def environment(threads: int) -> dict[str, Any]:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "nl_lightning": nl_lightning.__version__,
+        "torch_num_threads": threads,
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "sources": source_hashes(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- driver
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), help="bpc, recall, streaming (default: all)")
+    parser.add_argument("--seeds", nargs="+", type=int, help="bpc seeds (default 0 1 2; 0 with --quick)")
+    parser.add_argument("--recall-seeds", nargs="+", type=int, help="recall seeds (default 0 1; 0 with --quick)")
+    parser.add_argument("--steps", type=int, help="bpc: optimizer steps per run (default 300; 10 with --quick)")
+    parser.add_argument("--recall-steps", type=int, help="recall: steps per run (default 300; 10 with --quick)")
+    parser.add_argument("--models", nargs="+", choices=MODELS, help="models to run (default: all four)")
+    parser.add_argument("--val-samples", type=int, help="recall: samples per evaluation set (default 256; 32 quick)")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (1)")
+    parser.add_argument("--stream-segment", type=int, default=512, help="streaming: tokens per segment (512)")
+    parser.add_argument("--stream-lengths", nargs="+", type=int, help="streaming lengths (default 4096 65536)")
+    parser.add_argument("--tpp-lengths", nargs="+", type=int, help="Transformer++ lengths (default 4096 ... 65536)")
+    parser.add_argument("--stream-time-cap", type=float, default=60.0, help="Transformer++ time cap, s (60)")
+    parser.add_argument("--stream-mem-cap", type=float, default=4096.0, help="Transformer++ memory cap, MiB (4096)")
+    parser.add_argument("--out", help="write the JSON here (the Markdown then goes to stdout)")
+    parser.add_argument("--markdown", help="also write the Markdown report here")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 10-step runs, seed 0, small evaluation sets, short streams of Hope",
+    )
+    parser.add_argument("--_stream-probe", dest="stream_probe", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.stream_probe is not None:
+        return args
+    parts = [p for item in args.parts for p in item.split(",") if p]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        parser.error(f"unknown part(s) {unknown}; choose among {list(PARTS)}")
+    args.parts = [p for p in PARTS if p in parts]
+    q = args.quick
+    args.seeds = list(dict.fromkeys(args.seeds or ([0] if q else [0, 1, 2])))
+    args.recall_seeds = list(dict.fromkeys(args.recall_seeds or ([0] if q else [0, 1])))
+    args.models = [m for m in MODELS if m in (args.models or MODELS)]
+    args.val_samples = args.val_samples or (32 if q else 256)
+    args.stream_models = [m for m in (("hope",) if q else ("hope", "titans", "hope_attention")) if m in args.models]
+    args.steps = args.steps or (10 if q else 300)
+    args.recall_steps = args.recall_steps or (10 if q else 300)
+    args.stream_lengths = sorted(args.stream_lengths or ([4096, 8192] if q else [4096, 65536]))
+    args.tpp_lengths = sorted(args.tpp_lengths or ([4096] if q else [4096, 8192, 16384, 32768, 65536]))
+    if min(args.steps, args.recall_steps, args.threads, args.stream_segment) < 1:
+        parser.error("--steps, --recall-steps, --threads and --stream-segment must be >= 1")
+    if any(L % args.stream_segment for L in args.stream_lengths):
+        parser.error("--stream-lengths must be multiples of --stream-segment")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.stream_probe is not None:
+        with contextlib.redirect_stdout(sys.stderr):
+            result = stream_probe(json.loads(args.stream_probe))
+        print(json.dumps(result))
+        return result
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    argv_used = sys.argv[1:] if argv is None else list(argv)
+    report: dict[str, Any] = {
+        "benchmark": "Hope vs Hope-Attention vs Transformer++ vs Titans: bpc, recall, streaming memory",
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join(["python", "benchmarks/lm.py", *argv_used]),
+        "args": {k: v for k, v in vars(args).items() if k != "stream_probe"},
+        "environment": environment(args.threads),
+        "threads": args.threads,
+        "parts": {},
+        "part_seconds": {},
+    }
+    counts = parameter_counts(256)
+    for name, (_, _, arch) in ARCH.items():
+        p = counts[name]
+        if abs(p["vs_hope"]) > 0.05:
+            log(f"WARNING: {name} ({arch}) has {p['total']} parameters, {p['vs_hope']:+.1%} vs Hope")
+    with tempfile.TemporaryDirectory(prefix="nl_lm_bench_") as tmp:
+        weights: dict[str, str] = {}
+        for name in args.parts:
+            t0 = time.perf_counter()
+            log(f"part {name} ...")
+            if name == "bpc":
+                report["parts"][name] = part_bpc(args, tmp if "streaming" in args.parts else None)
+                weights = report["parts"][name].pop("saved_weights")
+            elif name == "recall":
+                report["parts"][name] = part_recall(args)
+            else:
+                report["parts"][name] = part_streaming(args, weights)
+            report["part_seconds"][name] = round(time.perf_counter() - t0, 1)
+            log(f"part {name}: {report['part_seconds'][name]:.0f} s")
+    report["wall_s"] = round(time.perf_counter() - started, 1)
+    report = rounded(report)
+    text = markdown(report)
+    if args.markdown:
+        Path(args.markdown).write_text(text)
+    data = json.dumps(report, indent=1, ensure_ascii=False)
+    if args.out:
+        Path(args.out).write_text(data + "\n")
+        print(text, end="")
+    else:
+        print(data)
+    log(f"done in {report['wall_s']:.0f} s")
+    return report
+
+
+if __name__ == "__main__":
+    main()
