@@ -17,7 +17,7 @@ ACT = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu, "tanh": torch.tanh}
 def make(chunk_size: int = 4, depth: int = 2, momentum: bool = True, dtype=torch.float64, **kwargs) -> NeuralMemory:
     """A memory with large, varied gates and a convolution that mixes tokens, so that every term matters."""
     torch.manual_seed(0)
-    kwargs = {"lr_max": 1.0, "init_forget": 0.2, "init_mom_decay": 0.7, **kwargs}
+    kwargs = {"lr_max": 1.0, "init_forget": 0.2, "init_mom_decay": 0.7, "max_inner_grad_norm": None, **kwargs}
     mem = NeuralMemory(DIM, heads=HEADS, chunk_size=chunk_size, depth=depth, momentum=momentum, **kwargs)
     with torch.no_grad():
         if mem.conv is not None:
@@ -306,3 +306,16 @@ def test_bad_input_shape():
         NeuralMemory(8, heads=2)(torch.randn(2, 0, 8))
     with pytest.raises(ValueError, match="does not fit"):  # a state of a memory without convolution
         NeuralMemory(8, heads=2)(torch.randn(2, 5, 8), NeuralMemory(8, heads=2, conv_size=0).initial_state(2))
+
+
+def test_inner_gradient_clipping_keeps_the_memory_finite_and_is_exact_when_inactive():
+    x = torch.zeros(2, 256, DIM, dtype=torch.float64) + torch.randn(1, 1, DIM, dtype=torch.float64)  # one key, repeated
+    wild = make(chunk_size=16, lr_max=5.0)
+    y_wild, _ = wild(x)
+    assert not torch.isfinite(y_wild).all()  # the printed equation diverges on a chunk of identical keys
+    tame = make(chunk_size=16, lr_max=5.0, max_inner_grad_norm=1.0)
+    y_tame, state = tame(x)
+    assert torch.isfinite(y_tame).all() and all(torch.isfinite(w).all() for w in state.weights)
+    loose = make(chunk_size=4, max_inner_grad_norm=1e30)  # never active: identical to no clipping
+    x = torch.randn(2, 11, DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(loose(x)[0], make(chunk_size=4)(x)[0])
