@@ -642,6 +642,8 @@ def stream_probe(cfg: dict[str, Any]) -> dict[str, Any]:
         "bpc_first_block": float(nll[:BLOCK].mean() / math.log(2)),
         "bpc_last_block": float(nll[-BLOCK:].mean() / math.log(2)),
         "bpc_all": float(nll.mean() / math.log(2)),
+        "bpc_first_256": float(nll[:256].mean() / math.log(2)),
+        "bpc_blocks": [float(b.mean() / math.log(2)) for b in nll.split(BLOCK)],
         "curve": curve,
     }
     if reset:
@@ -830,6 +832,23 @@ def streaming_markdown(part: dict[str, Any]) -> list[str]:
             f" {num(r['bpc_first_block'], '.3f')} | {num(r['bpc_last_block'], '.3f')} | {r['nonfinite_nll']} |"
         )
     lines += ["", f"Transformer++: {part['transformer_stop']}."]
+    longest = [r for r in part["rows"] if "error" not in r and len(r.get("bpc_blocks", [])) > 1]
+    if longest:
+        lines += [
+            "",
+            f"bpc of each {BLOCK}-token block along the stream (training bytes; the first 256 tokens, the training"
+            " length, in brackets):",
+            "",
+        ]
+        for r in longest:
+            pts = r["bpc_blocks"]
+            step = max(1, len(pts) // 8)
+            idx = list(range(0, len(pts), step)) + ([len(pts) - 1] if (len(pts) - 1) % step else [])
+            mode = "stream" if r["mode"] == "stream" else "whole"
+            lines.append(
+                f"- {r['model']} ({mode}, {r['length'] // 1024}K) [{num(r['bpc_first_256'], '.3f')}]: "
+                + ", ".join(f"{(i + 1) * BLOCK // 1024}K {num(pts[i], '.3f')}" for i in idx)
+            )
     curves = [r for r in part["rows"] if r.get("curve") and r["length"] == max(s["stream_lengths"])]
     if curves:
         lines += ["", f"Peak increase (MiB) so far, every {BLOCK} tokens, in the longest stream:", ""]

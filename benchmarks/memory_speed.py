@@ -568,10 +568,11 @@ def reading(report: dict[str, Any]) -> list[str]:
         c = part["comparisons"].get("forward_backward")
         if c:
             s = c["speedup_ours_over_titans"]
+            rounds = c["per_round_speedups"]
             lines.append(
                 f"- Forward+backward, ours vs titans-pytorch (matched head width): ours has {s:.2f}× the tokens/s"
-                f" ({'faster' if s > 1 else 'slower'}); the issue's target is ≥ 2×, which is"
-                f" {'met' if s >= 2 else 'not met'} in this run."
+                f" ({'faster' if s > 1 else 'slower'}; per-round ratios {min(rounds):.2f}–{max(rounds):.2f}); the"
+                f" issue's target is ≥ 2×, which is {'met' if s >= 2 else 'not met'} in this run."
             )
             f = part["comparisons"].get("forward")
             if f:
@@ -704,7 +705,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     report: dict[str, Any] = {
         "benchmark": "NeuralMemory (ours vs titans-pytorch) and Hope vs Transformer++ step speed",
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([Path(sys.executable).name, "benchmarks/memory_speed.py", *argv_used]),
+        "command": shlex.join([sys.executable, "benchmarks/memory_speed.py", *argv_used]),
         "args": {k: v for k, v in vars(args).items()},
         "environment": environment(args.threads),
         "threads": args.threads,
