@@ -59,7 +59,7 @@ Running it
 ::
 
     OMP_NUM_THREADS=1 .bench-venv/bin/python benchmarks/memory_speed.py --out benchmarks/results/memory_speed.json \\
-        --markdown benchmarks/results/memory_speed.md      # ~10 min with 1 thread
+        --markdown benchmarks/results/memory_speed.md      # ~4 min with 1 thread
     .bench-venv/bin/python benchmarks/memory_speed.py --quick   # smoke run
     python benchmarks/memory_speed.py --parts lm_step            # our environment: part 2 only needs nl_lightning
 
@@ -122,6 +122,9 @@ DIFFERENCES = [
     " chunk (closed-form coefficients).",
     "Inner loss: titans-pytorch the mean over the head width of (M(k) - v)^2, ours the sum, so for the same error our"
     " inner gradient is 64x (the head width) larger before the learned rates scale it.",
+    "Clipping: ours clips each token's inner gradient to Frobenius norm 1 (max_inner_grad_norm=1.0, the default;"
+    " computed from the per-layer factors, no gradient tensor formed); titans-pytorch does not clip by default"
+    " (max_grad_norm=None).",
     "Memory MLP: titans-pytorch x @ W1 -> GELU -> @ W2, then LayerNorm (learned gain per head) plus the input"
     " (ResidualNorm), Xavier-uniform init; ours k + W2 SiLU(W1 k), no norm, normal(0, 1/fan_in) init. Same matrix"
     " shapes per head (64 x 128 and 128 x 64).",
