@@ -79,6 +79,7 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+from _common import proc_status_kib, quartiles, reset_peak_rss
 from torch import Tensor, nn
 
 import nl_lightning
@@ -269,11 +270,6 @@ def verify(models: dict[str, nn.Module], x: Tensor, chunks: Sequence[int]) -> di
 
 
 # ---------------------------------------------------------------------------------------------------- throughput
-def quartiles(xs: Sequence[float]) -> tuple[float, float, float]:
-    if len(xs) == 1:
-        return xs[0], xs[0], xs[0]
-    q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive")
-    return q1, q2, q3
 
 
 def summarize(rounds: list[list[tuple[float, float]]], tokens: int) -> dict[str, Any]:
@@ -365,26 +361,6 @@ def bench_setting(chunks: list[int], args: argparse.Namespace, device: torch.dev
 
 
 # ---------------------------------------------------------------------------------------------------- memory
-def _proc_status_kib(key: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the process's peak RSS to its current RSS (Linux >= 4.0); ``False`` where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    hwm, rss = _proc_status_kib("VmHWM"), _proc_status_kib("VmRSS")
-    return hwm is not None and rss is not None and hwm <= rss + 1024
 
 
 def memory_probe(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -412,10 +388,10 @@ def memory_probe(cfg: dict[str, Any]) -> dict[str, Any]:
     else:
         # ru_maxrss also keeps the peak of exited threads (here: one reached during the imports), which the reset
         # does not clear; the memory map's own high-water mark (VmHWM) is reset, so it is read where that worked.
-        reset = _reset_peak_rss()
-        base = _proc_status_kib("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        reset = reset_peak_rss()
+        base = proc_status_kib("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         step(model, x, cfg["mode"], autocast)
-        peak = _proc_status_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+        peak = proc_status_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
         method = "VmHWM (reset by /proc/self/clear_refs)" if reset else "ru_maxrss"
         out.update(method=method, rss_peak_reset=reset, baseline_mib=base / 1024, peak_mib=peak / 1024)
         out["peak_increase_mib"] = (peak - base) / 1024

@@ -101,7 +101,6 @@ import gc
 import hashlib
 import io
 import json
-import logging
 import math
 import os
 import platform
@@ -112,8 +111,7 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -121,6 +119,7 @@ import lightning
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from _common import finite, proc_status_kib, quiet, ranked, reset_peak_rss, rounded
 
 import nl_lightning
 from nl_lightning.data.synthetic import MQARDataModule, NeedleDataModule
@@ -190,8 +189,6 @@ TASKS: dict[str, dict[str, Any]] = {
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
 
 
 def summary(values: Sequence[Optional[float]]) -> dict[str, Any]:
@@ -226,35 +223,8 @@ def cell(entry: dict[str, Any], spec: str = ".3f", missing: str = "diverged") ->
     return text if entry["n_defined"] == entry["n"] else f"{text} ({entry['n_defined']}/{entry['n']})"
 
 
-def rounded(x: Any, digits: int = 6) -> Any:
-    """Round floats (recursively) to ``digits`` significant digits for the JSON; NaN and inf become strings."""
-    if isinstance(x, float):
-        return float(f"{x:.{digits}g}") if math.isfinite(x) else str(x)
-    if isinstance(x, dict):
-        return {k: rounded(v, digits) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [rounded(v, digits) for v in x]
-    return x
-
-
 def log(message: str) -> None:
     print(f"[lm] {message}", file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def quiet(sink: io.StringIO) -> Iterator[None]:
-    """Silence Lightning's info logs, warnings and prints."""
-    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
 
 
 def build(name: str, vocab_size: int, segment_len: Optional[int], steps: int) -> CausalLM:
@@ -561,26 +531,6 @@ def part_recall(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------- part 3: streaming
-def _proc_status_kib(key: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the process's peak RSS to its current RSS (Linux >= 4.0); ``False`` where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    hwm, rss = _proc_status_kib("VmHWM"), _proc_status_kib("VmRSS")
-    return hwm is not None and rss is not None and hwm <= rss + 1024
 
 
 def stream_probe(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -596,8 +546,8 @@ def stream_probe(cfg: dict[str, Any]) -> dict[str, Any]:
     with torch.inference_mode():
         model(tokens[:, : min(64, length)])  # one-time allocations (kernels, caches)
     gc.collect()
-    reset = _reset_peak_rss()
-    base = _proc_status_kib("VmRSS") if reset else None
+    reset = reset_peak_rss()
+    base = proc_status_kib("VmRSS") if reset else None
     ru0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     nll = torch.zeros(length, dtype=torch.float64)
     curve: list[dict[str, float]] = []
@@ -620,8 +570,8 @@ def stream_probe(cfg: dict[str, Any]) -> dict[str, Any]:
                     curve.append(
                         {
                             "tokens": end,
-                            "peak_increase_mib": (_proc_status_kib("VmHWM") - base) / 1024,
-                            "rss_increase_mib": (_proc_status_kib("VmRSS") - base) / 1024,
+                            "peak_increase_mib": (proc_status_kib("VmHWM") - base) / 1024,
+                            "rss_increase_mib": (proc_status_kib("VmRSS") - base) / 1024,
                         }
                     )
     seconds = time.perf_counter() - t0
@@ -648,7 +598,7 @@ def stream_probe(cfg: dict[str, Any]) -> dict[str, Any]:
     }
     if reset:
         out["baseline_rss_mib"] = base / 1024
-        out["peak_increase_mib"] = (_proc_status_kib("VmHWM") - base) / 1024
+        out["peak_increase_mib"] = (proc_status_kib("VmHWM") - base) / 1024
     else:
         out["peak_increase_mib"] = out["ru_maxrss_increase_mib"]
     return out
@@ -862,22 +812,18 @@ def streaming_markdown(part: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _ranked(items: dict[str, Optional[float]], reverse: bool = False) -> list[tuple[str, float]]:
-    return sorted(((k, v) for k, v in items.items() if v is not None), key=lambda kv: kv[1], reverse=reverse)
-
-
 def reading(report: dict[str, Any]) -> list[str]:
     """Plain-English sentences generated from the measured numbers (no claim is written by hand)."""
     lines = ["## Reading (generated from the numbers above)", ""]
     parts = report["parts"]
     if "bpc" in parts:
         agg = {n: b["aggregate"] for n, b in parts["bpc"]["models"].items()}
-        ranked = _ranked({n: a["val_bpc"]["mean"] for n, a in agg.items()})
-        if ranked:
+        order = ranked({n: a["val_bpc"]["mean"] for n, a in agg.items()})
+        if order:
             lines.append(
                 "- val bpc from lowest to highest: "
-                + ", ".join(f"{n} {v:.4f}" for n, v in ranked)
-                + f"; the spread between best and worst is {ranked[-1][1] - ranked[0][1]:.4f} bits per byte."
+                + ", ".join(f"{n} {v:.4f}" for n, v in order)
+                + f"; the spread between best and worst is {order[-1][1] - order[0][1]:.4f} bits per byte."
             )
             stds = [a["val_bpc"]["std"] for a in agg.values() if a["val_bpc"]["std"] is not None]
             if stds:
@@ -897,7 +843,7 @@ def reading(report: dict[str, Any]) -> list[str]:
         if speed.get("transformer"):
             lines.append(
                 "- Training throughput relative to Transformer++: "
-                + ", ".join(f"{n} {v / speed['transformer']:.2f}×" for n, v in _ranked(speed, reverse=True))
+                + ", ".join(f"{n} {v / speed['transformer']:.2f}×" for n, v in ranked(speed, reverse=True))
                 + "."
             )
         bad = [n for n, a in agg.items() if a["diverged"]]
@@ -915,7 +861,7 @@ def reading(report: dict[str, Any]) -> list[str]:
             )
             shares = block["setting"]["in_segment_share"]
             text += "; in-segment share " + "/".join(f"{shares[L]:.2f}" for L in lengths)
-            best = _ranked({n: v[-1] for n, v in accs.items()}, reverse=True)
+            best = ranked({n: v[-1] for n, v in accs.items()}, reverse=True)
             if best:
                 text += (
                     f"; best at {lengths[-1]}: {best[0][0]} ({best[0][1]:.2f}; chance {block['setting']['chance']:.3f})"

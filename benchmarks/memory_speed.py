@@ -89,6 +89,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from _common import quartiles
 from torch import Tensor, nn
 
 import nl_lightning
@@ -160,13 +161,6 @@ def rounded(x: Any, digits: int = 6) -> Any:
     if isinstance(x, (list, tuple)):
         return [rounded(v, digits) for v in x]
     return x
-
-
-def quartiles(xs: Sequence[float]) -> tuple[float, float, float]:
-    if len(xs) == 1:
-        return xs[0], xs[0], xs[0]
-    q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive")
-    return q1, q2, q3
 
 
 def summarize(rounds: list[list[tuple[float, float]]], tokens: int) -> dict[str, Any]:

@@ -140,13 +140,11 @@ The script is not part of the test suite.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import hashlib
 import io
 import itertools
 import json
-import logging
 import math
 import os
 import platform
@@ -154,8 +152,7 @@ import shlex
 import statistics
 import sys
 import time
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -165,6 +162,7 @@ import lightning
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from _common import finite, quiet, ranked, rounded
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader, TensorDataset
@@ -184,8 +182,6 @@ Builder = Callable[..., Optimizer]
 
 
 # ---------------------------------------------------------------------------------------------------- statistics
-def finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
 
 
 def summary(values: Sequence[Optional[float]]) -> dict[str, Any]:
@@ -215,17 +211,6 @@ def cell(entry: dict[str, Any], spec: str = ".3g", missing: str = "not reached")
         return f"{missing} (0/{entry['n']})" if entry["n"] else DASH
     text = num(entry["mean"], spec) + ("" if entry["std"] is None else f" ± {num(entry['std'], spec)}")
     return text if entry["n_defined"] == entry["n"] else f"{text} ({entry['n_defined']}/{entry['n']})"
-
-
-def rounded(x: Any, digits: int = 6) -> Any:
-    """Round floats (recursively) to ``digits`` significant digits for the JSON; NaN and inf become strings."""
-    if isinstance(x, float):
-        return float(f"{x:.{digits}g}") if math.isfinite(x) else str(x)
-    if isinstance(x, dict):
-        return {k: rounded(v, digits) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [rounded(v, digits) for v in x]
-    return x
 
 
 def log(message: str) -> None:
@@ -774,22 +759,6 @@ class StepStats(pl.Callback):
             self._before = None
 
 
-@contextlib.contextmanager
-def quiet(sink: io.StringIO) -> Iterator[None]:
-    """Silence Lightning's info logs, warnings and prints (the classifier prints its final accuracy)."""
-    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-
-
 class FashionMNISTSplit(pl.LightningDataModule):
     """Fashion-MNIST's 60,000 training images, ``val_size`` of them held out by a seeded permutation (784 features)."""
 
@@ -1046,7 +1015,7 @@ def charlm_markdown(part: dict[str, Any]) -> list[str]:
             f" {cell(agg['train_loss_last20'])} | {cell(agg['median_step_ms'], '.2f')}"
             f" [{cell(agg['median_step_cpu_ms'], '.2f')}] | {mult} |"
         )
-    bpc = _ranked({n: b["aggregate"]["val_bpc"]["mean"] for n, b in part["methods"].items()})
+    bpc = ranked({n: b["aggregate"]["val_bpc"]["mean"] for n, b in part["methods"].items()})
     lines += ["", "Methods: " + "; ".join(f"`{n}`: {m.note}" for n, m in LM_METHODS.items()) + "."]
     if bpc:
         lines += ["", "- charlm: val bpc from best to worst: " + ", ".join(f"{n} {v:.3f}" for n, v in bpc) + "."]
@@ -1208,21 +1177,17 @@ def classifier_markdown(number: int, name: str, part: dict[str, Any]) -> list[st
     return lines
 
 
-def _ranked(items: dict[str, Optional[float]], reverse: bool = False) -> list[tuple[str, float]]:
-    return sorted(((k, v) for k, v in items.items() if v is not None), key=lambda kv: kv[1], reverse=reverse)
-
-
 def regression_reading(steps: str, agg: dict[str, dict[str, Any]]) -> list[str]:
     lines = []
-    final = _ranked({n: a["final_mean_loss"]["mean"] for n, a in agg.items()})
-    forget = _ranked({n: a["forgetting"]["mean"] for n, a in agg.items()})
+    final = ranked({n: a["final_mean_loss"]["mean"] for n, a in agg.items()})
+    forget = ranked({n: a["forgetting"]["mean"] for n, a in agg.items()})
     if final:
         lines.append(
             f"- Regression, {steps} steps/task: final mean loss from lowest to highest: "
             + ", ".join(f"{n} {v:.3g}" for n, v in final)
             + f"; least forgetting {forget[0][0]} ({forget[0][1]:.3g}), most {forget[-1][0]} ({forget[-1][1]:.3g})."
         )
-    learned = _ranked({n: a["learning_over_initial"]["mean"] for n, a in agg.items()})
+    learned = ranked({n: a["learning_over_initial"]["mean"] for n, a in agg.items()})
     if learned:
         lines.append(
             f"- Regression, {steps} steps/task: learning loss as a fraction of the untrained loss (W = 0), lowest"
@@ -1238,9 +1203,9 @@ def regression_reading(steps: str, agg: dict[str, dict[str, Any]]) -> list[str]:
     if stale:
         lines.append(
             f"- Regression, {steps} steps/task: share of the buffer still along the previous task's direction one step"
-            " after a switch: " + ", ".join(f"{n} {v:.2f}" for n, v in _ranked(stale)) + "."
+            " after a switch: " + ", ".join(f"{n} {v:.2f}" for n, v in ranked(stale)) + "."
         )
-    leak = _ranked({n: a["align_update"]["mean_in_old_span"]["mean"] for n, a in agg.items()})
+    leak = ranked({n: a["align_update"]["mean_in_old_span"]["mean"] for n, a in agg.items()})
     if leak:
         lines.append(
             f"- Regression, {steps} steps/task: mean share of an update inside the span of earlier tasks (0 for plain"
@@ -1256,7 +1221,7 @@ def reading(report: dict[str, Any]) -> list[str]:
     if "surface" in parts:
         opts = parts["surface"]["optimizers"]
         steps = {n: r["best"]["steps"] for n, r in opts.items()}
-        reached = _ranked({n: float(v) for n, v in steps.items() if v is not None})
+        reached = ranked({n: float(v) for n, v in steps.items() if v is not None})
         missing = [n for n, v in steps.items() if v is None]
         text = "- Surface, from (2, −2): " + ", ".join(f"{n} reached ψ < 1e-6 in {v:.0f} steps" for n, v in reached)
         if missing:
@@ -1281,10 +1246,10 @@ def reading(report: dict[str, Any]) -> list[str]:
 
 def classifier_reading(name: str, agg: dict[str, dict[str, Any]]) -> list[str]:
     lines = []
-    acc = _ranked({n: a["val_acc"]["mean"] for n, a in agg.items()}, reverse=True)
+    acc = ranked({n: a["val_acc"]["mean"] for n, a in agg.items()}, reverse=True)
     if acc:
         lines.append(f"- {name}: validation accuracy from best to worst: " + ", ".join(f"{n} {v:.4f}" for n, v in acc))
-    speed = _ranked({n: a["median_step_cpu_ms"]["mean"] for n, a in agg.items()})
+    speed = ranked({n: a["median_step_cpu_ms"]["mean"] for n, a in agg.items()})
     base = agg.get("adamw", {}).get("median_step_cpu_ms", {}).get("mean")
     if speed and base:
         lines.append(
