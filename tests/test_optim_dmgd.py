@@ -333,17 +333,6 @@ def test_grad_none_is_untouched():
     assert not torch.equal(a.detach(), torch.ones(3, 2))
 
 
-def test_closure_returns_loss():
-    p = torch.ones(2, 2, requires_grad=True)
-
-    def closure():
-        loss = p.pow(2).sum()
-        loss.backward()
-        return loss
-
-    assert DMGD([p]).step(closure).item() == 4.0
-
-
 @pytest.mark.parametrize(("output", "lr"), [("newton_schulz", 0.05), ("none", 0.5)])
 def test_loss_decreases_on_least_squares(output, lr):
     gen = torch.Generator().manual_seed(0)

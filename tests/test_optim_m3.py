@@ -238,22 +238,6 @@ def test_sparse_grad_raises():
         M3(emb.parameters()).step()
 
 
-def test_closure_runs_with_grad_and_returns_loss():
-    lin = nn.Linear(3, 2)
-    opt = M3(lin.parameters())
-    x = torch.randn(4, 3)
-
-    def closure():
-        opt.zero_grad()
-        loss = lin(x).pow(2).sum()
-        loss.backward()
-        return loss
-
-    with torch.no_grad():
-        loss = opt.step(closure)
-    assert loss.item() > 0 and all(p in opt.state for p in lin.parameters())
-
-
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from nl_lightning.optim.delta_momentum import DeltaMomentum
+from nl_lightning.optim.dmgd import DMGD
+from nl_lightning.optim.m3 import M3
 from nl_lightning.optim.newton_schulz import newton_schulz
 from nl_lightning.optim.preconditioned_momentum import PreconditionedMomentum
 
@@ -266,7 +268,7 @@ def test_sparse_grad_raises(cls):
         cls(emb.parameters()).step()
 
 
-@pytest.mark.parametrize("cls", [PreconditionedMomentum, DeltaMomentum])
+@pytest.mark.parametrize("cls", [PreconditionedMomentum, DeltaMomentum, M3, DMGD])
 def test_closure_runs_with_grad_and_returns_loss(cls):
     lin = nn.Linear(3, 2)
     opt = cls(lin.parameters())
