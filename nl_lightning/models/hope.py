@@ -155,7 +155,8 @@ class HopeBlock(nn.Module):
         return x, HopeBlockState(titans_state, cms_state)
 
     def stats(self) -> dict[str, float]:
-        """The last call's memory statistics: the self-modifying memories' inner losses and norms, the CMS norms."""
+        """The last call's memory statistics: the self-modifying memories' inner losses, norms and mean gates (none for
+        Hope-Attention)."""
         out = {}
         if self.variant == "titans":
             out.update({k: float(v) for k, v in self.mixer.last_stats.items()})
