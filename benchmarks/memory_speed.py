@@ -46,6 +46,11 @@ memory writing). Interleaved rounds as in part 1. Two sizes:
 Reported: median ms and tokens/s per model and mode, and the ratio of Hope's time to each Transformer++'s (the target
 stated by the issue: Hope's step at most 2x the Transformer++ step).
 
+Arithmetic (both parts): the matmul-type FLOPs of one iteration, counted by ``torch.utils.flop_counter.FlopCounterMode``
+(plus, for attention, which the counter does not see on CPU, ``4 S² D`` per sample, layer and segment, backward twice
+the forward), the achieved GFLOP/s (FLOPs / median time), and this machine's fp32 matmul rates at the same thread count
+(a 2048³ GEMM and the memory's batched shape), so that a time ratio can be read as FLOPs vs efficiency.
+
 Environment
 -----------
 titans-pytorch is not a dependency of nl_lightning; it lives in a separate benchmark environment::
@@ -91,12 +96,13 @@ from typing import Any, Optional
 import torch
 from _common import quartiles
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 import nl_lightning
 from nl_lightning.models.hope import HopeModule
 from nl_lightning.models.lm import CausalLM
 from nl_lightning.models.neural_memory import NeuralMemory
-from nl_lightning.models.transformer import TransformerPP
+from nl_lightning.models.transformer import CausalSelfAttention, TransformerPP
 
 try:
     import titans_pytorch
@@ -214,6 +220,47 @@ def sha256_of(path: Optional[str]) -> Optional[dict[str, str]]:
     }
 
 
+# ---------------------------------------------------------------------------------------------------- arithmetic
+def counted_gflop(fn: Callable[[], None]) -> dict[str, Any]:
+    """GFLOP of the matmul-type ops (mm, bmm, addmm, baddbmm, convolutions) one call of ``fn`` runs, forward and
+    backward, by ``torch.utils.flop_counter.FlopCounterMode`` (elementwise ops are not counted; nor is CPU
+    ``scaled_dot_product_attention``, which the counter does not register)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    by_op = {str(op): n / 1e9 for op, n in counter.get_flop_counts().get("Global", {}).items()}
+    return {"gflop": counter.get_total_flops() / 1e9, "by_op": by_op}
+
+
+def machine_rates(repeats: int = 7) -> dict[str, float]:
+    """Median GFLOP/s of fp32 matmuls on this machine and thread count: one large GEMM (2048 x 2048 x 2048) and the
+    memory's batched shape (16 x [64 x 64] @ [64 x 128], the per-chunk read of part 1)."""
+    gen = torch.Generator().manual_seed(SEED)
+    shapes = {"gemm_2048": ((2048, 2048), (2048, 2048)), "bmm_16x64x64x128": ((16, 64, 64), (16, 64, 128))}
+    out = {}
+    for name, (sa, sb) in shapes.items():
+        a, b = torch.randn(*sa, generator=gen), torch.randn(*sb, generator=gen)
+        flop = 2 * math.prod(sa) * sb[-1]
+        inner = max(1, int(2e8 // flop))  # about 0.2 GFLOP per timed sample
+        a @ b
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                a @ b
+            times.append((time.perf_counter() - t0) / inner)
+        out[name] = flop / statistics.median(times) / 1e9
+    return out
+
+
+def attention_gflop(model: nn.Module, batch: int, seq: int, segment_len: int, backward: bool) -> float:
+    """Analytic GFLOP of the attention products ``Q Kᵀ`` and ``A V`` (``4 S² D`` per sample, layer and segment of ``S``
+    tokens, the full square; backward counted as twice the forward), which the counter does not see on CPU."""
+    layers = [m for m in model.modules() if isinstance(m, CausalSelfAttention)]
+    per_segment = sum(4 * min(segment_len, seq) ** 2 * m.dim for m in layers)
+    return batch * per_segment * math.ceil(seq / segment_len) * (3 if backward else 1) / 1e9
+
+
 # ---------------------------------------------------------------------------------------------------- part 1: memory
 def build_ours() -> nn.Module:
     torch.manual_seed(SEED)
@@ -310,6 +357,17 @@ def part_memory(args: argparse.Namespace) -> dict[str, Any]:
                 "per_round_speedups": per_round,
                 "cpu_speedup": b["cpu_median_ms"] / a["cpu_median_ms"],
             }
+    arithmetic: dict[str, Any] = {"machine_gflop_per_s": machine_rates()}
+    for name, mod in modules.items():
+        for mode in modes:
+            counted = counted_gflop(lambda mod=mod, mode=mode: memory_step(mod, x, mode))
+            after()
+            counted["achieved_gflop_per_s"] = counted["gflop"] / (results[f"{name}/{mode}"]["median_ms"] / 1e3)
+            arithmetic[f"{name}/{mode}"] = counted
+    if "titans-pytorch" in modules:  # the rate ours would need to take half titans-pytorch's time
+        for mode in modes:
+            half = results[f"titans-pytorch/{mode}"]["median_ms"] / 2e3
+            arithmetic[f"needed_for_2x/{mode}"] = arithmetic[f"ours/{mode}"]["gflop"] / half
     default_head: Optional[dict[str, Any]] = None
     if TitansNeuralMemory is not None and not args.skip_default_head:
         mod = build_titans(default_head=True)
@@ -337,6 +395,7 @@ def part_memory(args: argparse.Namespace) -> dict[str, Any]:
         "modules": info,
         "results": results,
         "comparisons": comparisons,
+        "arithmetic": arithmetic,
         "titans_default_head": default_head,
         "differences": DIFFERENCES if TitansNeuralMemory is not None else [],
     }
@@ -448,6 +507,16 @@ def part_lm_step(args: argparse.Namespace) -> dict[str, Any]:
                     "cpu_time_ratio": a["cpu_median_ms"] / b["cpu_median_ms"],
                 }
         for name, st in steppers.items():
+            for mode, fn in (("step", st.step), ("forward", st.forward)):
+                counted = counted_gflop(fn)
+                attn = attention_gflop(st.model, spec["batch"], spec["seq"], spec["segment_len"], mode == "step")
+                total = counted["gflop"] + attn
+                results[f"{name}/{mode}"].update(
+                    counted_gflop=counted["gflop"],
+                    attention_gflop=attn,
+                    gflop=total,
+                    achieved_gflop_per_s=total / (results[f"{name}/{mode}"]["median_ms"] / 1e3),
+                )
             models[name]["losses_finite"] = all(math.isfinite(v) for v in st.losses)
             models[name]["first_and_last_loss"] = [st.losses[0], st.losses[-1]] if st.losses else None
         out[size] = {
@@ -520,6 +589,34 @@ def memory_markdown(part: dict[str, Any]) -> list[str]:
             )
         lines += ["", "What differs between the two modules (from their code):", ""]
         lines += [f"- {item}" for item in part["differences"]]
+    lines += arithmetic_markdown(part["arithmetic"])
+    return lines
+
+
+def arithmetic_markdown(a: dict[str, Any]) -> list[str]:
+    rates = a["machine_gflop_per_s"]
+    lines = [
+        "",
+        "Arithmetic (matmul-type GFLOP per iteration counted by `torch.utils.flop_counter.FlopCounterMode`; achieved"
+        " rate = GFLOP ÷ median time). This machine, same thread count: a 2048³ fp32 GEMM runs at"
+        f" {num(rates['gemm_2048'], '.0f')} GFLOP/s, the memory's batched 16 × [64 × 64] @ [64 × 128] product at"
+        f" {num(rates['bmm_16x64x64x128'], '.0f')} GFLOP/s.",
+        "",
+        "| module | mode | GFLOP | achieved GFLOP/s |",
+        "|---|---|---|---|",
+    ]
+    for key, c in a.items():
+        if "/" in key and not key.startswith("needed_for_2x"):
+            name, mode = key.split("/")
+            lines.append(f"| {name} | {mode} | {num(c['gflop'], '.2f')} | {num(c['achieved_gflop_per_s'], '.0f')} |")
+    need = a.get("needed_for_2x/forward_backward")
+    if need is not None:
+        lines += [
+            "",
+            f"To take half of titans-pytorch's forward+backward time with its own FLOPs, ours would have to run at"
+            f" {num(need, '.0f')} GFLOP/s: {num(need / rates['gemm_2048'], '.2f')}× the large-GEMM rate and"
+            f" {num(need / rates['bmm_16x64x64x128'], '.2f')}× the rate of its own batched shape on this machine.",
+        ]
     return lines
 
 
@@ -536,8 +633,9 @@ def lm_markdown(part: dict[str, Any]) -> list[str]:
             "",
             f"### {size}: batch {s['batch']}, sequence {s['seq']}, segments of {s['segment_len']}",
             "",
-            "| model | parameters | mode | median ms | IQR ms | tokens/s | losses finite |",
-            "|---|---|---|---|---|---|---|",
+            "| model | parameters | mode | median ms | IQR ms | tokens/s | GFLOP (attention) | GFLOP/s"
+            " | losses finite |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for key, r in block["results"].items():
             name, mode = key.split("/")
@@ -545,15 +643,28 @@ def lm_markdown(part: dict[str, Any]) -> list[str]:
             lines.append(
                 f"| {name}: `{m['architecture']}` | {m['parameters']:,} | {mode} | {num(r['median_ms'], '.1f')} |"
                 f" {num(r['p25_ms'], '.1f')}–{num(r['p75_ms'], '.1f')} | {num(r['tokens_per_s'], ',.0f')} |"
+                f" {num(r['gflop'], '.2f')} ({num(r['attention_gflop'], '.2f')}) |"
+                f" {num(r['achieved_gflop_per_s'], '.0f')} |"
                 f" {'yes' if m['losses_finite'] else '**no**'} |"
             )
-        lines += ["", "| Hope ÷ | step time ratio | forward time ratio | per-round step ratios |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "| Hope ÷ | step time ratio | forward time ratio | per-round step ratios | step GFLOP ratio |",
+            "|---|---|---|---|---|",
+        ]
         for name, r in block["ratios"].items():
+            flop = block["results"]["hope/step"]["gflop"] / block["results"][f"{name}/step"]["gflop"]
             lines.append(
                 f"| {name} | {num(r['step']['hope_time_ratio'], '.2f')}× |"
                 f" {num(r['forward']['hope_time_ratio'], '.2f')}× |"
-                f" {', '.join(num(v, '.2f') for v in r['step']['per_round_ratios'])} |"
+                f" {', '.join(num(v, '.2f') for v in r['step']['per_round_ratios'])} | {num(flop, '.2f')}× |"
             )
+    lines += [
+        "",
+        "GFLOP: matmul-type ops counted by `FlopCounterMode` plus, in brackets and included, the attention products"
+        " computed analytically (`4 S² D` per sample, layer and segment, full square, backward = 2 × forward), which"
+        " the counter does not see on CPU. Elementwise work is not counted.",
+    ]
     return lines
 
 
@@ -571,6 +682,17 @@ def reading(report: dict[str, Any]) -> list[str]:
                 f" ({'faster' if s > 1 else 'slower'}; per-round ratios {min(rounds):.2f}–{max(rounds):.2f}); the"
                 f" issue's target is ≥ 2×, which is {'met' if s >= 2 else 'not met'} in this run."
             )
+            a = part["arithmetic"]
+            need, rates = a.get("needed_for_2x/forward_backward"), a["machine_gflop_per_s"]
+            if need is not None:
+                lines.append(
+                    f"- FLOPs: ours {a['ours/forward_backward']['gflop']:.2f} GFLOP at"
+                    f" {a['ours/forward_backward']['achieved_gflop_per_s']:.0f} GFLOP/s, titans-pytorch"
+                    f" {a['titans-pytorch/forward_backward']['gflop']:.2f} GFLOP at"
+                    f" {a['titans-pytorch/forward_backward']['achieved_gflop_per_s']:.0f} GFLOP/s; 2× would need"
+                    f" {need:.0f} GFLOP/s, against {rates['gemm_2048']:.0f} (large GEMM) and"
+                    f" {rates['bmm_16x64x64x128']:.0f} (the memory's batched shape) measured here."
+                )
             f = part["comparisons"].get("forward")
             if f:
                 lines.append(
@@ -590,6 +712,15 @@ def reading(report: dict[str, Any]) -> list[str]:
                     f" ({'within' if ratio <= 2 else 'over'} the 2× target); forward only"
                     f" {r['forward']['hope_time_ratio']:.2f}×."
                 )
+            hope = block["results"]["hope/step"]
+            others = [(n, block["results"][f"{n}/step"]) for n in block["ratios"]]
+            lines.append(
+                f"- {size}: Hope's step does {hope['gflop']:.2f} GFLOP at {hope['achieved_gflop_per_s']:.0f} GFLOP/s; "
+                + "; ".join(
+                    f"{n}: {r['gflop']:.2f} GFLOP at {r['achieved_gflop_per_s']:.0f} GFLOP/s" for n, r in others
+                )
+                + "."
+            )
             bad = [n for n, m in block["models"].items() if not m["losses_finite"]]
             if bad:
                 lines.append(f"- {size}: non-finite training losses in {', '.join(bad)}.")

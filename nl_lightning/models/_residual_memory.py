@@ -35,7 +35,7 @@ whose gradients are all taken at the anchor (Eq. 90), the recurrence is linear i
     W_{2,s} = W_{2,s-1}(\alpha_s I - \eta_s k_s k_s^\top) - \eta_s c_s\,\delta_s k_s^\top .
 
 :func:`dgd_chunk` runs it exactly and in parallel over the chunk: ``W_1`` is a decayed sum (one matmul); ``W_2`` is a
-gated delta rule, solved with the WY form of DeltaNet (one unit-lower-triangular solve of size ``n``, shared by all
+gated delta rule, solved with the WY form of DeltaNet (one unit-lower-triangular system of size ``n``, shared by all
 memories, since ``k``, ``η`` and ``α`` are). No autograd is used, so it runs under ``torch.inference_mode()``; the
 outer gradient flows through it by ordinary autograd.
 """
@@ -109,40 +109,39 @@ def dgd_chunk(
         (I + L)\,R = -\mathrm{step}\odot\Delta - \eta\,\gamma_{s-1}\, K W_{2,0}^\top, \quad
         L_{sj} = \eta_s \tfrac{\gamma_{s-1}}{\gamma_j} k_s^\top k_j\ (j < s),
 
-    which is exact (no truncation); decay ratios are taken in log space.
+    which is exact (no truncation); decay ratios are taken in log space. The memories lead the shapes (``G`` first), so
+    that any range of memories is a contiguous view of the weights; ``k``, ``η`` and ``α`` are shared by the ``G``
+    memories and broadcast.
 
     Args:
-        w1: Running output-side weights ``(B, G, H, d, h)``.
-        w2: Running input-side weights ``(B, G, H, h, d)``.
+        w1: Running output-side weights ``(G, B, H, d, h)``.
+        w2: Running input-side weights ``(G, B, H, h, d)``.
         k: Keys ``(B, H, n, d)``, shared by the ``G`` memories.
-        a: Activations ``σ(W2_anchor k)`` ``(B, G, H, n, h)``.
-        p: Output-side error factors ``(B, G, H, n, d)``.
-        delta: Input-side factors ``(B, G, H, n, h)``.
+        a: Activations ``σ(W2_anchor k)`` ``(G, B, H, n, h)``.
+        p: Output-side error factors ``(G, B, H, n, d)``.
+        delta: Input-side factors ``(G, B, H, n, h)``.
         eta: Learning rates ``(B, H, n)`` (the ``k kᵀ`` term).
-        step: Gradient step sizes ``(B, G, H, n)`` (``η`` times the clipping factor).
+        step: Gradient step sizes ``(G, B, H, n)`` or ``(B, H, n)`` (``η`` times the clipping factor, if any).
         log_alpha: ``log α`` ``(B, H, n)``, all ``<= 0``.
 
     Returns:
         The chunk-end ``(w1, w2)``.
 
     """
-    b, g, heads, n, h = a.shape
+    n = k.shape[-2]
     lg = log_alpha.cumsum(-1)  # (B, H, n): log γ_s
     lg_end = lg[..., -1:]  # (B, H, 1): log γ_n
     to_end = torch.exp(lg_end - lg)  # (B, H, n): γ_n / γ_s
-    decay_all = torch.exp(lg_end)[:, None, :, :, None]  # (B, 1, H, 1, 1)
+    decay_all = torch.exp(lg_end).unsqueeze(-1)  # (B, H, 1, 1)
     # W1: a decayed sum of rank-1 terms
-    w1 = decay_all * w1 - (p * (step * to_end[:, None]).unsqueeze(-1)).transpose(-1, -2) @ a  # (B, G, H, d, h)
+    w1 = decay_all * w1 - (p * (step * to_end).unsqueeze(-1)).transpose(-1, -2) @ a  # (G, B, H, d, h)
     # W2: gated delta rule in WY form
-    kx = k.unsqueeze(1)  # (B, 1, H, n, d)
     lg_prev = lg - log_alpha  # (B, H, n): log γ_{s-1}
-    rhs = -step.unsqueeze(-1) * delta - (eta * torch.exp(lg_prev))[:, None, ..., None] * (kx @ w2.transpose(-1, -2))
+    rhs = -step.unsqueeze(-1) * delta - (eta * torch.exp(lg_prev)).unsqueeze(-1) * (k @ w2.transpose(-1, -2))
     if n > 1:
         strict = torch.ones(n, n, dtype=torch.bool, device=k.device).tril(-1)
         ratio = (lg_prev.unsqueeze(-1) - lg.unsqueeze(-2)).masked_fill(~strict, float("-inf")).exp()  # (B, H, n, n)
         lower = eta.unsqueeze(-1) * ratio * (k @ k.transpose(-1, -2))  # (B, H, n, n), strictly lower
-        rhs = rhs.permute(0, 2, 3, 1, 4).reshape(b, heads, n, g * h)  # one solve for all G memories
-        rhs = torch.linalg.solve_triangular(lower, rhs, upper=False, unitriangular=True)
-        rhs = rhs.reshape(b, heads, n, g, h).permute(0, 3, 1, 2, 4)  # (B, G, H, n, h): R
-    w2 = decay_all * w2 + (rhs * to_end[:, None, ..., None]).transpose(-1, -2) @ kx  # (B, G, H, h, d)
+        rhs = torch.linalg.solve_triangular(lower, rhs, upper=False, unitriangular=True)  # R, (G, B, H, n, h)
+    w2 = decay_all * w2 + rhs.transpose(-1, -2) @ (k * to_end.unsqueeze(-1))  # (G, B, H, h, d)
     return w1, w2

@@ -51,7 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from nl_lightning.levels import Level
-from nl_lightning.models.cms_memory import ACTIVATIONS, CMSState, FastWeights, mlp_forward, mlp_grads
+from nl_lightning.models.cms_memory import ACTIVATIONS, CMSState, FastWeights, mlp_forward, mlp_grads, piece_lengths
 
 __all__ = ["CMSLevel", "CMSState", "ContinuumMemory", "FastWeights"]
 
@@ -146,29 +146,30 @@ class CMSLevel(nn.Module):
                 if not write:
                     return out.to(h.dtype), state
                 return out.to(h.dtype), replace(state, count=(state.count + x.shape[1]) % self.chunk_size)
-            outs, t = [], 0
-            while t < x.shape[1]:
-                n = min(self.chunk_size - state.count, x.shape[1] - t)
-                segment = x[:, t : t + n]  # (B, n, D), read with the anchor weights
-                k = self.norm(segment).float()
-                y, z, a = mlp_forward(k, *state.weights, self.activation)
-                outs.append(segment + y if self.residual else y)
-                if self.inner_lr > 0:
-                    state = self._accumulate(state, k, y, z, a, differentiable)
-                state = state.advance(n)
-                if state.count == self.chunk_size:
-                    state = self._write(state)
-                t += n
-            out = torch.cat(outs, dim=1)
-        return out.to(h.dtype), state
-
-    def _accumulate(self, state: FastWeights, k: Tensor, y: Tensor, z: Tensor, a: Tensor, differentiable: bool):
-        """Add the chunk part's gradients of ``0.5 * ||MLP(k) - W_v k||^2`` (at the anchor) to the pending sums."""
-        with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
             if self.value is None:
                 raise RuntimeError("This CMSLevel was built static (in_context=False): it has no value projection.")
-            error = y - k @ self.value.float().T  # (B, n, D): MLP(k) - v
-            grads = mlp_grads(k, z, a, error, state.w2, self.activation)
+            lengths = piece_lengths(x.shape[1], state.count, self.chunk_size)
+            keys = self.norm(x).float()  # (B, S, D): norm and targets are per token, so computed for the whole input
+            with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+                values = keys @ self.value.float().T  # (B, S, D): v = W_v k
+            ys = []
+            for k, v in zip(keys.split(lengths, dim=1), values.split(lengths, dim=1), strict=True):  # (B, n, D)
+                y, z, a = mlp_forward(k, *state.weights, self.activation)  # read with the anchor weights
+                ys.append(y)
+                state = self._accumulate(state, k, y, z, a, v, differentiable).advance(k.shape[1])
+                if state.count == self.chunk_size:
+                    state = self._write(state)
+            y = torch.cat(ys, dim=1)
+            out = x + y if self.residual else y
+        return out.to(h.dtype), state
+
+    def _accumulate(
+        self, state: FastWeights, k: Tensor, y: Tensor, z: Tensor, a: Tensor, v: Tensor, differentiable: bool
+    ) -> FastWeights:
+        """Add the chunk part's gradients of ``0.5 * ||MLP(k) - v||^2`` (at the anchor, ``v = W_v k``) to the pending
+        sums."""
+        with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+            grads = mlp_grads(k, z, a, y - v, state.w2, self.activation)
             state = state.add_pending(grads)
         return state
 

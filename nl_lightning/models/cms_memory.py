@@ -98,6 +98,14 @@ def mlp_grads(
     return g_w1, g_b1, g_w2, g_b2
 
 
+def piece_lengths(seq: int, count: int, size: int) -> list[int]:
+    """Lengths of the pieces of ``seq`` tokens cut at the chunk ends of a stream whose current chunk of ``size`` tokens
+    has ``count`` tokens read (``0 <= count < size``)."""
+    first = min(size - count, seq)
+    rest = seq - first
+    return [first] + [size] * (rest // size) + ([rest % size] if rest % size else [])
+
+
 def _portable(t: Tensor) -> Tensor:
     """Detached, and usable outside ``torch.inference_mode`` even if it was made inside it."""
     t = t.detach()

@@ -69,7 +69,7 @@ autocast disabled (fp64 for fp64 inputs) and needs no autograd, so it works unde
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
@@ -78,7 +78,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nl_lightning.models._residual_memory import clip_factor, dgd_chunk, input_side_factor, residual_forward
-from nl_lightning.models.cms_memory import ACTIVATIONS, _portable
+from nl_lightning.models.cms_memory import ACTIVATIONS, _portable, piece_lengths
 
 __all__ = ["MEMORIES", "SelfModifyingState", "SelfModifyingTitans"]
 
@@ -277,75 +277,83 @@ class SelfModifyingTitans(nn.Module):
         y = F.conv1d(full.transpose(1, 2), w, b, groups=self.dim).transpose(1, 2)  # (B, T, D)
         return y, full[:, full.shape[1] - (self.conv_size - 1) :]
 
-    def _generate(self, xs: Tensor, w1: Tensor, w2: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``k, v, η, log α`` of a chunk's tokens ``xs`` ``(B, H, n, d)`` from the anchors of the four generators."""
-        y = residual_forward(xs.unsqueeze(1), w1, w2, self.activation)[0]  # (B, 4, H, n, d)
-        weight, bias = self.readout_weight.to(y.dtype), self.readout_bias.to(y.dtype)
-        logits = (y[:, 2:] * weight[:, :, None]).sum(-1) + bias[..., None]  # (B, 2, H, n)
-        eta = self.eta_max * torch.sigmoid(logits[:, 0])
-        return F.normalize(y[:, 0], dim=-1), y[:, 1], eta, F.logsigmoid(logits[:, 1])
+    def _generate(self, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``k, v, η, log α`` of a chunk's tokens from the four generators' outputs ``y`` ``(4, B, H, n, d)``."""
+        weight, bias = self.readout_weight.to(y.dtype), self.readout_bias.to(y.dtype)  # (2, H, d), (2, H)
+        logits = (y[2:] * weight[:, None, :, None]).sum(-1) + bias[:, None, :, None]  # (2, B, H, n)
+        eta = self.eta_max * torch.sigmoid(logits[0])
+        return F.normalize(y[0], dim=-1), y[1], eta, F.logsigmoid(logits[1])
 
     def _write(self, w1, w2, anchor1, anchor2, k, v, eta, log_alpha) -> tuple[Tensor, Tensor, Tensor]:
         """One chunk of Eq. 88 for ``G`` memories: targets and gradients at the anchors, then the exact recurrence.
 
-        Shapes: weights ``(B, G, H, ., .)``; ``k``, ``v`` ``(B, H, n, d)``; ``eta``, ``log_alpha`` ``(B, H, n)``.
-        Returns the chunk-end weights and the inner losses ``(B, G, H, n)``.
+        Shapes: weights ``(G, B, H, ., .)``; ``k``, ``v`` ``(B, H, n, d)``; ``eta``, ``log_alpha`` ``(B, H, n)``.
+        Returns the chunk-end weights and the inner losses ``(G, B, H, n)``.
         """
-        v_hat = residual_forward(v.unsqueeze(1), anchor1, anchor2, self.activation)[0]  # (B, G, H, n, d)
-        y, u, a = residual_forward(k.unsqueeze(1), anchor1, anchor2, self.activation)
-        error = y - v_hat
+        n = k.shape[-2]
+        # the targets M(v) and the predictions M(k) in one pass over the rows [k; v]
+        y, u, a = residual_forward(torch.cat([k, v], dim=-2), anchor1, anchor2, self.activation)  # (G, B, H, 2n, .)
+        pred, v_hat, u, a = y[..., :n, :], y[..., n:, :], u[..., :n, :], a[..., :n, :]
+        error = pred - v_hat
         p = 2 * error if self.rule == "paper" else -v_hat  # grad_W1 = p aᵀ
         delta = input_side_factor(p, u, anchor1, self.activation)  # grad_W2 = δ kᵀ
-        step = eta.unsqueeze(1)  # (B, 1, H, n)
+        step = eta
         if self.max_inner_grad_norm is not None:
-            step = step * clip_factor(p, a, delta, k.unsqueeze(1), self.max_inner_grad_norm)
+            step = eta * clip_factor(p, a, delta, k, self.max_inner_grad_norm)  # (G, B, H, n)
         w1, w2 = dgd_chunk(w1, w2, k, a, p, delta, eta, step, log_alpha)
         return w1, w2, error.detach().pow(2).sum(-1)
 
     def _write_pass(self, xh: Tensor, q: Tensor, state: SelfModifyingState) -> tuple[Tensor, SelfModifyingState]:
-        """Pass 1: the generators over their chunks, giving every token's ``k, v, η, α``; pass 2: ``M_mem``."""
+        """Pass 1: the generators over their chunks, giving every token's ``k, v, η, α``; pass 2: ``M_mem``.
+
+        Inside, the weights are ``(5, B, H, ., .)`` (memories first, see :func:`dgd_chunk`); the state keeps
+        ``(B, 5, H, ., .)``.
+        """
         seq, act = xh.shape[2], self.activation
         # M_mem rides along with the generators when their chunks coincide: one batched write for all five
         merged = self.mem_chunk_size == self.chunk_size and state.count == state.mem_count
         tokens, outs, losses, mem_losses = [], [], [], []
+        weights = [t.transpose(0, 1).contiguous() for t in (state.w1, state.w2, state.anchor_w1, state.anchor_w2)]
 
-        lengths = _chunk_lengths(seq, state.count, self.chunk_size)
+        lengths = piece_lengths(seq, state.count, self.chunk_size)
         xs, qs = xh.split(lengths, dim=2), q.split(lengths, dim=2)  # split, not slices: a cheap backward
 
         def generators(i: int, w1: Tensor, w2: Tensor, anchor1: Tensor, anchor2: Tensor) -> tuple[Tensor, Tensor]:
-            k, v, eta, log_alpha = self._generate(xs[i], anchor1[:, _GEN], anchor2[:, _GEN])
+            z = torch.stack([xs[i]] * 4 + [qs[i]]) if merged else xs[i]  # M_mem reads q
+            y = residual_forward(z, anchor1, anchor2, act)[0]  # (G, B, H, n, d)
+            k, v, eta, log_alpha = self._generate(y[_GEN])
             if merged:
-                outs.append(residual_forward(qs[i], anchor1[:, 4], anchor2[:, 4], act)[0])
+                outs.append(y[4])
             w1, w2, loss = self._write(w1, w2, anchor1, anchor2, k, v, eta, log_alpha)
             tokens.append((k, v, eta, log_alpha))
             losses.append(loss)
             return w1, w2
 
         group = slice(0, 5) if merged else _GEN
-        gen, count = _scan(_weights(state, group), lengths, state.count, self.chunk_size, generators)
+        gen, count = _scan([w[group] for w in weights], lengths, state.count, self.chunk_size, generators)
         k, v, eta, log_alpha = (torch.cat(ts, dim=2 if i < 2 else -1) for i, ts in enumerate(zip(*tokens, strict=True)))
         parts, mem_count = [gen], count
         if not merged:
-            lengths = _chunk_lengths(seq, state.mem_count, self.mem_chunk_size)
+            lengths = piece_lengths(seq, state.mem_count, self.mem_chunk_size)
             qs, ks, vs = q.split(lengths, dim=2), k.split(lengths, dim=2), v.split(lengths, dim=2)
             etas, log_alphas = eta.split(lengths, dim=-1), log_alpha.split(lengths, dim=-1)
 
             def memory(i: int, w1: Tensor, w2: Tensor, anchor1: Tensor, anchor2: Tensor) -> tuple[Tensor, Tensor]:
-                outs.append(residual_forward(qs[i], anchor1[:, 0], anchor2[:, 0], act)[0])
+                outs.append(residual_forward(qs[i], anchor1[0], anchor2[0], act)[0])
                 w1, w2, loss = self._write(w1, w2, anchor1, anchor2, ks[i], vs[i], etas[i], log_alphas[i])
                 mem_losses.append(loss)
                 return w1, w2
 
-            mem, mem_count = _scan(_weights(state, _MEM), lengths, state.mem_count, self.mem_chunk_size, memory)
+            mem, mem_count = _scan([w[_MEM] for w in weights], lengths, state.mem_count, self.mem_chunk_size, memory)
             parts.append(mem)
-        w1, w2, anchor1, anchor2 = (torch.cat(ts, dim=1) for ts in zip(*parts, strict=True))
+        w1, w2, anchor1, anchor2 = (torch.cat(ts).transpose(0, 1) for ts in zip(*parts, strict=True))
         state = replace(state, w1=w1, w2=w2, anchor_w1=anchor1, anchor_w2=anchor2, count=count, mem_count=mem_count)
         with torch.no_grad():
-            loss = torch.cat(losses, dim=-1)  # (B, 4 or 5, H, T)
+            loss = torch.cat(losses, dim=-1)  # (4 or 5, B, H, T)
             if not merged:
-                loss = torch.cat([loss, torch.cat(mem_losses, dim=-1)], dim=1)
+                loss = torch.cat([loss, torch.cat(mem_losses, dim=-1)])
             self.last_stats = {
-                **{f"inner_loss/{name}": loss[:, i].mean() for i, name in enumerate(MEMORIES)},
+                **{f"inner_loss/{name}": loss[i].mean() for i, name in enumerate(MEMORIES)},
                 **self._norm_stats(state),
                 "eta": eta.detach().mean(),
                 "alpha": log_alpha.detach().exp().mean(),
@@ -367,19 +375,8 @@ class SelfModifyingTitans(nn.Module):
 Weights = tuple[Tensor, Tensor, Tensor, Tensor]
 
 
-def _weights(state: SelfModifyingState, group: slice) -> Weights:
-    return state.w1[:, group], state.w2[:, group], state.anchor_w1[:, group], state.anchor_w2[:, group]
-
-
-def _chunk_lengths(seq: int, count: int, size: int) -> list[int]:
-    """Lengths of the pieces of ``seq`` tokens cut at the chunk ends of the stream (``count`` tokens already read)."""
-    first = min(size - count, seq)
-    rest = seq - first
-    return [first] + [size] * (rest // size) + ([rest % size] if rest % size else [])
-
-
 def _scan(
-    weights: Weights, lengths: list[int], count: int, size: int, write: Callable[..., tuple[Tensor, Tensor]]
+    weights: Sequence[Tensor], lengths: list[int], count: int, size: int, write: Callable[..., tuple[Tensor, Tensor]]
 ) -> tuple[Weights, int]:
     """Walk the pieces ``lengths`` of the stream, whose current chunk of ``size`` tokens has ``count`` tokens read.
 
