@@ -17,12 +17,17 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import math
 import statistics
+import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, Optional
+
+DASH = "–"
 
 
 def finite(x: Any) -> bool:
@@ -38,6 +43,41 @@ def rounded(x: Any, digits: int = 6) -> Any:
     if isinstance(x, (list, tuple)):
         return [rounded(v, digits) for v in x]
     return x
+
+
+def num(x: Any, spec: str = ".3g") -> str:
+    """``x`` formatted with ``spec``; a dash for ``None``, and non-finite values (strings in the rounded JSON) as is."""
+    if x is None:
+        return DASH
+    if isinstance(x, (int, float)) and math.isfinite(x):
+        return format(x, spec)
+    return str(x)
+
+
+def emit(
+    report: dict[str, Any],
+    started: float,
+    to_markdown: Callable[[dict[str, Any]], str],
+    out: Optional[str],
+    markdown_path: Optional[str],
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """Finish a benchmark: record the wall time, round the figures, write the Markdown report (``markdown_path``) and
+    the JSON (``out``, then the report goes to stdout; without ``out`` the JSON goes to stdout). Returns the rounded
+    report."""
+    report["wall_s"] = round(time.perf_counter() - started, 1)
+    report = rounded(report)
+    text = to_markdown(report)
+    if markdown_path:
+        Path(markdown_path).write_text(text)
+    data = json.dumps(report, indent=1, ensure_ascii=False)
+    if out:
+        Path(out).write_text(data + "\n")
+        print(text, end="")
+    else:
+        print(data)
+    log(f"done in {report['wall_s']:.0f} s")
+    return report
 
 
 @contextlib.contextmanager

@@ -119,7 +119,7 @@ import lightning
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from _common import finite, proc_status_kib, quiet, ranked, reset_peak_rss, rounded
+from _common import DASH, emit, finite, num, proc_status_kib, quiet, ranked, reset_peak_rss
 
 import nl_lightning
 from nl_lightning.data.synthetic import MQARDataModule, NeedleDataModule
@@ -132,7 +132,6 @@ from nl_lightning.models.transformer import TransformerPP
 PARTS = ("bpc", "recall", "streaming")
 MODELS = ("hope", "hope_attention", "transformer", "titans")
 STATEFUL = ("hope", "hope_attention", "titans")
-DASH = "–"
 # glibc raises its mmap threshold each time a large block is freed, after which freed blocks stay in the heap and
 # count in the RSS; pinning it (which turns that off) makes the peak RSS of a probe follow the live bytes.
 MALLOC_MMAP_THRESHOLD = "131072"
@@ -204,15 +203,6 @@ def summary(values: Sequence[Optional[float]]) -> dict[str, Any]:
         "min": min(ok),
         "max": max(ok),
     }
-
-
-def num(x: Any, spec: str = ".3g") -> str:
-    """``x`` formatted with ``spec``; a dash for ``None``, and non-finite values (strings in the rounded JSON) as is."""
-    if x is None:
-        return DASH
-    if isinstance(x, (int, float)) and math.isfinite(x):
-        return format(x, spec)
-    return str(x)
 
 
 def cell(entry: dict[str, Any], spec: str = ".3f", missing: str = "diverged") -> str:
@@ -1053,19 +1043,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                 report["parts"][name] = part_streaming(args, weights)
             report["part_seconds"][name] = round(time.perf_counter() - t0, 1)
             log(f"part {name}: {report['part_seconds'][name]:.0f} s")
-    report["wall_s"] = round(time.perf_counter() - started, 1)
-    report = rounded(report)
-    text = markdown(report)
-    if args.markdown:
-        Path(args.markdown).write_text(text)
-    data = json.dumps(report, indent=1, ensure_ascii=False)
-    if args.out:
-        Path(args.out).write_text(data + "\n")
-        print(text, end="")
-    else:
-        print(data)
-    log(f"done in {report['wall_s']:.0f} s")
-    return report
+    return emit(report, started, markdown, args.out, args.markdown, log)
 
 
 if __name__ == "__main__":

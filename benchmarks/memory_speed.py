@@ -81,7 +81,6 @@ import datetime
 import gc
 import hashlib
 import importlib.metadata
-import json
 import math
 import os
 import platform
@@ -94,7 +93,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from _common import quartiles
+from _common import emit, num, quartiles
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -115,7 +114,6 @@ except Exception as exc:  # noqa: BLE001 - any import failure means "measure our
 
 PARTS = ("memory", "lm_step")
 SEED = 1234
-DASH = "–"
 MEMORY = {"batch": 4, "seq": 1024, "dim": 256, "heads": 4, "chunk": 64, "depth": 2, "expansion": 2.0}
 DIFFERENCES = [
     "Inner gradient: titans-pytorch (batch_size=None, the default) takes every chunk's gradient at the weights the call"
@@ -149,24 +147,6 @@ DIFFERENCES = [
 # ---------------------------------------------------------------------------------------------------- helpers
 def log(message: str) -> None:
     print(f"[memory_speed] {message}", file=sys.stderr, flush=True)
-
-
-def num(x: Any, spec: str = ".3g") -> str:
-    if x is None:
-        return DASH
-    if isinstance(x, (int, float)) and math.isfinite(x):
-        return format(x, spec)
-    return str(x)
-
-
-def rounded(x: Any, digits: int = 6) -> Any:
-    if isinstance(x, float):
-        return float(f"{x:.{digits}g}") if math.isfinite(x) else str(x)
-    if isinstance(x, dict):
-        return {k: rounded(v, digits) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [rounded(v, digits) for v in x]
-    return x
 
 
 def summarize(rounds: list[list[tuple[float, float]]], tokens: int) -> dict[str, Any]:
@@ -849,19 +829,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             report["parts"][name] = part_memory(args) if name == "memory" else part_lm_step(args)
             report["part_seconds"][name] = round(time.perf_counter() - t0, 1)
             log(f"part {name}: {report['part_seconds'][name]:.0f} s")
-    report["wall_s"] = round(time.perf_counter() - started, 1)
-    report = rounded(report)
-    text = markdown(report)
-    if args.markdown:
-        Path(args.markdown).write_text(text)
-    data = json.dumps(report, indent=1, ensure_ascii=False)
-    if args.out:
-        Path(args.out).write_text(data + "\n")
-        print(text, end="")
-    else:
-        print(data)
-    log(f"done in {report['wall_s']:.0f} s")
-    return report
+    return emit(report, started, markdown, args.out, args.markdown, log)
 
 
 if __name__ == "__main__":

@@ -144,7 +144,6 @@ import datetime
 import hashlib
 import io
 import itertools
-import json
 import math
 import os
 import platform
@@ -162,7 +161,7 @@ import lightning
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from _common import finite, quiet, ranked, rounded
+from _common import DASH, emit, finite, num, quiet, ranked
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader, TensorDataset
@@ -177,7 +176,6 @@ from nl_lightning.optim.m3 import M3
 from nl_lightning.optim.preconditioned_momentum import PreconditionedMomentum
 
 PARTS = ("surface", "regression", "digits", "fmnist", "charlm")
-DASH = "–"
 Builder = Callable[..., Optimizer]
 
 
@@ -199,10 +197,6 @@ def summary(values: Sequence[Optional[float]]) -> dict[str, Any]:
         "min": min(ok),
         "max": max(ok),
     }
-
-
-def num(x: Optional[float], spec: str = ".3g") -> str:
-    return DASH if x is None else format(x, spec)
 
 
 def cell(entry: dict[str, Any], spec: str = ".3g", missing: str = "not reached") -> str:
@@ -1375,19 +1369,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         report["parts"][name] = runners[name]()
         report["part_seconds"][name] = round(time.perf_counter() - t0, 1)
         log(f"part {name}: {report['part_seconds'][name]:.0f} s")
-    report["wall_s"] = round(time.perf_counter() - started, 1)
-    report = rounded(report)
-    text = markdown(report)
-    if args.markdown:
-        Path(args.markdown).write_text(text)
-    data = json.dumps(report, indent=1, ensure_ascii=False)
-    if args.out:
-        Path(args.out).write_text(data + "\n")
-        print(text, end="")
-    else:
-        print(data)
-    log(f"done in {report['wall_s']:.0f} s")
-    return report
+    return emit(report, started, markdown, args.out, args.markdown, log)
 
 
 if __name__ == "__main__":
