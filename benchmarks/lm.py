@@ -7,12 +7,14 @@ paper. The sha256 of each model and data source file is recorded in the JSON.
 Models (tiny sizes of the CPU recipes ``nl_lightning/recipes/text_*.yaml``; width 64, 4 heads)
 ------------------------------------------------------------------------------------------------
 - ``hope``: ``HopeModule(dim=64, depth=2, heads=4, chunk_size=16, cms_chunk_sizes=[16, 64])``, self-modifying Titans
-  then a CMS (the parameter reference);
+  then a CMS (the parameter reference), with the default ``cms_retention`` (``DEFAULT_CMS_RETENTION``);
 - ``hope_attention``: the same with ``variant="attention"`` (softmax attention within a segment, then the CMS);
 - ``transformer``: ``TransformerPP(dim=64, depth=3, heads=4, mlp_mult=2.0)``. The recipe's ``mlp_mult`` (8/3) gives
   about 22 % more parameters than Hope, so the SwiGLU width is lowered to 128 to match;
 - ``titans``: ``TitansMAL(dim=64, depth=2, heads=4, window=64, chunk_size=16, mlp_mult=1.5)`` (MAL, memory depth 2);
-  ``mlp_mult`` is lowered from 8/3 for the same reason.
+  ``mlp_mult`` is lowered from 8/3 for the same reason;
+- ``hope_rho1`` (an ablation, in parts 1 and 3 only): ``hope`` with ``cms_retention=1.0``, the CMS writes of Eq. 31 as
+  printed, with no pull back towards the learned initial weights.
 
 The exact parameter counts (all distinct parameters, embeddings tied with the head) and their difference from Hope's
 are in the JSON and the report; the script warns when one is more than 5 % off. All models: AdamW, lr 3e-3, weight
@@ -76,7 +78,9 @@ models the peak so far is also recorded after every 4K tokens, to show whether i
 stream's wall time, tokens/s, and the bits per byte over the first and the last 4K tokens of the stream. These are
 training bytes (the first 95 % of the corpus are the training split) and, for the transformer, positions far beyond
 the 128-token segments it was trained on: the figure is a check that nothing diverges (NaN, blow-up) along a long
-stream, not a held-out score.
+stream, not a held-out score. For a held-out score, every streamed model also reads the whole held-out tail (the
+validation bytes of part 1, about 24K) as one stream in the same way, in the main process; its bpc and the bpc of each
+4K block are reported.
 
 Running it
 ----------
@@ -124,14 +128,15 @@ from _common import DASH, emit, finite, num, proc_status_kib, quiet, ranked, res
 import nl_lightning
 from nl_lightning.data.synthetic import MQARDataModule, NeedleDataModule
 from nl_lightning.data.text import TextDataModule, load_corpus
-from nl_lightning.models.hope import HopeModule
+from nl_lightning.models.hope import DEFAULT_CMS_RETENTION, HopeModule
 from nl_lightning.models.lm import CausalLM
 from nl_lightning.models.titans import TitansMAL
 from nl_lightning.models.transformer import TransformerPP
 
 PARTS = ("bpc", "recall", "streaming")
-MODELS = ("hope", "hope_attention", "transformer", "titans")
-STATEFUL = ("hope", "hope_attention", "titans")
+MODELS = ("hope", "hope_attention", "transformer", "titans", "hope_rho1")
+STATEFUL = ("hope", "hope_attention", "titans", "hope_rho1")
+ABLATIONS = ("hope_rho1",)  # in the bpc and streaming parts only
 # glibc raises its mmap threshold each time a large block is freed, after which freed blocks stay in the heap and
 # count in the RSS; pinning it (which turns that off) makes the peak RSS of a probe follow the live bytes.
 MALLOC_MMAP_THRESHOLD = "131072"
@@ -141,12 +146,20 @@ ARCH: dict[str, tuple[type[CausalLM], dict[str, Any], str]] = {
     "hope": (
         HopeModule,
         {"dim": 64, "depth": 2, "heads": 4, "chunk_size": 16, "cms_chunk_sizes": [16, 64]},
-        "HopeModule(dim=64, depth=2, heads=4, chunk_size=16, cms_chunk_sizes=[16, 64])",
+        f"HopeModule(dim=64, depth=2, heads=4, chunk_size=16, cms_chunk_sizes=[16, 64]) (cms_retention"
+        f" {DEFAULT_CMS_RETENTION}, the default)",
+    ),
+    "hope_rho1": (
+        HopeModule,
+        {"dim": 64, "depth": 2, "heads": 4, "chunk_size": 16, "cms_chunk_sizes": [16, 64], "cms_retention": 1.0},
+        "HopeModule(dim=64, depth=2, heads=4, chunk_size=16, cms_chunk_sizes=[16, 64], cms_retention=1.0)"
+        " (ablation: the CMS writes of Eq. 31 as printed)",
     ),
     "hope_attention": (
         HopeModule,
         {"dim": 64, "depth": 2, "heads": 4, "variant": "attention", "cms_chunk_sizes": [16, 64]},
-        "HopeModule(dim=64, depth=2, heads=4, variant='attention', cms_chunk_sizes=[16, 64])",
+        f"HopeModule(dim=64, depth=2, heads=4, variant='attention', cms_chunk_sizes=[16, 64]) (cms_retention"
+        f" {DEFAULT_CMS_RETENTION})",
     ),
     "transformer": (
         TransformerPP,
@@ -456,7 +469,7 @@ def part_recall(args: argparse.Namespace) -> dict[str, Any]:
         }
         tokens_per_step = probe.batch_size * probe.seq_len
         models: dict[str, Any] = {}
-        for name in args.models:
+        for name in (m for m in args.models if m not in ABLATIONS):
             runs = []
             for seed in args.recall_seeds:
                 run = train_run(
@@ -608,9 +621,39 @@ def run_stream_probe(cfg: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def held_out_stream(name: str, weights: Optional[str], segment: int) -> dict[str, Any]:
+    """Bits per byte of the whole held-out tail read as one stream (state carried, memory writing), per 4K block."""
+    model = build(name, 256, None, 10)
+    if weights:
+        model.load_state_dict(torch.load(weights, weights_only=True))
+    model.eval()
+    dm = TextDataModule(seq_len=TEXT["seq_len"], val_fraction=0.05)
+    dm.setup("validate")
+    data = dm.corpus[dm.split_index :].long()
+    tokens, targets = data[:-1].unsqueeze(0), data[1:].unsqueeze(0)  # (1, L)
+    nll, state = torch.zeros(tokens.shape[1], dtype=torch.float64), None
+    with torch.inference_mode():
+        for start in range(0, tokens.shape[1], segment):
+            logits, state = model(tokens[:, start : start + segment], state=state, write=True)
+            nll[start : start + logits.shape[1]] = F.cross_entropy(
+                logits[0].float(), targets[0, start : start + segment], reduction="none"
+            ).double()
+    return {
+        "model": name,
+        "tokens": int(tokens.shape[1]),
+        "weights": "trained (part 1, first seed)" if weights else "initial (untrained)",
+        "bpc": float(nll.mean() / math.log(2)),
+        "bpc_blocks": [float(b.mean() / math.log(2)) for b in nll.split(BLOCK)],
+        "nonfinite_nll": int((~torch.isfinite(nll)).sum()),
+    }
+
+
 def part_streaming(args: argparse.Namespace, weights: dict[str, str]) -> dict[str, Any]:
     base = {"threads": args.threads, "segment": args.stream_segment}
     rows: list[dict[str, Any]] = []
+    held_out = [held_out_stream(name, weights.get(name), args.stream_segment) for name in args.stream_models]
+    for r in held_out:
+        log(f"held-out stream {r['model']}: {r['bpc']:.3f} bpc over {r['tokens']} tokens")
     for name in args.stream_models:
         for length in args.stream_lengths:
             cfg = {**base, "model": name, "mode": "stream", "length": length, "weights": weights.get(name)}
@@ -666,6 +709,7 @@ def part_streaming(args: argparse.Namespace, weights: dict[str, str]) -> dict[st
             "weights": {n: f"trained (part 1, seed {args.seeds[0]})" if n in weights else "initial" for n in MODELS},
         },
         "rows": rows,
+        "held_out_stream": held_out,
         "transformer_stop": stop,
     }
 
@@ -772,6 +816,20 @@ def streaming_markdown(part: dict[str, Any]) -> list[str]:
             f" {num(r['bpc_first_block'], '.3f')} | {num(r['bpc_last_block'], '.3f')} | {r['nonfinite_nll']} |"
         )
     lines += ["", f"Transformer++: {part['transformer_stop']}."]
+    if part.get("held_out_stream"):
+        lines += [
+            "",
+            "The held-out tail (the validation bytes of part 1) read as one stream in the same way, state carried over"
+            f" every segment of {s['segment']} tokens (part 1 reads it in separate {TEXT['seq_len']}-token windows):",
+            "",
+            "| model | tokens | bpc | bpc of each 4K block | non-finite |",
+            "|---|---|---|---|---|",
+        ]
+        for r in part["held_out_stream"]:
+            blocks = ", ".join(num(b, ".2f") for b in r["bpc_blocks"])
+            lines.append(
+                f"| {r['model']} | {r['tokens']:,} | {num(r['bpc'], '.3f')} | {blocks} | {r['nonfinite_nll']} |"
+            )
     longest = [r for r in part["rows"] if "error" not in r and len(r.get("bpc_blocks", [])) > 1]
     if longest:
         lines += [
@@ -866,7 +924,7 @@ def reading(report: dict[str, Any]) -> list[str]:
             lines.append(text + ".")
     if "streaming" in parts:
         rows = [r for r in parts["streaming"]["rows"] if "error" not in r]
-        for name in ("hope", "titans", "hope_attention"):
+        for name in ("hope", "titans", "hope_attention", "hope_rho1"):
             mine = sorted((r for r in rows if r["model"] == name), key=lambda r: r["length"])
             if len(mine) >= 2:
                 a, b = mine[0], mine[-1]
@@ -890,6 +948,13 @@ def reading(report: dict[str, Any]) -> list[str]:
         bad = [f"{r['model']} {r['length']}" for r in rows if r["nonfinite_nll"]]
         if bad:
             lines.append(f"- Non-finite losses along a stream: {', '.join(bad)}.")
+        held = {r["model"]: r["bpc"] for r in parts["streaming"].get("held_out_stream", [])}
+        if held:
+            lines.append(
+                "- Held-out tail read as one stream, bpc from lowest to highest: "
+                + ", ".join(f"{n} {v:.3f}" for n, v in ranked(held))
+                + "."
+            )
     return lines
 
 
@@ -963,7 +1028,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--recall-seeds", nargs="+", type=int, help="recall seeds (default 0 1; 0 with --quick)")
     parser.add_argument("--steps", type=int, help="bpc: optimizer steps per run (default 300; 10 with --quick)")
     parser.add_argument("--recall-steps", type=int, help="recall: steps per run (default 300; 10 with --quick)")
-    parser.add_argument("--models", nargs="+", choices=MODELS, help="models to run (default: all four)")
+    parser.add_argument("--models", nargs="+", choices=MODELS, help="models to run (default: all)")
     parser.add_argument("--val-samples", type=int, help="recall: samples per evaluation set (default 256; 32 quick)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (1)")
     parser.add_argument("--stream-segment", type=int, default=512, help="streaming: tokens per segment (512)")
@@ -992,7 +1057,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args.recall_seeds = list(dict.fromkeys(args.recall_seeds or ([0] if q else [0, 1])))
     args.models = [m for m in MODELS if m in (args.models or MODELS)]
     args.val_samples = args.val_samples or (32 if q else 256)
-    args.stream_models = [m for m in (("hope",) if q else ("hope", "titans", "hope_attention")) if m in args.models]
+    streamed = ("hope",) if q else ("hope", "titans", "hope_attention", "hope_rho1")
+    args.stream_models = [m for m in streamed if m in args.models]
     args.steps = args.steps or (10 if q else 300)
     args.recall_steps = args.recall_steps or (10 if q else 300)
     args.stream_lengths = sorted(args.stream_lengths or ([4096, 8192] if q else [4096, 65536]))

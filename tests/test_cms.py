@@ -40,7 +40,8 @@ def reference(cms: ContinuumMemory, x: torch.Tensor, create_graph: bool = False)
                 count += 1
                 if count == blk.chunk_size:
                     scale = blk.inner_lr / (blk.chunk_size if blk.reduction == "mean" else 1)
-                    fast = [w - scale * p for w, p in zip(fast, pending, strict=True)]
+                    rho = blk.retention  # w <- w0 + rho (w - w0) - scale * g
+                    fast = [w0 + rho * (w - w0) - scale * g for w, w0, g in zip(fast, params, pending, strict=True)]
                     pending, count = [torch.zeros_like(p) for p in params], 0
             outs.append(torch.stack(rows))
             per_sample.append(fast)
@@ -78,6 +79,49 @@ def test_chunk_parallel_equals_token_by_token(activation, reduction):
     frozen.load_state_dict(cms.state_dict())
     read = frozen(x)[0]
     assert torch.allclose(read[:, :3], y[:, :3], atol=1e-6) and not torch.allclose(read[:, 3:], y[:, 3:], atol=1e-3)
+
+
+@pytest.mark.parametrize("retention", [0.6, [0.3, 0.9]])
+def test_retention_equals_token_by_token(retention):
+    """Writes that pull the fast weights back towards the parameters, one value or one per level."""
+    cms = make(retention=retention)
+    with torch.no_grad():
+        for blk in cms.blocks:
+            blk.value.add_(0.3 * torch.randn_like(blk.value))
+    x = torch.randn(2, 17, 6)
+    y, state = cms(x)
+    y_ref, finals = reference(cms, x)
+    assert [blk.retention for blk in cms.blocks] == (retention if isinstance(retention, list) else [retention] * 2)
+    assert torch.allclose(y.double(), y_ref, atol=1e-5), (y.double() - y_ref).abs().max()
+    for lvl, ref in zip(state.levels, finals, strict=True):
+        for got, want in zip(lvl.weights, ref[1], strict=True):
+            assert torch.allclose(got[1].double(), want, atol=1e-5)
+    plain = make()  # same parameters, no pull back: the weights end elsewhere
+    plain.load_state_dict(cms.state_dict())
+    assert not torch.allclose(plain(x)[1].levels[0].w1, state.levels[0].w1, atol=1e-4)
+
+
+def test_retention_keeps_a_long_stream_near_the_initial_weights():
+    """Over 150 writes, plain writes wander off; with retention rho the distance from the parameters stays
+    below the largest single step divided by 1 - rho (the geometric bound), measured write by write."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 600, 6)
+    dist = {}
+    for rho in (1.0, 0.5):
+        cms = ContinuumMemory(6, [4], hidden_mult=2.0, in_context=True, inner_lr=0.2, retention=rho)
+        blk, state, steps, d = cms.blocks[0], None, [], []
+        w0 = torch.cat([p.detach().flatten() for p in (blk.w1, blk.b1, blk.w2, blk.b2)])
+        with torch.no_grad():
+            for t in range(0, 600, 4):
+                before = state.levels[0] if state is not None else blk.initial_state(1)
+                _, state = cms(x[:, t : t + 4], state)
+                after = torch.cat([w[0].flatten() for w in state.levels[0].weights])
+                prev = torch.cat([w[0].flatten() for w in before.weights])
+                steps.append((after - (w0 + rho * (prev - w0))).norm())  # this write's gradient step
+                d.append((after - w0).norm())
+        dist[rho] = (max(d), max(steps))
+    assert dist[0.5][0] <= dist[0.5][1] / (1 - 0.5) + 1e-5
+    assert dist[1.0][0] > 2 * dist[0.5][0]
 
 
 def test_batched_equals_one_by_one():
@@ -131,9 +175,10 @@ def test_inference_mode_writes_and_matches_grad_mode():
     out.sum().backward()
 
 
-def test_gradients_through_writes_match_autograd_of_the_reference():
+@pytest.mark.parametrize("retention", [1.0, 0.7])
+def test_gradients_through_writes_match_autograd_of_the_reference(retention):
     """differentiable_writes=True: the meta-gradients (initial weights, norm, value) equal second-order autograd."""
-    cms = make(chunk_sizes=(2, 3))
+    cms = make(chunk_sizes=(2, 3), retention=retention)
     x = torch.randn(2, 7, 6)
     cms(x)[0].pow(2).sum().backward()
     ours = {n: p.grad.clone() for n, p in cms.named_parameters()}
@@ -200,6 +245,10 @@ def test_levels_own_only_their_parameters():
         (dict(chunk_sizes=[4], activation="swish"), "activation.*'swish'"),
         (dict(chunk_sizes=[4], norm="batchnorm"), "norm.*'batchnorm'"),
         (dict(chunk_sizes=[4], inner_lr=-1.0), "inner_lr.*-1.0"),
+        (dict(chunk_sizes=[4], retention=0.0), r"retention.*\(0, 1\].*0.0"),
+        (dict(chunk_sizes=[4], retention=1.5), r"retention.*1.5"),
+        (dict(chunk_sizes=[4], retention=True), r"retention.*True"),
+        (dict(chunk_sizes=[4, 8], retention=[0.9]), "retention.*one value per level"),
     ],
 )
 def test_errors(kwargs, match):

@@ -9,6 +9,7 @@ from lightning.pytorch import Trainer
 from nl_lightning.data import MQARDataModule, TextDataModule
 from nl_lightning.models import HopeBlock, HopeModule, HopeState, TitansMAL, TransformerPP
 from nl_lightning.models.cms_memory import CMSState
+from nl_lightning.models.hope import DEFAULT_CMS_RETENTION
 
 TINY = dict(vocab_size=64, dim=32, depth=2, heads=4)
 
@@ -179,6 +180,15 @@ def test_text_datamodule_trains_hope(tmp_path):
     assert torch.isfinite(torch.tensor(trainer.validate(model, datamodule=dm, verbose=False)[0]["val_bpc"]))
 
 
+@pytest.mark.parametrize(("retention", "expected"), [(None, [DEFAULT_CMS_RETENTION] * 2), ([1.0, 0.5], [1.0, 0.5])])
+def test_cms_retention_reaches_every_level(retention, expected):
+    kwargs = {} if retention is None else {"cms_retention": retention}
+    for variant in ("titans", "attention"):
+        model = HopeModule(**TINY, variant=variant, cms_chunk_sizes=[4, 8], **kwargs)
+        assert [[lvl.retention for lvl in blk.cms.blocks] for blk in model.blocks] == [expected] * TINY["depth"]
+    assert 0 < DEFAULT_CMS_RETENTION < 1
+
+
 @pytest.mark.parametrize(
     ("cls", "kwargs", "match"),
     [
@@ -186,6 +196,8 @@ def test_text_datamodule_trains_hope(tmp_path):
         (HopeModule, {"dim": 0}, "dim"),
         (TitansMAL, {"window": 0}, "window"),
         (HopeBlock, {"dim": 30, "heads": 4}, "30"),
+        (HopeModule, {"cms_retention": 0.0}, r"retention.*\(0, 1\]"),
+        (HopeModule, {"cms_chunk_sizes": [4, 8], "cms_retention": [0.9]}, "retention.*one value per level"),
     ],
 )
 def test_errors(cls, kwargs, match):

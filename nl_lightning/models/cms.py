@@ -39,6 +39,14 @@ memory that maps its normalised input ``k_t = Norm_i(h_t)`` to a value ``v_t = W
 projection, :math:`\ell_t = \tfrac12 \lVert \mathrm{MLP}_i(k_t) - v_t \rVert^2`; the surprise is
 :math:`\lVert \mathrm{MLP}_i(k_t) - v_t \rVert`. Writes need no labels and no autograd, so they also run under
 ``torch.inference_mode()`` (Lightning's validate and predict).
+
+**Retention** [ours, the retention gate of Eq. 88 applied towards the meta-learned state]: with ``retention=ρ < 1`` a
+write is :math:`\theta \leftarrow \theta_0 + \rho(\theta - \theta_0) - \eta\,\bar g`, where :math:`\theta_0` are the
+parameters. Eq. 31 as printed (``ρ = 1``) has no pull back: over a stream far longer than the training sequences the
+fast weights wander to where the rest of the model was never trained to read them (a 300-step byte model streaming
+16K tokens went from 2.4 to over 6 bits per byte; ``benchmarks/lm.py`` section 3). With ``ρ < 1`` they stay within
+about :math:`\eta\lVert\bar g\rVert / (1 - \rho)` of :math:`\theta_0`, and a level forgets what it wrote after about
+``1 / (1 - ρ)`` writes, ``C_i`` tokens each, so slower levels remember longer.
 """
 
 from __future__ import annotations
@@ -85,6 +93,13 @@ class CMSLevel(nn.Module):
         inner_lr: Learning rate ``eta`` of the token-axis writes (0 disables them).
         reduction: Each write uses the ``"mean"`` or the ``"sum"`` (as printed in Eq. 31) of the chunk's gradients.
         in_context: Create the ``value`` projection the token-axis writes need.
+        retention: Share ``ρ`` of their distance from the initial weights (the parameters) that the fast weights keep
+            at every write, in ``(0, 1]``: ``θ <- θ_0 + ρ (θ - θ_0) - η ḡ``. 1 (default) is Eq. 31 as printed; below 1
+            the fast weights stay within about ``η |ḡ| / (1 - ρ)`` of the parameters however long the stream.
+
+    Raises:
+        ValueError: On an unknown ``activation`` or ``reduction``, a negative ``inner_lr``, or ``retention`` outside
+            ``(0, 1]``.
 
     """
 
@@ -99,6 +114,7 @@ class CMSLevel(nn.Module):
         inner_lr: float = 1e-2,
         reduction: Literal["mean", "sum"] = "mean",
         in_context: bool = True,
+        retention: float = 1.0,
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
@@ -107,6 +123,11 @@ class CMSLevel(nn.Module):
             raise ValueError(f"`reduction` must be 'mean' or 'sum', got {reduction!r}.")
         if not inner_lr >= 0:
             raise ValueError(f"`inner_lr` must be >= 0, got {inner_lr!r}.")
+        if isinstance(retention, bool) or not isinstance(retention, (int, float)) or not 0 < retention <= 1:
+            raise ValueError(
+                f"`retention` must be in (0, 1] (1: no pull back to the initial weights), got {retention!r}."
+            )
+        self.retention = float(retention)
         self.dim, self.hidden, self.chunk_size = dim, hidden, chunk_size
         self.activation, self.residual, self.reduction = activation, residual, reduction
         self.inner_lr = float(inner_lr)
@@ -175,12 +196,16 @@ class CMSLevel(nn.Module):
 
     def _write(self, state: FastWeights) -> FastWeights:
         scale = self.inner_lr / (self.chunk_size if self.reduction == "mean" else 1)
-        return state.write(scale)
+        if self.retention == 1.0:
+            return state.write(scale)
+        initial = tuple(p.to(torch.float32) for p in (self.w1, self.b1, self.w2, self.b2))
+        return state.write(scale, self.retention, initial)
 
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, hidden={self.hidden}, chunk_size={self.chunk_size}, activation={self.activation},"
             f" residual={self.residual}, inner_lr={self.inner_lr}"
+            + (f", retention={self.retention}" if self.retention != 1.0 else "")
         )
 
 
@@ -212,10 +237,13 @@ class ContinuumMemory(nn.Module):
             smaller for slower levels.
         reduction: A write uses the mean (default) or the sum of its chunk's gradients.
         differentiable_writes: Backpropagate through the writes (see above).
+        retention: Share of their distance from the initial weights that each level's fast weights keep at every
+            write, in ``(0, 1]`` (one value or one per level; see :class:`CMSLevel`). 1 (default): Eq. 31 as printed,
+            with no pull back, so the fast weights can wander arbitrarily far over a long stream.
 
     Raises:
         ValueError: On an empty ``chunk_sizes``, a chunk size below 1, per-level lists of the wrong length, or an
-            unknown activation, norm or reduction.
+            unknown activation, norm or reduction, or a ``retention`` outside ``(0, 1]``.
 
     Example::
 
@@ -239,6 +267,7 @@ class ContinuumMemory(nn.Module):
         inner_lr: Optional[Union[float, Sequence[float]]] = None,
         reduction: Literal["mean", "sum"] = "mean",
         differentiable_writes: bool = True,
+        retention: Union[float, Sequence[float]] = 1.0,
     ) -> None:
         super().__init__()
         chunk_sizes = list(chunk_sizes)
@@ -258,9 +287,12 @@ class ContinuumMemory(nn.Module):
             _per_level(residual, k, "residual"),
             lrs,
             chunk_sizes,
+            _per_level(retention, k, "retention"),
             strict=True,
         )
-        blocks = [CMSLevel(dim, h, c, act, nm, res, lr, reduction, in_context) for h, act, nm, res, lr, c in specs]
+        blocks = [
+            CMSLevel(dim, h, c, act, nm, res, lr, reduction, in_context, rho) for h, act, nm, res, lr, c, rho in specs
+        ]
         # Registered under "levels" so that parameters read "levels.<i>.w1" (globs like "*.cms.levels.2.*"), while
         # `levels()` stays the method of the contract; `add_module` would refuse the name of an existing attribute.
         self._modules["levels"] = nn.ModuleList(blocks)

@@ -142,11 +142,23 @@ class FastWeights:
             return replace(self, pending=grads)
         return replace(self, pending=tuple(p + g for p, g in zip(self.pending, grads, strict=True)))
 
-    def write(self, scale: float) -> FastWeights:
-        """Close the chunk: ``w <- w - scale * pending`` (no pending gradients: the weights stay)."""
-        if self.pending is None:
-            return FastWeights(*self.weights, pending=None, count=0)
-        new = [w - scale * g for w, g in zip(self.weights, self.pending, strict=True)]
+    def write(self, scale: float, retention: float = 1.0, initial: Optional[tuple[Tensor, ...]] = None) -> FastWeights:
+        """Close the chunk: ``w <- w0 + retention * (w - w0) - scale * pending``.
+
+        Args:
+            scale: The step on the pending gradient sums (none pending: no step).
+            retention: The share of the distance from ``initial`` (``w0``) the weights keep; 1 keeps all of it, the
+                plain ``w <- w - scale * pending`` of Eq. 31.
+            initial: ``w0`` (``w1, b1, w2, b2``, broadcast against the weights); needed when ``retention < 1``.
+
+        """
+        new = list(self.weights)
+        if retention != 1.0:
+            if initial is None:
+                raise ValueError("A write with `retention` < 1 needs the `initial` weights it decays towards.")
+            new = [torch.lerp(w0, w, retention) for w, w0 in zip(new, initial, strict=True)]  # one op and node each
+        if self.pending is not None:
+            new = [torch.add(w, g, alpha=-scale) for w, g in zip(new, self.pending, strict=True)]
         return FastWeights(*new, pending=None, count=0)
 
     def map(self, fn: Callable[[Tensor], Tensor]) -> FastWeights:

@@ -35,14 +35,16 @@ evaluation and generation machinery of :class:`~nl_lightning.models.lm.CausalLM`
 Choices [ours] (paper-notes §3.8, §4): CMS token-axis writes are first order (``differentiable_writes=False``: the
 initial weights learn through every read, the writes carry no graph), which keeps memory flat in the segment length;
 the self-modifying Titans writes stay differentiable within a segment; between segments every state is detached
-(truncated backpropagation). Hope-Attention attends within a segment only; its CMS carries across segments.
+(truncated backpropagation). Hope-Attention attends within a segment only; its CMS carries across segments. Each CMS
+write keeps ``cms_retention`` (default :data:`DEFAULT_CMS_RETENTION`) of the fast weights' distance from the learned
+initial weights, so that streaming far past the training length stays near the states the model was trained on.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from torch import Tensor, nn
 from typing_extensions import override
@@ -53,9 +55,12 @@ from nl_lightning.models.lm import BlockStackLM
 from nl_lightning.models.self_modifying_titans import SelfModifyingState, SelfModifyingTitans
 from nl_lightning.models.transformer import CausalSelfAttention, RMSNorm
 
-__all__ = ["HopeBlock", "HopeBlockState", "HopeModule", "HopeState"]
+__all__ = ["DEFAULT_CMS_RETENTION", "HopeBlock", "HopeBlockState", "HopeModule", "HopeState"]
 
 Variant = Literal["titans", "attention"]
+
+#: Retention of the CMS fast weights per write in Hope [ours]; see :class:`~nl_lightning.models.cms.CMSLevel`.
+DEFAULT_CMS_RETENTION = 0.8
 
 
 @dataclass
@@ -99,6 +104,10 @@ class HopeBlock(nn.Module):
         variant: ``"titans"`` (Hope) or ``"attention"`` (Hope-Attention).
         window: Sliding window of the attention variant (``None``: full causal attention within a segment).
         titans_kwargs: Further :class:`~nl_lightning.models.self_modifying_titans.SelfModifyingTitans` arguments.
+        cms_retention: Share of their distance from the learned initial weights that the CMS fast weights keep at
+            every write (one value or one per level, in ``(0, 1]``; see
+            :class:`~nl_lightning.models.cms.CMSLevel`). Below 1 keeps a long stream's fast weights near the state
+            the model was trained to read; 1 is Eq. 31 as printed.
 
     Raises:
         ValueError: On an unknown ``variant`` (and the sub-modules' own errors).
@@ -122,6 +131,7 @@ class HopeBlock(nn.Module):
         variant: Variant = "titans",
         window: Optional[int] = None,
         titans_kwargs: Optional[dict[str, Any]] = None,
+        cms_retention: Union[float, Sequence[float]] = DEFAULT_CMS_RETENTION,
     ) -> None:
         super().__init__()
         if variant not in ("titans", "attention"):
@@ -139,6 +149,7 @@ class HopeBlock(nn.Module):
             hidden_mult=cms_hidden_mult,
             in_context=True,
             differentiable_writes=False,
+            retention=cms_retention,
             **cms_kwargs,
         )
 
@@ -187,6 +198,9 @@ class HopeModule(BlockStackLM):
         window: The attention variant's sliding window.
         titans_kwargs: Further SelfModifyingTitans arguments (``hidden_mult``, ``rule``, ``eta_max``, ...).
         tie_embeddings: Share the input embedding and the output head.
+        cms_retention: Share of their distance from the learned initial weights that the CMS fast weights keep at
+            every write (see :class:`HopeBlock`); 1 is Eq. 31 as printed, under which the bits per byte of a stream
+            far longer than the training sequences climb towards chance.
         **lm_kwargs: :class:`~nl_lightning.models.lm.CausalLM` arguments (``lr``, ``segment_len``,
             ``memorize_at_eval``, ...).
 
@@ -218,6 +232,7 @@ class HopeModule(BlockStackLM):
         window: Optional[int] = None,
         titans_kwargs: Optional[dict[str, Any]] = None,
         tie_embeddings: bool = True,
+        cms_retention: Union[float, Sequence[float]] = DEFAULT_CMS_RETENTION,
         **lm_kwargs: Any,
     ) -> None:
         super().__init__(vocab_size, **lm_kwargs)
@@ -227,7 +242,16 @@ class HopeModule(BlockStackLM):
         self.dim, self.variant = dim, variant
         blocks = [
             HopeBlock(
-                dim, heads, chunk_size, cms_chunk_sizes, cms_hidden_mult, cms_inner_lr, variant, window, titans_kwargs
+                dim,
+                heads,
+                chunk_size,
+                cms_chunk_sizes,
+                cms_hidden_mult,
+                cms_inner_lr,
+                variant,
+                window,
+                titans_kwargs,
+                cms_retention,
             )
             for _ in range(depth)
         ]
