@@ -124,6 +124,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from _common import DASH, emit, finite, num, proc_status_kib, quiet, ranked, reset_peak_rss
+from torch import Tensor
 
 import nl_lightning
 from nl_lightning.data.synthetic import MQARDataModule, NeedleDataModule
@@ -536,13 +537,35 @@ def part_recall(args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------- part 3: streaming
 
 
+def trained(name: str, weights: Optional[str]) -> CausalLM:
+    """The text-size model ``name`` in eval mode, with the weights saved at ``weights`` (if any)."""
+    model = build(name, 256, None, 10)
+    if weights:
+        model.load_state_dict(torch.load(weights, weights_only=True))
+    return model.eval()
+
+
+def stream_nll(
+    model: CausalLM, tokens: Tensor, targets: Tensor, segment: int, after: Optional[Callable[[int], None]] = None
+) -> Tensor:
+    """Per-token cross-entropy of ``tokens`` ``(1, L)`` read ``segment`` tokens at a time, the state carried and the
+    memory writing (call under ``torch.inference_mode()``); ``after(end)`` runs after each segment."""
+    nll, state = torch.zeros(tokens.shape[1], dtype=torch.float64), None
+    for start in range(0, tokens.shape[1], segment):
+        logits, state = model(tokens[:, start : start + segment], state=state, write=True)
+        nll[start : start + logits.shape[1]] = F.cross_entropy(
+            logits[0].float(), targets[0, start : start + segment], reduction="none"
+        ).double()
+        del logits
+        if after is not None:
+            after(start + segment)
+    return nll
+
+
 def stream_probe(cfg: dict[str, Any]) -> dict[str, Any]:
     """Peak memory and time of one streaming configuration; runs in a fresh process (``--_stream-probe``)."""
     torch.set_num_threads(cfg["threads"])
-    model = build(cfg["model"], 256, None, 10)
-    if cfg["weights"]:
-        model.load_state_dict(torch.load(cfg["weights"], weights_only=True))
-    model.eval()
+    model = trained(cfg["model"], cfg["weights"])
     length, seg = cfg["length"], cfg["segment"]
     data = load_corpus()[: length + 1].long()
     tokens, targets = data[:-1].unsqueeze(0), data[1:].unsqueeze(0)  # (1, L)
@@ -552,8 +575,18 @@ def stream_probe(cfg: dict[str, Any]) -> dict[str, Any]:
     reset = reset_peak_rss()
     base = proc_status_kib("VmRSS") if reset else None
     ru0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    nll = torch.zeros(length, dtype=torch.float64)
     curve: list[dict[str, float]] = []
+
+    def record(end: int) -> None:
+        if reset and end % BLOCK == 0:
+            curve.append(
+                {
+                    "tokens": end,
+                    "peak_increase_mib": (proc_status_kib("VmHWM") - base) / 1024,
+                    "rss_increase_mib": (proc_status_kib("VmRSS") - base) / 1024,
+                }
+            )
+
     t0 = time.perf_counter()
     with torch.inference_mode():
         if cfg["mode"] == "whole":
@@ -561,22 +594,7 @@ def stream_probe(cfg: dict[str, Any]) -> dict[str, Any]:
             nll = F.cross_entropy(logits[0].float(), targets[0], reduction="none").double()
             del logits
         else:
-            state = None
-            for start in range(0, length, seg):
-                logits, state = model(tokens[:, start : start + seg], state=state, write=True)
-                nll[start : start + logits.shape[1]] = F.cross_entropy(
-                    logits[0].float(), targets[0, start : start + seg], reduction="none"
-                ).double()
-                del logits
-                end = start + seg
-                if reset and end % BLOCK == 0:
-                    curve.append(
-                        {
-                            "tokens": end,
-                            "peak_increase_mib": (proc_status_kib("VmHWM") - base) / 1024,
-                            "rss_increase_mib": (proc_status_kib("VmRSS") - base) / 1024,
-                        }
-                    )
+            nll = stream_nll(model, tokens, targets, seg, record)
     seconds = time.perf_counter() - t0
     ru1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out: dict[str, Any] = {
@@ -623,21 +641,12 @@ def run_stream_probe(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def held_out_stream(name: str, weights: Optional[str], segment: int) -> dict[str, Any]:
     """Bits per byte of the whole held-out tail read as one stream (state carried, memory writing), per 4K block."""
-    model = build(name, 256, None, 10)
-    if weights:
-        model.load_state_dict(torch.load(weights, weights_only=True))
-    model.eval()
     dm = TextDataModule(seq_len=TEXT["seq_len"], val_fraction=0.05)
     dm.setup("validate")
     data = dm.corpus[dm.split_index :].long()
     tokens, targets = data[:-1].unsqueeze(0), data[1:].unsqueeze(0)  # (1, L)
-    nll, state = torch.zeros(tokens.shape[1], dtype=torch.float64), None
     with torch.inference_mode():
-        for start in range(0, tokens.shape[1], segment):
-            logits, state = model(tokens[:, start : start + segment], state=state, write=True)
-            nll[start : start + logits.shape[1]] = F.cross_entropy(
-                logits[0].float(), targets[0, start : start + segment], reduction="none"
-            ).double()
+        nll = stream_nll(trained(name, weights), tokens, targets, segment)
     return {
         "model": name,
         "tokens": int(tokens.shape[1]),
