@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from typing import Optional
 
 import pytest
 import torch
@@ -14,10 +15,18 @@ from nl_lightning.models import CMSState, ContinuumMemory
 ACT = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu, "tanh": torch.tanh}
 
 
-def reference(cms: ContinuumMemory, x: torch.Tensor, create_graph: bool = False) -> tuple[torch.Tensor, list]:
+def reference(
+    cms: ContinuumMemory,
+    x: torch.Tensor,
+    create_graph: bool = False,
+    first_order: bool = False,
+    detach_at: Optional[int] = None,
+) -> tuple[torch.Tensor, list]:
     """One sample and one token at a time; each token's gradient by autograd at the chunk's anchor weights.
 
-    Returns the output and, per level, the final fast weights of every sample.
+    ``create_graph``: the writes are differentiable (second order). ``first_order``: the reads keep the fast weights'
+    graph to the parameters, the gradients of the writes are constants. ``detach_at``: the fast weights are detached
+    before that token (a segment boundary). Returns the output and, per level, the final fast weights of every sample.
     """
     h = x.double()
     finals = []
@@ -26,13 +35,16 @@ def reference(cms: ContinuumMemory, x: torch.Tensor, create_graph: bool = False)
         value = blk.value.double()
         outs, per_sample = [], []
         for b in range(h.shape[0]):
-            fast = [p.clone() if create_graph else p.detach().clone() for p in params]
+            fast = [p.clone() if create_graph or first_order else p.detach().clone() for p in params]
             pending, count, rows = [torch.zeros_like(p) for p in params], 0, []
             for t in range(h.shape[1]):
+                if t == detach_at:
+                    fast = [w.detach() for w in fast]
                 anchor = fast if create_graph else [w.detach().requires_grad_() for w in fast]
                 k = F.rms_norm(h[b, t], (h.shape[-1],), blk.norm.weight.double(), blk.norm.eps)
                 y = anchor[2] @ ACT[blk.activation](anchor[0] @ k + anchor[1]) + anchor[3]
-                rows.append(h[b, t] + y if blk.residual else y)
+                read = fast[2] @ ACT[blk.activation](fast[0] @ k + fast[1]) + fast[3] if first_order else y
+                rows.append(h[b, t] + read if blk.residual else read)
                 if blk.inner_lr > 0:
                     loss = 0.5 * (y - value @ k).pow(2).sum()
                     grads = torch.autograd.grad(loss, anchor, create_graph=create_graph)
@@ -188,6 +200,28 @@ def test_gradients_through_writes_match_autograd_of_the_reference(retention):
     for name, p in cms.named_parameters():
         assert torch.allclose(ours[name], p.grad, atol=1e-4, rtol=1e-4), name
     assert ours["levels.0.value"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("retention", [1.0, 0.6])
+@pytest.mark.parametrize("detach", [True, False])
+def test_first_order_meta_gradients_match_the_reference(retention, detach):
+    """differentiable_writes=False over two segments (the state detached between them, or not): the gradients of the
+    initial weights and the norms equal the reference's, whose reads keep the fast weights' graph and whose write
+    gradients are constants; with retention, the weights of a detached segment depend on the initial weights again."""
+    cms = make(chunk_sizes=(2, 3), retention=retention, differentiable_writes=False)
+    x = torch.randn(2, 11, 6)
+    y1, state = cms(x[:, :5])
+    y2, _ = cms(x[:, 5:], state.detach() if detach else state)
+    torch.cat([y1, y2], dim=1).pow(2).sum().backward()
+    ours = {n: p.grad.clone() for n, p in cms.named_parameters() if p.grad is not None}
+    cms.zero_grad()
+    y_ref, _ = reference(cms, x, first_order=True, detach_at=5 if detach else None)
+    assert torch.allclose(torch.cat([y1, y2], dim=1).double(), y_ref, atol=1e-5)
+    y_ref.pow(2).sum().backward()
+    assert set(ours) == {n for n, p in cms.named_parameters() if p.grad is not None} and "levels.0.w1" in ours
+    for name, grad in ours.items():
+        want = dict(cms.named_parameters())[name].grad
+        assert torch.allclose(grad, want, atol=1e-4, rtol=1e-4), (name, (grad - want).abs().max())
 
 
 def test_first_order_writes_stop_the_update_gradients():

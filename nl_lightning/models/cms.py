@@ -141,7 +141,7 @@ class CMSLevel(nn.Module):
     def initial_state(self, batch: int, device: Optional[torch.device] = None) -> FastWeights:
         """Per-sample fast weights equal to the parameters (fp32; differentiable w.r.t. them)."""
         params = [p.to(device=device, dtype=torch.float32) for p in (self.w1, self.b1, self.w2, self.b2)]
-        return FastWeights(*(p.unsqueeze(0).expand(batch, *p.shape) for p in params))
+        return FastWeights(*(p.unsqueeze(0).expand(batch, *p.shape) for p in params), initial_share=1.0)
 
     def forward(
         self, h: Tensor, state: Optional[FastWeights] = None, differentiable: bool = True, write: bool = True
@@ -180,7 +180,7 @@ class CMSLevel(nn.Module):
                 ys.append(y)
                 state = self._accumulate(state, k, y, z, a, v, differentiable).advance(k.shape[1])
                 if state.count == self.chunk_size:
-                    state = self._write(state)
+                    state = self._write(state, differentiable)
             y = torch.cat(ys, dim=1)
             out = x + y if self.residual else y
         return out.to(h.dtype), state
@@ -195,12 +195,12 @@ class CMSLevel(nn.Module):
             state = state.add_pending(grads)
         return state
 
-    def _write(self, state: FastWeights) -> FastWeights:
+    def _write(self, state: FastWeights, differentiable: bool) -> FastWeights:
         scale = self.inner_lr / (self.chunk_size if self.reduction == "mean" else 1)
         if self.retention == 1.0:
             return state.write(scale)
         initial = tuple(p.to(torch.float32) for p in (self.w1, self.b1, self.w2, self.b2))
-        return state.write(scale, self.retention, initial)
+        return state.write(scale, self.retention, initial, first_order=not differentiable)
 
     def extra_repr(self) -> str:
         return (

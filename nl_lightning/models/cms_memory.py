@@ -120,6 +120,10 @@ class FastWeights:
         w1, b1, w2, b2: The fast weights, ``(B, H, D)``, ``(B, H)``, ``(B, D, H)``, ``(B, D)``, fp32.
         pending: Summed gradients of the tokens read so far in the current chunk (``None`` when none).
         count: Tokens read so far in the current chunk (``0 <= count < chunk_size`` between calls).
+        initial_share: ``c`` such that, under first-order writes, the weights depend on the learned initial weights
+            ``w0`` as ``c * w0`` plus a constant: 1 for a fresh state, 0 after :meth:`detach`, ``ρ c + 1 - ρ`` after
+            a write with retention ``ρ``. It lets such a write route the retention's gradient exactly (see
+            :meth:`write`).
 
     """
 
@@ -129,6 +133,7 @@ class FastWeights:
     b2: Tensor
     pending: Optional[tuple[Tensor, Tensor, Tensor, Tensor]] = None
     count: int = 0
+    initial_share: float = 0.0
 
     @property
     def weights(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -142,7 +147,13 @@ class FastWeights:
             return replace(self, pending=grads)
         return replace(self, pending=tuple(p + g for p, g in zip(self.pending, grads, strict=True)))
 
-    def write(self, scale: float, retention: float = 1.0, initial: Optional[tuple[Tensor, ...]] = None) -> FastWeights:
+    def write(
+        self,
+        scale: float,
+        retention: float = 1.0,
+        initial: Optional[tuple[Tensor, ...]] = None,
+        first_order: bool = False,
+    ) -> FastWeights:
         """Close the chunk: ``w <- w0 + retention * (w - w0) - scale * pending``.
 
         Args:
@@ -150,20 +161,42 @@ class FastWeights:
             retention: The share of the distance from ``initial`` (``w0``) the weights keep; 1 keeps all of it, the
                 plain ``w <- w - scale * pending`` of Eq. 31.
             initial: ``w0`` (``w1, b1, w2, b2``, broadcast against the weights); needed when ``retention < 1``.
+            first_order: The pending gradients carry no graph (``differentiable_writes=False``). Then the update is
+                computed without a graph and added as a constant, and the retention's gradient to ``w0``, exactly
+                ``(1 - retention)(1 - initial_share)`` times the weights' gradient, is added as one broadcast term:
+                the same gradient as the plain formula with fewer and cheaper backward steps.
 
         """
+        share = retention * self.initial_share + 1 - retention
         new = list(self.weights)
-        if retention != 1.0:
-            if initial is None:
-                raise ValueError("A write with `retention` < 1 needs the `initial` weights it decays towards.")
+        if retention == 1.0:
+            if self.pending is not None:
+                new = [torch.add(w, g, alpha=-scale) for w, g in zip(new, self.pending, strict=True)]
+            return FastWeights(*new, pending=None, count=0, initial_share=share)
+        if initial is None:
+            raise ValueError("A write with `retention` < 1 needs the `initial` weights it decays towards.")
+        if not first_order:
             new = [torch.lerp(w0, w, retention) for w, w0 in zip(new, initial, strict=True)]  # one op and node each
-        if self.pending is not None:
-            new = [torch.add(w, g, alpha=-scale) for w, g in zip(new, self.pending, strict=True)]
-        return FastWeights(*new, pending=None, count=0)
+            if self.pending is not None:
+                new = [torch.add(w, g, alpha=-scale) for w, g in zip(new, self.pending, strict=True)]
+            return FastWeights(*new, pending=None, count=0, initial_share=share)
+        with torch.no_grad():
+            delta = [torch.lerp(w0, w, retention).sub_(w) for w, w0 in zip(new, initial, strict=True)]
+            if self.pending is not None:
+                delta = [d.sub_(g, alpha=scale) for d, g in zip(delta, self.pending, strict=True)]
+        new = [w + d for w, d in zip(new, delta, strict=True)]  # d is a constant: the gradient passes through
+        route = (1 - retention) * (1 - self.initial_share)
+        if route and torch.is_grad_enabled() and any(w0.requires_grad for w0 in initial):
+            new = [w + route * (w0 - w0.detach()) for w, w0 in zip(new, initial, strict=True)]  # value 0, gradient
+        return FastWeights(*new, pending=None, count=0, initial_share=share)
 
     def map(self, fn: Callable[[Tensor], Tensor]) -> FastWeights:
         pending = tuple(fn(p) for p in self.pending) if self.pending is not None else None
-        return FastWeights(*(fn(w) for w in self.weights), pending=pending, count=self.count)
+        return FastWeights(*(fn(w) for w in self.weights), pending, self.count, self.initial_share)
+
+    def detach(self) -> FastWeights:
+        """:func:`_portable` weights and pending sums; they no longer depend on the initial weights."""
+        return replace(self.map(_portable), initial_share=0.0)
 
 
 @dataclass
@@ -178,7 +211,7 @@ class CMSState:
     def detach(self) -> CMSState:
         """Stop gradients here (truncated backpropagation between segments); also makes a state computed under
         ``torch.inference_mode`` usable outside it."""
-        return CMSState([lvl.map(_portable) for lvl in self.levels])
+        return CMSState([lvl.detach() for lvl in self.levels])
 
     def to(self, *args: Any, **kwargs: Any) -> CMSState:
         return CMSState([lvl.map(lambda t: t.to(*args, **kwargs)) for lvl in self.levels])
