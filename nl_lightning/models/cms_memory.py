@@ -168,23 +168,25 @@ class FastWeights:
 
         """
         share = retention * self.initial_share + 1 - retention
-        new = list(self.weights)
-        if retention == 1.0:
-            if self.pending is not None:
-                new = [torch.add(w, g, alpha=-scale) for w, g in zip(new, self.pending, strict=True)]
-            return FastWeights(*new, pending=None, count=0, initial_share=share)
-        if initial is None:
+        if retention != 1.0 and initial is None:
             raise ValueError("A write with `retention` < 1 needs the `initial` weights it decays towards.")
-        if not first_order:
+        if retention != 1.0 and first_order:
+            return self._first_order_write(scale, retention, initial, share)
+        new = list(self.weights)
+        if retention != 1.0:
             new = [torch.lerp(w0, w, retention) for w, w0 in zip(new, initial, strict=True)]  # one op and node each
-            if self.pending is not None:
-                new = [torch.add(w, g, alpha=-scale) for w, g in zip(new, self.pending, strict=True)]
-            return FastWeights(*new, pending=None, count=0, initial_share=share)
+        if self.pending is not None:
+            new = [torch.add(w, g, alpha=-scale) for w, g in zip(new, self.pending, strict=True)]
+        return FastWeights(*new, pending=None, count=0, initial_share=share)
+
+    def _first_order_write(
+        self, scale: float, retention: float, initial: tuple[Tensor, ...], share: float
+    ) -> FastWeights:
         with torch.no_grad():
-            delta = [torch.lerp(w0, w, retention).sub_(w) for w, w0 in zip(new, initial, strict=True)]
+            delta = [torch.lerp(w0, w, retention).sub_(w) for w, w0 in zip(self.weights, initial, strict=True)]
             if self.pending is not None:
                 delta = [d.sub_(g, alpha=scale) for d, g in zip(delta, self.pending, strict=True)]
-        new = [w + d for w, d in zip(new, delta, strict=True)]  # d is a constant: the gradient passes through
+        new = [w + d for w, d in zip(self.weights, delta, strict=True)]  # d is a constant: the gradient passes through
         route = (1 - retention) * (1 - self.initial_share)
         if route and torch.is_grad_enabled() and any(w0.requires_grad for w0 in initial):
             new = [w + route * (w0 - w0.detach()) for w, w0 in zip(new, initial, strict=True)]  # value 0, gradient
