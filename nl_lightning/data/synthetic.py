@@ -54,19 +54,12 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
+from nl_lightning._validation import check_int, is_int
+
 __all__ = ["MQARDataModule", "MQARDataset", "NeedleDataModule", "NeedleDataset"]
 
 IGNORE_INDEX = -100
 MARKER = 0
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_int(name: str, value: object, low: int) -> None:
-    if not _is_int(value) or value < low:
-        raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
 
 
 def _mix(seed: int, split: int, multiplier: int) -> int:
@@ -128,7 +121,7 @@ class MQARDataset(_TaskDataset):
     ) -> None:
         num_queries = num_pairs if num_queries is None else num_queries
         _check_mqar(num_samples, seq_len, num_pairs, vocab_size, num_queries)
-        if not _is_int(seed):
+        if not is_int(seed):
             raise ValueError(f"`seed` must be an integer, got {seed!r}.")
         g = torch.Generator().manual_seed(seed)
         n, q, half, length = num_pairs, num_queries, vocab_size // 2, seq_len + 1
@@ -147,17 +140,17 @@ class MQARDataset(_TaskDataset):
 
 
 def _check_mqar(num_samples: int, seq_len: int, num_pairs: int, vocab_size: int, num_queries: int) -> None:
-    _check_int("num_samples", num_samples, 1)
-    _check_int("seq_len", seq_len, 1)
-    _check_int("vocab_size", vocab_size, 4)
+    check_int("num_samples", num_samples, 1)
+    check_int("seq_len", seq_len, 1)
+    check_int("vocab_size", vocab_size, 4)
     half = vocab_size // 2
-    _check_int("num_pairs", num_pairs, 1)
+    check_int("num_pairs", num_pairs, 1)
     if num_pairs > min(half - 1, vocab_size - half):
         raise ValueError(
             f"`num_pairs`={num_pairs} needs that many distinct keys (1..{half - 1}) and values"
             f" ({half}..{vocab_size - 1}); use num_pairs <= {min(half - 1, vocab_size - half)} or a larger vocab."
         )
-    if not _is_int(num_queries) or not 1 <= num_queries <= num_pairs:
+    if not is_int(num_queries) or not 1 <= num_queries <= num_pairs:
         raise ValueError(
             f"`num_queries` must be an integer in [1, num_pairs={num_pairs}] or None, got {num_queries!r}."
         )
@@ -202,10 +195,10 @@ class NeedleDataset(_TaskDataset):
         depths: Optional[Union[Sequence[float], Tensor]] = None,
         seed: int = 0,
     ) -> None:
-        _check_int("num_samples", num_samples, 1)
-        _check_int("seq_len", seq_len, 5)
-        _check_int("vocab_size", vocab_size, 4)
-        if not _is_int(seed):
+        check_int("num_samples", num_samples, 1)
+        check_int("seq_len", seq_len, 5)
+        check_int("vocab_size", vocab_size, 4)
+        if not is_int(seed):
             raise ValueError(f"`seed` must be an integer, got {seed!r}.")
         g = torch.Generator().manual_seed(seed)
         if depths is None:
@@ -242,17 +235,17 @@ class _SyntheticDataModule(pl.LightningDataModule):
         seed: int,
     ) -> None:
         super().__init__()
-        _check_int("batch_size", batch_size, 1)
-        _check_int("train_samples", train_samples, 1)
-        _check_int("val_samples", val_samples, 1)
+        check_int("batch_size", batch_size, 1)
+        check_int("train_samples", train_samples, 1)
+        check_int("val_samples", val_samples, 1)
         multipliers = list(eval_multipliers)
         if (
             not multipliers
-            or any(not _is_int(m) or m < 1 for m in multipliers)
+            or any(not is_int(m) or m < 1 for m in multipliers)
             or len(set(multipliers)) != len(multipliers)
         ):
             raise ValueError(f"`eval_multipliers` must be distinct integers >= 1, got {list(eval_multipliers)!r}.")
-        if not _is_int(seed):
+        if not is_int(seed):
             raise ValueError(f"`seed` must be an integer, got {seed!r}.")
         self.seq_len, self.vocab_size, self.batch_size = seq_len, vocab_size, batch_size
         self.train_samples, self.val_samples, self.seed = train_samples, val_samples, seed
@@ -398,8 +391,8 @@ class NeedleDataModule(_SyntheticDataModule):
         eval_multipliers: Sequence[int] = (1, 2, 4),
         seed: int = 0,
     ) -> None:
-        _check_int("seq_len", seq_len, 5)
-        _check_int("vocab_size", vocab_size, 4)
+        check_int("seq_len", seq_len, 5)
+        check_int("vocab_size", vocab_size, 4)
         super().__init__(seq_len, vocab_size, batch_size, train_samples, val_samples, eval_multipliers, seed)
         self.save_hyperparameters()
 

@@ -47,6 +47,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from typing_extensions import override
 
+from nl_lightning._validation import is_int
+
 __all__ = [
     "RandomCropSampler",
     "TextDataModule",
@@ -58,10 +60,6 @@ __all__ = [
 ]
 
 VOCAB_SIZE = 256
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def default_corpus() -> bytes:
@@ -189,10 +187,10 @@ class TextDataset(Dataset):
     """
 
     def __init__(self, data: Union[Tensor, bytes], seq_len: int, stride: Optional[int] = None) -> None:
-        if not _is_int(seq_len) or seq_len < 1:
+        if not is_int(seq_len) or seq_len < 1:
             raise ValueError(f"`seq_len` must be an integer >= 1, got {seq_len!r}.")
         stride = seq_len if stride is None else stride
-        if not _is_int(stride) or stride < 1:
+        if not is_int(stride) or stride < 1:
             raise ValueError(f"`stride` must be an integer >= 1 or None, got {stride!r}.")
         if isinstance(data, (bytes, bytearray)):
             data = torch.frombuffer(bytearray(data), dtype=torch.uint8)
@@ -240,9 +238,9 @@ class RandomCropSampler(Sampler[int]):
     """
 
     def __init__(self, num_positions: int, num_samples: int, seed: int = 0) -> None:
-        if not _is_int(num_positions) or num_positions < 1:
+        if not is_int(num_positions) or num_positions < 1:
             raise ValueError(f"`num_positions` must be an integer >= 1, got {num_positions!r}.")
-        if not _is_int(num_samples) or num_samples < 1:
+        if not is_int(num_samples) or num_samples < 1:
             raise ValueError(f"`num_samples` must be an integer >= 1, got {num_samples!r}.")
         self.num_positions, self.num_samples, self.seed, self.epoch = num_positions, num_samples, seed, 0
 
@@ -307,13 +305,13 @@ class TextDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("samples_per_epoch", samples_per_epoch)):
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
         if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
             raise ValueError(f"`val_fraction` must be a number strictly between 0 and 1, got {val_fraction!r}.")
-        if not _is_int(seed):
+        if not is_int(seed):
             raise ValueError(f"`seed` must be an integer, got {seed!r}.")
-        if not _is_int(num_workers) or num_workers < 0:
+        if not is_int(num_workers) or num_workers < 0:
             raise ValueError(f"`num_workers` must be an integer >= 0, got {num_workers!r}; 0: no workers.")
         self.paths = None if paths is None else _as_paths(paths)  # fails early on a missing file
         self.save_hyperparameters()

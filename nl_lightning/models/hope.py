@@ -49,6 +49,7 @@ from typing import Any, Literal, Optional, Union
 from torch import Tensor, nn
 from typing_extensions import override
 
+from nl_lightning._validation import check_int
 from nl_lightning.models.cms import ContinuumMemory
 from nl_lightning.models.cms_memory import CMSState
 from nl_lightning.models.lm import BlockStackLM
@@ -237,8 +238,7 @@ class HopeModule(BlockStackLM):
     ) -> None:
         super().__init__(vocab_size, **lm_kwargs)
         for name, value in (("dim", dim), ("depth", depth), ("heads", heads)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+            check_int(name, value)
         self.dim, self.variant = dim, variant
         blocks = [
             HopeBlock(

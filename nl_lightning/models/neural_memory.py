@@ -100,6 +100,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nl_lightning._validation import is_int
 from nl_lightning.models._memory_mlp import memory_backward, memory_forward
 from nl_lightning.models.cms_memory import ACTIVATIONS, _portable
 
@@ -203,7 +204,7 @@ def _check(ok: bool, message: str) -> None:
 
 
 def _is_int(value: Any, low: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+    return is_int(value) and value >= low
 
 
 class NeuralMemory(nn.Module):

@@ -77,6 +77,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nl_lightning._validation import check_int
 from nl_lightning.models._residual_memory import clip_factor, dgd_chunk, input_side_factor, residual_forward
 from nl_lightning.models.cms_memory import ACTIVATIONS, _portable, piece_lengths
 
@@ -201,9 +202,9 @@ class SelfModifyingTitans(nn.Module):
         super().__init__()
         mem_chunk_size = chunk_size if mem_chunk_size is None else mem_chunk_size
         for name, value in [("dim", dim), ("heads", heads), ("chunk_size", chunk_size)]:
-            _check_int(name, value)
-        _check_int("mem_chunk_size", mem_chunk_size)
-        _check_int("conv_size", conv_size)
+            check_int(name, value)
+        check_int("mem_chunk_size", mem_chunk_size)
+        check_int("conv_size", conv_size)
         if dim % heads:
             raise ValueError(f"`dim` ({dim}) must be divisible by `heads` ({heads}); pick heads among its divisors.")
         if not hidden_mult > 0:
@@ -390,8 +391,3 @@ def _scan(
         if count == size:
             anchor1, anchor2, count = w1, w2, 0
     return (w1, w2, anchor1, anchor2), count
-
-
-def _check_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")

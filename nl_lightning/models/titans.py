@@ -38,6 +38,7 @@ from typing import Any, Optional
 from torch import Tensor, nn
 from typing_extensions import override
 
+from nl_lightning._validation import check_int
 from nl_lightning.models.lm import BlockStackLM
 from nl_lightning.models.neural_memory import NeuralMemory, NeuralMemoryState
 from nl_lightning.models.transformer import CausalSelfAttention, RMSNorm, SwiGLU
@@ -134,8 +135,7 @@ class TitansMAL(BlockStackLM):
     ) -> None:
         super().__init__(vocab_size, **lm_kwargs)
         for name, value in (("dim", dim), ("depth", depth), ("heads", heads), ("window", window)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+            check_int(name, value)
         self.dim = dim
         blocks = [
             TitansBlock(dim, heads, window, chunk_size, memory_depth, mlp_mult, memory_kwargs) for _ in range(depth)

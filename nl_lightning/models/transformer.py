@@ -42,16 +42,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import override
 
+from nl_lightning._validation import check_int, is_int
 from nl_lightning.models.lm import CausalLM
 
 __all__ = ["CausalSelfAttention", "RMSNorm", "SwiGLU", "TransformerBlock", "TransformerPP", "apply_rope", "rope_angles"]
 
 #: Root-mean-square layer norm (``torch.nn.RMSNorm``, in torch since 2.4; nl_lightning needs torch >= 2.5).
 RMSNorm = nn.RMSNorm
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def rope_angles(
@@ -106,11 +103,11 @@ class CausalSelfAttention(nn.Module):
         self, dim: int, heads: int, window: Optional[int] = None, rope_base: float = 10000.0, bias: bool = False
     ) -> None:
         super().__init__()
-        if not _is_int(dim) or not _is_int(heads) or dim < 1 or heads < 1 or dim % heads:
+        if not is_int(dim) or not is_int(heads) or dim < 1 or heads < 1 or dim % heads:
             raise ValueError(f"`dim` ({dim!r}) must be a positive multiple of `heads` ({heads!r}).")
         if (dim // heads) % 2:
             raise ValueError(f"The head width dim / heads = {dim // heads} must be even for RoPE; change dim or heads.")
-        if window is not None and (not _is_int(window) or window < 1):
+        if window is not None and (not is_int(window) or window < 1):
             raise ValueError(f"`window` must be None (full causal attention) or an integer >= 1, got {window!r}.")
         if not rope_base > 0:
             raise ValueError(f"`rope_base` must be > 0, got {rope_base!r}.")
@@ -243,8 +240,7 @@ class TransformerPP(CausalLM):
     ) -> None:
         super().__init__(vocab_size, **lm_kwargs)
         for name, value in (("dim", dim), ("depth", depth), ("heads", heads), ("max_context", max_context)):
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+            check_int(name, value)
         self.dim, self.depth, self.max_context, self.tie_embeddings = dim, depth, max_context, tie_embeddings
         self.embed = nn.Embedding(vocab_size, dim)
         self.blocks = nn.ModuleList(TransformerBlock(dim, heads, mlp_mult, window, rope_base) for _ in range(depth))
