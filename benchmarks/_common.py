@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -32,6 +33,31 @@ DASH = "–"
 
 def finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def summary(values: Sequence[Optional[float]]) -> dict[str, Any]:
+    """Mean, sample std (ddof=1), median, min, max of the finite values; ``None`` marks a missing or diverged run."""
+    ok = [float(v) for v in values if finite(v)]
+    out: dict[str, Any] = {"values": list(values), "n": len(values), "n_defined": len(ok)}
+    if not ok:
+        return {**out, "mean": None, "std": None, "median": None, "min": None, "max": None}
+    return {
+        **out,
+        "mean": statistics.fmean(ok),
+        "std": statistics.stdev(ok) if len(ok) > 1 else None,
+        "median": statistics.median(ok),
+        "min": min(ok),
+        "max": max(ok),
+    }
+
+
+def cell(entry: dict[str, Any], spec: str = ".3f", missing: str = "no value") -> str:
+    """``mean ± std`` of a :func:`summary` over its defined values, with ``(k/n)`` when only ``k`` of ``n`` runs
+    are defined (``missing (0/n)`` when none is)."""
+    if entry["mean"] is None:
+        return f"{missing} (0/{entry['n']})" if entry["n"] else DASH
+    text = num(entry["mean"], spec) + ("" if entry["std"] is None else f" ± {num(entry['std'], spec)}")
+    return text if entry["n_defined"] == entry["n"] else f"{text} ({entry['n_defined']}/{entry['n']})"
 
 
 def rounded(x: Any, digits: int = 6) -> Any:
@@ -81,8 +107,13 @@ def emit(
 
 
 @contextlib.contextmanager
-def quiet(sink: io.StringIO) -> Iterator[None]:
-    """Silence Lightning's info logs, warnings and prints."""
+def quiet(sink: io.StringIO, verbose: bool = False) -> Iterator[None]:
+    """Silence Lightning's info logs and warnings and send the run's own output (stdout and stderr) to ``sink``, so that
+    stdout keeps only the report; with ``verbose`` everything goes to stderr instead."""
+    if verbose:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+        return
     loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:

@@ -49,11 +49,9 @@ out of the aggregates; the exit status is then 1. The script is not part of the 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import io
 import json
-import logging
 import math
 import os
 import platform
@@ -64,14 +62,14 @@ import sys
 import tempfile
 import time
 import traceback
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning
 import torch
 import yaml
+from _common import quiet
 
 import nl_lightning
 from nl_lightning.cli import main as cli_main
@@ -214,31 +212,10 @@ def describe_benchmark(settings: dict[str, dict[str, Any]]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------- runs
-@contextlib.contextmanager
-def quiet(verbose: bool, sink: io.StringIO) -> Iterator[None]:
-    """Keep stdout for the report: Lightning's info logs and warnings are silenced, the run's own output (stdout
-    and stderr, e.g. a command-line error) goes to ``sink``; with ``verbose`` everything goes to stderr instead."""
-    if verbose:
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
-        return
-    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-
-
 def run_in_process(args: list[str], verbose: bool) -> dict[str, Any]:
     sink = io.StringIO()
     try:
-        with quiet(verbose, sink):
+        with quiet(sink, verbose):
             cli = cli_main(args)
     except Exception as err:
         output = sink.getvalue().strip()

@@ -123,7 +123,8 @@ import lightning
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from _common import DASH, emit, finite, num, proc_status_kib, quiet, ranked, reset_peak_rss
+from _common import cell as _cell
+from _common import emit, finite, num, proc_status_kib, quiet, ranked, reset_peak_rss, summary
 from torch import Tensor
 
 import nl_lightning
@@ -204,27 +205,9 @@ TASKS: dict[str, dict[str, Any]] = {
 # ---------------------------------------------------------------------------------------------------- helpers
 
 
-def summary(values: Sequence[Optional[float]]) -> dict[str, Any]:
-    """Mean, sample std (ddof=1), min, max of the finite values; ``None`` marks a missing or diverged run."""
-    ok = [float(v) for v in values if finite(v)]
-    out: dict[str, Any] = {"values": list(values), "n": len(values), "n_defined": len(ok)}
-    if not ok:
-        return {**out, "mean": None, "std": None, "min": None, "max": None}
-    return {
-        **out,
-        "mean": statistics.fmean(ok),
-        "std": statistics.stdev(ok) if len(ok) > 1 else None,
-        "min": min(ok),
-        "max": max(ok),
-    }
-
-
 def cell(entry: dict[str, Any], spec: str = ".3f", missing: str = "diverged") -> str:
-    """``mean ± std`` over the defined values, with ``(k/n)`` when some runs are missing or diverged."""
-    if entry["mean"] is None:
-        return f"{missing} ({entry['n']}/{entry['n']})" if entry["n"] else DASH
-    text = num(entry["mean"], spec) + ("" if entry["std"] is None else f" ± {num(entry['std'], spec)}")
-    return text if entry["n_defined"] == entry["n"] else f"{text} ({entry['n_defined']}/{entry['n']})"
+    """:func:`_common.cell` with this report's defaults."""
+    return _cell(entry, spec, missing)
 
 
 def log(message: str) -> None:

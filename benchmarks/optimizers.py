@@ -161,7 +161,8 @@ import lightning
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from _common import DASH, emit, finite, num, quiet, ranked
+from _common import DASH, emit, finite, num, quiet, ranked, summary
+from _common import cell as _cell
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader, TensorDataset
@@ -182,29 +183,9 @@ Builder = Callable[..., Optimizer]
 # ---------------------------------------------------------------------------------------------------- statistics
 
 
-def summary(values: Sequence[Optional[float]]) -> dict[str, Any]:
-    """Mean, sample std (ddof=1), median, min, max of the finite values; ``None`` marks a missing or diverged run."""
-    ok = [float(v) for v in values if finite(v)]
-    out: dict[str, Any] = {"values": list(values), "n": len(values), "n_defined": len(ok)}
-    if not ok:
-        return {**out, "mean": None, "std": None, "median": None, "min": None, "max": None}
-    std = statistics.stdev(ok) if len(ok) > 1 else None
-    return {
-        **out,
-        "mean": statistics.fmean(ok),
-        "std": std,
-        "median": statistics.median(ok),
-        "min": min(ok),
-        "max": max(ok),
-    }
-
-
 def cell(entry: dict[str, Any], spec: str = ".3g", missing: str = "not reached") -> str:
-    """``mean ± std`` over the defined values, with ``(k/n)`` when some runs are missing or diverged."""
-    if entry["mean"] is None:
-        return f"{missing} (0/{entry['n']})" if entry["n"] else DASH
-    text = num(entry["mean"], spec) + ("" if entry["std"] is None else f" ± {num(entry['std'], spec)}")
-    return text if entry["n_defined"] == entry["n"] else f"{text} ({entry['n_defined']}/{entry['n']})"
+    """:func:`_common.cell` with this report's defaults."""
+    return _cell(entry, spec, missing)
 
 
 def log(message: str) -> None:
