@@ -112,6 +112,7 @@ def fit(
     callbacks: Sequence[pl.Callback],
     tmp_path: Any,
     ckpt_path: Optional[str] = None,
+    datamodule: Optional[pl.LightningDataModule] = None,
     **trainer_kwargs: Any,
 ) -> Trainer:
     kwargs: dict[str, Any] = dict(
@@ -125,7 +126,7 @@ def fit(
     )
     kwargs.update(trainer_kwargs)
     trainer = Trainer(callbacks=list(callbacks), **kwargs)
-    trainer.fit(model, ckpt_path=ckpt_path)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     return trainer
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from helpers import fit
 
 from nl_lightning.data import MQARDataModule, TextDataModule
 from nl_lightning.models import HopeBlock, HopeModule, HopeState, TitansMAL, TransformerPP
@@ -124,17 +124,7 @@ def test_a_few_steps_decrease_the_loss_and_validate_predict_work(name, tmp_path)
     dm = MQARDataModule(num_pairs=4, seq_len=32, vocab_size=64, batch_size=16, train_samples=256, val_samples=32)
     x = next(iter(_loader(dm)))
     before = float(model.sequence_loss(x["tokens"], x["targets"])[0])
-    trainer = Trainer(
-        max_steps=30,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        limit_val_batches=1,
-        num_sanity_val_steps=0,
-    )
-    trainer.fit(model, datamodule=dm)
+    trainer = fit(model, [], tmp_path, datamodule=dm, max_steps=30, limit_val_batches=1, num_sanity_val_steps=0)
     after = float(model.sequence_loss(x["tokens"], x["targets"])[0])
     assert after < before - 0.3, (before, after)
     if name in ("hope", "titans"):  # per-layer memory statistics (inner loss / surprise, norms)
@@ -166,17 +156,7 @@ def test_generate_carries_the_state():
 def test_text_datamodule_trains_hope(tmp_path):
     model = HopeModule(vocab_size=256, dim=32, depth=1, heads=4, chunk_size=8, cms_chunk_sizes=[8], segment_len=32)
     dm = TextDataModule(seq_len=64, batch_size=4, samples_per_epoch=16)
-    trainer = Trainer(
-        max_steps=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        limit_val_batches=1,
-        num_sanity_val_steps=0,
-    )
-    trainer.fit(model, datamodule=dm)
+    trainer = fit(model, [], tmp_path, datamodule=dm, max_steps=3, limit_val_batches=1, num_sanity_val_steps=0)
     assert torch.isfinite(torch.tensor(trainer.validate(model, datamodule=dm, verbose=False)[0]["val_bpc"]))
 
 
