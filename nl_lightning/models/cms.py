@@ -60,7 +60,16 @@ import torch
 from torch import Tensor, nn
 
 from nl_lightning.levels import Level
-from nl_lightning.models.cms_memory import ACTIVATIONS, CMSState, FastWeights, mlp_forward, mlp_grads, piece_lengths
+from nl_lightning.models.cms_memory import (
+    ACTIVATIONS,
+    CMSState,
+    FastWeights,
+    ReadPiece,
+    first_order_reads,
+    mlp_forward,
+    mlp_grads,
+    piece_lengths,
+)
 
 __all__ = ["CMSLevel", "CMSState", "ContinuumMemory", "FastWeights"]
 
@@ -140,7 +149,7 @@ class CMSLevel(nn.Module):
 
     def initial_state(self, batch: int, device: Optional[torch.device] = None) -> FastWeights:
         """Per-sample fast weights equal to the parameters (fp32; differentiable w.r.t. them)."""
-        params = [p.to(device=device, dtype=torch.float32) for p in (self.w1, self.b1, self.w2, self.b2)]
+        params = [p.to(device) for p in self._initial()]
         return FastWeights(*(p.unsqueeze(0).expand(batch, *p.shape) for p in params), initial_share=1.0)
 
     def forward(
@@ -174,33 +183,65 @@ class CMSLevel(nn.Module):
             keys = self.norm(x).float()  # (B, S, D): norm and targets are per token, so computed for the whole input
             with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
                 values = keys @ self.value.float().T  # (B, S, D): v = W_v k
+            if not differentiable:
+                y, state = self._first_order(keys, values, lengths, state)
+                out = x + y if self.residual else y
+                return out.to(h.dtype), state
             ys = []
             for k, v in zip(keys.split(lengths, dim=1), values.split(lengths, dim=1), strict=True):  # (B, n, D)
-                y, z, a = mlp_forward(k, *state.weights, self.activation)  # read with the anchor weights
+                y, _, _, state = self._piece(state, k, v)
                 ys.append(y)
-                state = self._accumulate(state, k, y, z, a, v, differentiable).advance(k.shape[1])
-                if state.count == self.chunk_size:
-                    state = self._write(state, differentiable)
             y = torch.cat(ys, dim=1)
             out = x + y if self.residual else y
         return out.to(h.dtype), state
 
-    def _accumulate(
-        self, state: FastWeights, k: Tensor, y: Tensor, z: Tensor, a: Tensor, v: Tensor, differentiable: bool
-    ) -> FastWeights:
-        """Add the chunk part's gradients of ``0.5 * ||MLP(k) - v||^2`` (at the anchor, ``v = W_v k``) to the pending
-        sums."""
-        with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
-            grads = mlp_grads(k, z, a, y - v, state.w2, self.activation)
-            state = state.add_pending(grads)
-        return state
+    def _first_order(
+        self, keys: Tensor, values: Tensor, lengths: list[int], state: FastWeights
+    ) -> tuple[Tensor, FastWeights]:
+        """The token axis with first-order writes: the whole pass runs without a graph, then one autograd node
+        (:func:`~nl_lightning.models.cms_memory.first_order_reads`) gives the reads their gradients, and the returned
+        weights keep the dependence on ``state`` and the initial weights that the writes' retention routed to them."""
+        fast = state.map(torch.Tensor.detach)
+        ys, acts, pieces = [], [], []
+        with torch.no_grad():
+            for k, v in zip(keys.detach().split(lengths, dim=1), values.split(lengths, dim=1), strict=True):
+                w1, w2, share = fast.w1, fast.w2, fast.initial_share
+                y, z, a, fast = self._piece(fast, k, v)  # (B, n, D), (B, n, H), (B, n, H)
+                ys.append(y)
+                acts.append(a)
+                pieces.append(ReadPiece(w1, w2, share, z))
+            y = torch.cat(ys, dim=1)
+        if not torch.is_grad_enabled():
+            return y, fast
+        initial = self._initial()
+        y = first_order_reads(
+            y, keys, torch.cat(acts, dim=1), pieces, self.activation, state.initial_share, state.weights, initial
+        )
+        # the returned weights: W + (c' - c) W_0 + const, as the graph-carrying writes would have them
+        extra = fast.initial_share - state.initial_share
+        weights = []
+        for w, w_in, w0 in zip(fast.weights, state.weights, initial, strict=True):
+            if w_in.requires_grad:
+                w = w + (w_in - w_in.detach())  # value unchanged, gradient to the state the pass started from
+            if extra and w0.requires_grad:
+                w = w + extra * (w0 - w0.detach())
+            weights.append(w)
+        return y, replace(fast, w1=weights[0], b1=weights[1], w2=weights[2], b2=weights[3])
 
-    def _write(self, state: FastWeights, differentiable: bool) -> FastWeights:
-        scale = self.inner_lr / (self.chunk_size if self.reduction == "mean" else 1)
-        if self.retention == 1.0:
-            return state.write(scale)
-        initial = tuple(p.to(torch.float32) for p in (self.w1, self.b1, self.w2, self.b2))
-        return state.write(scale, self.retention, initial, first_order=not differentiable)
+    def _piece(self, state: FastWeights, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, FastWeights]:
+        """Read a piece of a chunk ``k`` ``(B, n, D)`` with the anchor weights, add the gradients of
+        ``0.5 * ||MLP(k) - v||^2`` to the pending sums, and write if the chunk is complete. Returns the read, its
+        pre-activations and activations, and the new state."""
+        y, z, a = mlp_forward(k, *state.weights, self.activation)
+        state = state.add_pending(mlp_grads(k, z, a, y - v, state.w2, self.activation)).advance(k.shape[1])
+        if state.count == self.chunk_size:
+            scale = self.inner_lr / (self.chunk_size if self.reduction == "mean" else 1)
+            state = state.write(scale) if self.retention == 1.0 else state.write(scale, self.retention, self._initial())
+        return y, z, a, state
+
+    def _initial(self) -> tuple[Tensor, ...]:
+        """The initial fast weights (the parameters) in fp32."""
+        return tuple(p.to(torch.float32) for p in (self.w1, self.b1, self.w2, self.b2))
 
     def extra_repr(self) -> str:
         return (

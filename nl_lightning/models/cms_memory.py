@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ACTIVATIONS", "CMSState", "FastWeights", "mlp_forward", "mlp_grads"]
+__all__ = ["ACTIVATIONS", "CMSState", "FastWeights", "ReadPiece", "first_order_reads", "mlp_forward", "mlp_grads"]
 
 
 def _gelu_grad(z: Tensor) -> Tensor:
@@ -53,6 +53,15 @@ ACTIVATIONS: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tens
     "relu": (F.relu, lambda z: (z > 0).to(z.dtype)),
     "tanh": (torch.tanh, lambda z: 1.0 - torch.tanh(z) ** 2),
 }
+
+
+def _activation_backward(grad: Tensor, z: Tensor, activation: str) -> Tensor:
+    """``grad * act'(z)``, in one fused op for GELU and SiLU."""
+    if activation == "gelu":
+        return torch.ops.aten.gelu_backward(grad, z)
+    if activation == "silu":
+        return torch.ops.aten.silu_backward(grad, z)
+    return grad * ACTIVATIONS[activation][1](z)
 
 
 def mlp_forward(
@@ -98,6 +107,99 @@ def mlp_grads(
     return g_w1, g_b1, g_w2, g_b2
 
 
+@dataclass
+class ReadPiece:
+    """One piece of a first-order pass (tokens read with the same fast weights), as :func:`first_order_reads` needs it.
+
+    Attributes:
+        w1: The per-sample weights the piece was read with, ``(B, H, D)`` (values, no graph).
+        w2: Likewise ``(B, D, H)``.
+        share: :attr:`FastWeights.initial_share` of those weights.
+        z: The piece's pre-activations ``(B, n, H)``.
+
+    """
+
+    w1: Tensor
+    w2: Tensor
+    share: float
+    z: Tensor
+
+
+class _FirstOrderReads(torch.autograd.Function):
+    """The reads of a pass whose writes carry no graph; see :func:`first_order_reads`."""
+
+    @staticmethod
+    def forward(ctx: Any, y: Tensor, pieces: list[ReadPiece], activation: str, share: float, *inputs: Tensor) -> Tensor:
+        keys, a = inputs[0], inputs[-1]
+        ctx.pieces, ctx.activation, ctx.share = pieces, activation, share
+        ctx.save_for_backward(keys, a)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
+        keys, a = ctx.saved_tensors  # (B, S, D), (B, S, H)
+        pieces: list[ReadPiece] = ctx.pieces
+        needs = ctx.needs_input_grad[4:]  # keys, the 4 weights read from, the 4 initial weights, a
+        g_z, g_keys = [], []
+        for piece, g in zip(pieces, grad.split([p.z.shape[1] for p in pieces], dim=1), strict=True):
+            gz = _activation_backward(g @ piece.w2, piece.z, ctx.activation)  # (B, n, H)
+            g_z.append(gz)
+            if needs[0]:
+                g_keys.append(gz @ piece.w1)  # (B, n, D)
+        gz = torch.cat(g_z, dim=1)  # (B, S, H)
+        # the gradients of the fast weights of every token: rank-1 per token, one GEMM over all tokens
+        out: list[Optional[Tensor]] = [torch.cat(g_keys, dim=1) if needs[0] else None]
+        if any(needs[1:5]):  # the weights the pass started from: each piece's weights are them plus a constant
+            out += [gz.transpose(1, 2) @ keys, gz.sum(1), grad.transpose(1, 2) @ a, grad.sum(1)]
+        else:
+            out += [None] * 4
+        route = [p.share - ctx.share for p in pieces]  # the initial weights' extra share, per piece (write routes)
+        if any(needs[5:9]) and any(route):
+            lengths = torch.tensor([p.z.shape[1] for p in pieces], device=grad.device)
+            r = torch.tensor(route, dtype=grad.dtype, device=grad.device).repeat_interleave(lengths)  # (S,)
+            gz_r, grad_r = (gz * r[:, None]).flatten(0, 1), (grad * r[:, None]).flatten(0, 1)  # (B S, .)
+            out += [gz_r.T @ keys.flatten(0, 1), gz_r.sum(0), grad_r.T @ a.flatten(0, 1), grad_r.sum(0)]
+        else:
+            out += [None] * 4
+        return (None, None, None, None, *out, None)
+
+
+def first_order_reads(
+    y: Tensor,
+    keys: Tensor,
+    a: Tensor,
+    pieces: list[ReadPiece],
+    activation: str,
+    share: float,
+    weights: tuple[Tensor, ...],
+    initial: tuple[Tensor, ...],
+) -> Tensor:
+    """Give the reads of a first-order pass (computed without a graph) their gradients, in one autograd node.
+
+    With first-order writes each piece ``j`` reads ``W_j = W + (c_j - c) W_0 + const``: the weights ``W`` the pass
+    started from, plus the initial weights ``W_0`` at the share the writes' retention routed to them since (``c_j`` and
+    ``c`` are :attr:`FastWeights.initial_share`). So the gradients of ``W`` and ``W_0`` are sums over all tokens of
+    rank-1 terms, each one GEMM over the whole sequence, where autograd of the per-piece reads forms every piece's
+    per-sample weight gradient and adds them up; only the keys' gradient is taken piece by piece.
+
+    Args:
+        y: The reads ``(B, S, D)``, computed without a graph.
+        keys: The inputs ``(B, S, D)`` (with their graph).
+        a: The hidden activations of all tokens ``(B, S, H)``, without a graph.
+        pieces: The pieces, in order (their lengths sum to ``S``).
+        activation: The MLP's activation.
+        share: ``c`` of ``weights``.
+        weights: ``(w1, b1, w2, b2)`` per sample, the state the pass started from (with its graph).
+        initial: The initial weights ``(w1, b1, w2, b2)`` (the parameters, with their graph).
+
+    Returns:
+        ``y`` as a tensor whose gradient reaches ``keys``, ``weights`` and ``initial``.
+
+    """
+    return _FirstOrderReads.apply(y, pieces, activation, share, keys, *weights, *initial, a)
+
+
 def piece_lengths(seq: int, count: int, size: int) -> list[int]:
     """Lengths of the pieces of ``seq`` tokens cut at the chunk ends of a stream whose current chunk of ``size`` tokens
     has ``count`` tokens read (``0 <= count < size``)."""
@@ -122,8 +224,8 @@ class FastWeights:
         count: Tokens read so far in the current chunk (``0 <= count < chunk_size`` between calls).
         initial_share: ``c`` such that, under first-order writes, the weights depend on the learned initial weights
             ``w0`` as ``c * w0`` plus a constant: 1 for a fresh state, 0 after :meth:`detach`, ``ρ c + 1 - ρ`` after
-            a write with retention ``ρ``. It lets such a write route the retention's gradient exactly (see
-            :meth:`write`).
+            a write with retention ``ρ``. It lets a first-order pass route the retention's gradient exactly (see
+            :func:`first_order_reads`).
 
     """
 
@@ -147,13 +249,7 @@ class FastWeights:
             return replace(self, pending=grads)
         return replace(self, pending=tuple(p + g for p, g in zip(self.pending, grads, strict=True)))
 
-    def write(
-        self,
-        scale: float,
-        retention: float = 1.0,
-        initial: Optional[tuple[Tensor, ...]] = None,
-        first_order: bool = False,
-    ) -> FastWeights:
+    def write(self, scale: float, retention: float = 1.0, initial: Optional[tuple[Tensor, ...]] = None) -> FastWeights:
         """Close the chunk: ``w <- w0 + retention * (w - w0) - scale * pending``.
 
         Args:
@@ -161,35 +257,19 @@ class FastWeights:
             retention: The share of the distance from ``initial`` (``w0``) the weights keep; 1 keeps all of it, the
                 plain ``w <- w - scale * pending`` of Eq. 31.
             initial: ``w0`` (``w1, b1, w2, b2``, broadcast against the weights); needed when ``retention < 1``.
-            first_order: The pending gradients carry no graph (``differentiable_writes=False``). Then the update is
-                computed without a graph and added as a constant, and the retention's gradient to ``w0``, exactly
-                ``(1 - retention)(1 - initial_share)`` times the weights' gradient, is added as one broadcast term:
-                the same gradient as the plain formula with fewer and cheaper backward steps.
+
+        Raises:
+            ValueError: If ``retention < 1`` and ``initial`` is missing.
 
         """
-        share = retention * self.initial_share + 1 - retention
         if retention != 1.0 and initial is None:
             raise ValueError("A write with `retention` < 1 needs the `initial` weights it decays towards.")
-        if retention != 1.0 and first_order:
-            return self._first_order_write(scale, retention, initial, share)
         new = list(self.weights)
         if retention != 1.0:
             new = [torch.lerp(w0, w, retention) for w, w0 in zip(new, initial, strict=True)]  # one op and node each
         if self.pending is not None:
             new = [torch.add(w, g, alpha=-scale) for w, g in zip(new, self.pending, strict=True)]
-        return FastWeights(*new, pending=None, count=0, initial_share=share)
-
-    def _first_order_write(
-        self, scale: float, retention: float, initial: tuple[Tensor, ...], share: float
-    ) -> FastWeights:
-        with torch.no_grad():
-            delta = [torch.lerp(w0, w, retention).sub_(w) for w, w0 in zip(self.weights, initial, strict=True)]
-            if self.pending is not None:
-                delta = [d.sub_(g, alpha=scale) for d, g in zip(delta, self.pending, strict=True)]
-        new = [w + d for w, d in zip(self.weights, delta, strict=True)]  # d is a constant: the gradient passes through
-        route = (1 - retention) * (1 - self.initial_share)
-        if route and torch.is_grad_enabled() and any(w0.requires_grad for w0 in initial):
-            new = [w + route * (w0 - w0.detach()) for w, w0 in zip(new, initial, strict=True)]  # value 0, gradient
+        share = retention * self.initial_share + 1 - retention
         return FastWeights(*new, pending=None, count=0, initial_share=share)
 
     def map(self, fn: Callable[[Tensor], Tensor]) -> FastWeights:
