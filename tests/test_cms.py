@@ -253,15 +253,20 @@ def test_first_order_writes_stop_the_update_gradients():
     assert cms.blocks[0].value.grad is None  # the value projection only shapes the (stopped) updates
 
 
-def test_bf16_autocast_keeps_the_state_fp32():
-    cms = make()
-    x = torch.randn(2, 9, 6, dtype=torch.bfloat16)
+@pytest.mark.parametrize("differentiable_writes", [True, False])
+def test_bf16_autocast_keeps_the_state_fp32(differentiable_writes):
+    cms = make(differentiable_writes=differentiable_writes)
+    x = torch.randn(2, 9, 6, dtype=torch.bfloat16, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, state = cms(x)
     assert y.dtype == torch.bfloat16
     for lvl in state.levels:
         assert all(t.dtype == torch.float32 for t in lvl.weights)
         assert lvl.pending is None or all(t.dtype == torch.float32 for t in lvl.pending)
+    y.float().pow(2).sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad.float()).all()
+    assert all(torch.isfinite(p.grad).all() for p in cms.parameters() if p.grad is not None)
+    assert cms.blocks[0].w1.grad.abs().sum() > 0
 
 
 def test_static_mode_is_a_chain_of_residual_mlps():

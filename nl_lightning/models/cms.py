@@ -264,7 +264,10 @@ class ContinuumMemory(nn.Module):
     through the reads and, with ``differentiable_writes=True`` (default), through the writes too, back to the initial
     weights, the norms and the value projections; they stop where you ``state.detach()`` (truncated backpropagation
     between segments). With ``differentiable_writes=False`` each write's update is computed without a graph: the loss
-    still reaches the initial weights through every read (first order), but the value projections learn nothing.
+    still reaches the initial weights through every read (first order), but the value projections learn nothing. The
+    whole pass then runs without a graph, and one autograd node
+    (:func:`~nl_lightning.models.cms_memory.first_order_reads`) gives the reads their gradients: the fast weights'
+    gradients are one GEMM over all tokens instead of a per-sample weight gradient per chunk.
 
     Args:
         dim: Width ``D`` of the input and output.
