@@ -47,7 +47,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from typing_extensions import override
 
-from nl_lightning._validation import is_int
+from nl_lightning._validation import check_int, is_int
 
 __all__ = [
     "RandomCropSampler",
@@ -187,8 +187,7 @@ class TextDataset(Dataset):
     """
 
     def __init__(self, data: Union[Tensor, bytes], seq_len: int, stride: Optional[int] = None) -> None:
-        if not is_int(seq_len) or seq_len < 1:
-            raise ValueError(f"`seq_len` must be an integer >= 1, got {seq_len!r}.")
+        check_int("seq_len", seq_len)
         stride = seq_len if stride is None else stride
         if not is_int(stride) or stride < 1:
             raise ValueError(f"`stride` must be an integer >= 1 or None, got {stride!r}.")
@@ -238,10 +237,8 @@ class RandomCropSampler(Sampler[int]):
     """
 
     def __init__(self, num_positions: int, num_samples: int, seed: int = 0) -> None:
-        if not is_int(num_positions) or num_positions < 1:
-            raise ValueError(f"`num_positions` must be an integer >= 1, got {num_positions!r}.")
-        if not is_int(num_samples) or num_samples < 1:
-            raise ValueError(f"`num_samples` must be an integer >= 1, got {num_samples!r}.")
+        check_int("num_positions", num_positions)
+        check_int("num_samples", num_samples)
         self.num_positions, self.num_samples, self.seed, self.epoch = num_positions, num_samples, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -305,8 +302,7 @@ class TextDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("samples_per_epoch", samples_per_epoch)):
-            if not is_int(value) or value < 1:
-                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+            check_int(name, value)
         if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
             raise ValueError(f"`val_fraction` must be a number strictly between 0 and 1, got {val_fraction!r}.")
         if not is_int(seed):

@@ -59,6 +59,7 @@ from typing import Literal, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from nl_lightning._validation import check_int
 from nl_lightning.levels import Level
 from nl_lightning.models.cms_memory import (
     ACTIVATIONS,
@@ -173,27 +174,28 @@ class CMSLevel(nn.Module):
             x = h.float()  # (B, S, D): fast state and writes in fp32 under autocast
             if self.inner_lr == 0 or not write:  # nothing is written: one read of the whole input
                 y = mlp_forward(self.norm(x).float(), *_shared(state.weights), self.activation)[0]
-                out = x + y if self.residual else y
-                if not write:
-                    return out.to(h.dtype), state
-                return out.to(h.dtype), replace(state, count=(state.count + x.shape[1]) % self.chunk_size)
-            if self.value is None:
-                raise RuntimeError("This CMSLevel was built static (in_context=False): it has no value projection.")
-            lengths = piece_lengths(x.shape[1], state.count, self.chunk_size)
-            keys = self.norm(x).float()  # (B, S, D): norm and targets are per token, so computed for the whole input
-            with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
-                values = keys @ self.value.float().T  # (B, S, D): v = W_v k
-            if not differentiable:
-                y, state = self._first_order(keys, values, lengths, state)
-                out = x + y if self.residual else y
-                return out.to(h.dtype), state
-            ys = []
-            for k, v in zip(keys.split(lengths, dim=1), values.split(lengths, dim=1), strict=True):  # (B, n, D)
-                y, _, _, state = self._piece(state, k, v)
-                ys.append(y)
-            y = torch.cat(ys, dim=1)
+                if write:
+                    state = replace(state, count=(state.count + x.shape[1]) % self.chunk_size)
+            else:
+                y, state = self._write_pass(x, state, differentiable)
             out = x + y if self.residual else y
         return out.to(h.dtype), state
+
+    def _write_pass(self, x: Tensor, state: FastWeights, differentiable: bool) -> tuple[Tensor, FastWeights]:
+        """Read and write along ``x`` ``(B, S, D)`` chunk by chunk; returns the reads ``(B, S, D)`` and the state."""
+        if self.value is None:
+            raise RuntimeError("This CMSLevel was built static (in_context=False): it has no value projection.")
+        lengths = piece_lengths(x.shape[1], state.count, self.chunk_size)
+        keys = self.norm(x).float()  # (B, S, D): norm and targets are per token, so computed for the whole input
+        with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+            values = keys @ self.value.float().T  # (B, S, D): v = W_v k
+        if not differentiable:
+            return self._first_order(keys, values, lengths, state)
+        ys = []
+        for k, v in zip(keys.split(lengths, dim=1), values.split(lengths, dim=1), strict=True):  # (B, n, D)
+            y, _, _, state = self._piece(state, k, v)
+            ys.append(y)
+        return torch.cat(ys, dim=1), state
 
     def _first_order(
         self, keys: Tensor, values: Tensor, lengths: list[int], state: FastWeights
@@ -318,8 +320,7 @@ class ContinuumMemory(nn.Module):
         chunk_sizes = list(chunk_sizes)
         if not chunk_sizes or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in chunk_sizes):
             raise ValueError(f"`chunk_sizes` must be a non-empty list of integers >= 1, got {chunk_sizes!r}.")
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"`dim` must be an integer >= 1, got {dim!r}.")
+        check_int("dim", dim)
         k = len(chunk_sizes)
         hidden = list(hidden_dims) if hidden_dims is not None else max(1, round(dim * hidden_mult))
         lrs = [0.01 * 0.3**i for i in range(k)] if inner_lr is None else _per_level(inner_lr, k, "inner_lr")

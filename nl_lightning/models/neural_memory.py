@@ -100,7 +100,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nl_lightning._validation import is_int
+from nl_lightning._validation import check_int, is_int
 from nl_lightning.models._memory_mlp import memory_backward, memory_forward
 from nl_lightning.models.cms_memory import ACTIVATIONS, _portable
 
@@ -271,15 +271,15 @@ class NeuralMemory(nn.Module):
         max_inner_grad_norm: Optional[float] = 1.0,
     ) -> None:
         super().__init__()
-        _check(_is_int(dim, 1), f"`dim` must be an integer >= 1, got {dim!r}.")
+        check_int("dim", dim)
         _check(
             max_inner_grad_norm is None or max_inner_grad_norm > 0,
             f"`max_inner_grad_norm` must be None (no clipping) or > 0, got {max_inner_grad_norm!r}.",
         )
         self.max_inner_grad_norm = max_inner_grad_norm
-        _check(_is_int(heads, 1), f"`heads` must be an integer >= 1, got {heads!r}.")
+        check_int("heads", heads)
         _check(dim % heads == 0, f"`dim` ({dim}) must be divisible by `heads` ({heads}); choose a divisor of dim.")
-        _check(_is_int(chunk_size, 1), f"`chunk_size` must be an integer >= 1, got {chunk_size!r}.")
+        check_int("chunk_size", chunk_size)
         _check(_is_int(depth, 1), f"`depth` must be an integer >= 1 (1 = linear memory), got {depth!r}.")
         _check(expansion > 0, f"`expansion` must be > 0, got {expansion!r}.")
         _check(activation in ACTIVATIONS, f"`activation` must be one of {sorted(ACTIVATIONS)}, got {activation!r}.")
