@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nl_lightning.models._residual_memory import dgd_chunk
 from nl_lightning.models.self_modifying_titans import MEMORIES, SelfModifyingState, SelfModifyingTitans
 
 ACT = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu, "tanh": torch.tanh}
@@ -148,6 +149,50 @@ def test_chunk_size_one_is_exact_self_reference(rule):
     check_state(state, finals, atol=1e-9)
     # chunks approximate it: chunk 4 reads differently after the first chunk
     assert (make(chunk_size=4, rule=rule).double()(x)[0][:, 4:] - y[:, 4:]).abs().max() > 1e-4
+
+
+def sequential_dgd(w1, w2, k, a, p, delta, eta, step, log_alpha):
+    """Eq. 88 one token at a time, every product written out: the obvious form of ``dgd_chunk``."""
+    eye = torch.eye(k.shape[-1], dtype=k.dtype)
+    for s in range(k.shape[-2]):
+        alpha, e, st = (t[..., s, None, None] for t in (log_alpha.exp(), eta, step))
+        k_col, k_row = k[..., s, :, None], k[..., s, None, :]
+        w1 = alpha * w1 - st * p[..., s, :, None] * a[..., s, None, :]
+        w2 = w2 @ (alpha * eye - e * k_col * k_row) - st * delta[..., s, :, None] * k_row
+    return w1, w2
+
+
+def test_dgd_chunk_at_a_long_chunk_in_fp32_equals_the_sequential_recurrence():
+    # n = 64 (the throughput chunk size) with near-parallel keys and large steps: the chunk's explicit (I + L)^-1 must
+    # match the token-by-token recurrence in fp64, values and gradients, as a triangular solve would
+    g, b, h, n, d, hid = 5, 2, 2, 64, 8, 12
+    gen = torch.Generator().manual_seed(0)
+    k = F.normalize(torch.randn(b, h, n, d, generator=gen) + 3 * torch.randn(b, h, 1, d, generator=gen), dim=-1)
+    inputs = {
+        "w1": torch.randn(g, b, h, d, hid, generator=gen) / 3,
+        "w2": torch.randn(g, b, h, hid, d, generator=gen) / 3,
+        "k": k,
+        "a": torch.randn(g, b, h, n, hid, generator=gen),
+        "p": torch.randn(g, b, h, n, d, generator=gen),
+        "delta": torch.randn(g, b, h, n, hid, generator=gen),
+        "eta": 0.9 * torch.rand(b, h, n, generator=gen),
+        "step": 0.9 * torch.rand(g, b, h, n, generator=gen),
+        "log_alpha": -0.1 * torch.rand(b, h, n, generator=gen),
+    }
+    cotangents = [torch.randn(g, b, h, d, hid, generator=gen), torch.randn(g, b, h, hid, d, generator=gen)]
+
+    def run(fn, dtype):
+        leaves = {name: t.to(dtype).requires_grad_() for name, t in inputs.items()}
+        out = fn(**leaves)
+        total = sum((o * c.to(dtype)).sum() for o, c in zip(out, cotangents, strict=True))
+        grads = torch.autograd.grad(total, list(leaves.values()))
+        return [o.double() for o in out], [gr.double() for gr in grads]
+
+    out, grads = run(dgd_chunk, torch.float32)
+    ref_out, ref_grads = run(sequential_dgd, torch.float64)
+    for got, want in zip(out + grads, ref_out + ref_grads, strict=True):
+        assert (got - want).abs().max() <= 1e-4 * max(1.0, want.abs().max()), (got - want).abs().max()
+    assert out[1].sub(inputs["w2"].double()).abs().max() > 0.1  # the chunk moved the weights
 
 
 def test_meta_gradients_equal_second_order_autograd_of_the_reference():

@@ -35,9 +35,9 @@ whose gradients are all taken at the anchor (Eq. 90), the recurrence is linear i
     W_{2,s} = W_{2,s-1}(\alpha_s I - \eta_s k_s k_s^\top) - \eta_s c_s\,\delta_s k_s^\top .
 
 :func:`dgd_chunk` runs it exactly and in parallel over the chunk: ``W_1`` is a decayed sum (one matmul); ``W_2`` is a
-gated delta rule, solved with the WY form of DeltaNet (one unit-lower-triangular system of size ``n``, shared by all
-memories, since ``k``, ``η`` and ``α`` are). No autograd is used, so it runs under ``torch.inference_mode()``; the
-outer gradient flows through it by ordinary autograd.
+gated delta rule, solved with the WY form of DeltaNet (the inverse of one unit-lower-triangular matrix of size ``n``,
+shared by all memories, since ``k``, ``η`` and ``α`` are, then one matmul per memory). No autograd is used, so it runs
+under ``torch.inference_mode()``; the outer gradient flows through it by ordinary autograd.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from nl_lightning.models.cms_memory import ACTIVATIONS
+from nl_lightning.models.cms_memory import ACTIVATIONS, _activation_backward
 
 __all__ = ["clip_factor", "dgd_chunk", "input_side_factor", "residual_forward"]
 
@@ -81,7 +81,7 @@ def input_side_factor(p: Tensor, u: Tensor, w1: Tensor, activation: str) -> Tens
         ``δ`` ``(..., n, h)``.
 
     """
-    return (p @ w1) * ACTIVATIONS[activation][1](u)
+    return _activation_backward(p @ w1, u, activation)
 
 
 def clip_factor(p: Tensor, a: Tensor, delta: Tensor, k: Tensor, max_norm: float) -> Tensor:
@@ -109,9 +109,11 @@ def dgd_chunk(
         (I + L)\,R = -\mathrm{step}\odot\Delta - \eta\,\gamma_{s-1}\, K W_{2,0}^\top, \quad
         L_{sj} = \eta_s \tfrac{\gamma_{s-1}}{\gamma_j} k_s^\top k_j\ (j < s),
 
-    which is exact (no truncation); decay ratios are taken in log space. The memories lead the shapes (``G`` first), so
-    that any range of memories is a contiguous view of the weights; ``k``, ``η`` and ``α`` are shared by the ``G``
-    memories and broadcast.
+    which is exact (no truncation); decay ratios are taken in log space. ``(I + L)^{-1}`` is formed once per sample and
+    head and applied to the ``G`` memories' right-hand sides by a batched matmul. This equals a triangular solve per
+    memory to fp32 rounding and runs faster on CPU, where batched solves of many small systems are slow. The
+    memories lead the shapes (``G`` first), so that any range of memories is a contiguous view of the weights; ``k``,
+    ``η`` and ``α`` are shared by the ``G`` memories and broadcast.
 
     Args:
         w1: Running output-side weights ``(G, B, H, d, h)``.
@@ -142,6 +144,8 @@ def dgd_chunk(
         strict = torch.ones(n, n, dtype=torch.bool, device=k.device).tril(-1)
         ratio = (lg_prev.unsqueeze(-1) - lg.unsqueeze(-2)).masked_fill(~strict, float("-inf")).exp()  # (B, H, n, n)
         lower = eta.unsqueeze(-1) * ratio * (k @ k.transpose(-1, -2))  # (B, H, n, n), strictly lower
-        rhs = torch.linalg.solve_triangular(lower, rhs, upper=False, unitriangular=True)  # R, (G, B, H, n, h)
+        eye = torch.eye(n, dtype=k.dtype, device=k.device)
+        inverse = torch.linalg.solve_triangular(lower, eye, upper=False, unitriangular=True)  # (B, H, n, n)
+        rhs = inverse @ rhs  # R, (G, B, H, n, h)
     w2 = decay_all * w2 + rhs.transpose(-1, -2) @ (k * to_end.unsqueeze(-1))  # (G, B, H, h, d)
     return w1, w2

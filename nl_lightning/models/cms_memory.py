@@ -56,10 +56,11 @@ ACTIVATIONS: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tens
 
 
 def _activation_backward(grad: Tensor, z: Tensor, activation: str) -> Tensor:
-    """``grad * act'(z)``, in one fused op for GELU and SiLU."""
+    """``grad * act'(z)``, in one fused op for GELU, and for SiLU where no graph is recorded (aten's SiLU backward has
+    no derivative of its own, so a differentiable SiLU path takes the written-out derivative)."""
     if activation == "gelu":
         return torch.ops.aten.gelu_backward(grad, z)
-    if activation == "silu":
+    if activation == "silu" and not (torch.is_grad_enabled() and (grad.requires_grad or z.requires_grad)):
         return torch.ops.aten.silu_backward(grad, z)
     return grad * ACTIVATIONS[activation][1](z)
 
@@ -101,7 +102,7 @@ def mlp_grads(
     """
     g_w2 = error.transpose(1, 2) @ a  # (B, D, H)
     g_b2 = error.sum(dim=1)  # (B, D)
-    dz = (error @ w2) * ACTIVATIONS[activation][1](z)  # (B, n, H)
+    dz = _activation_backward(error @ w2, z, activation)  # (B, n, H)
     g_w1 = dz.transpose(1, 2) @ k  # (B, H, D)
     g_b1 = dz.sum(dim=1)  # (B, H)
     return g_w1, g_b1, g_w2, g_b2
