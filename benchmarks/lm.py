@@ -14,7 +14,9 @@ Models (tiny sizes of the CPU recipes ``nl_lightning/recipes/text_*.yaml``; widt
 - ``titans``: ``TitansMAL(dim=64, depth=2, heads=4, window=64, chunk_size=16, mlp_mult=1.5)`` (MAL, memory depth 2);
   ``mlp_mult`` is lowered from 8/3 for the same reason;
 - ``hope_rho1`` (an ablation, in parts 1 and 3 only): ``hope`` with ``cms_retention=1.0``, the CMS writes of Eq. 31 as
-  printed, with no pull back towards the learned initial weights.
+  printed, with no pull back towards the learned initial weights;
+- ``hope_chunk64`` (an ablation, in part 1 only): ``hope`` with ``chunk_size=64`` for the self-modifying Titans, the
+  throughput setting of paper-notes §4 (the same parameters; ``benchmarks/memory_speed.py`` times its step).
 
 The exact parameter counts (all distinct parameters, embeddings tied with the head) and their difference from Hope's
 are in the JSON and the report; the script warns when one is more than 5 % off. All models: AdamW, lr 3e-3, weight
@@ -87,7 +89,7 @@ Running it
 ::
 
     OMP_NUM_THREADS=1 python benchmarks/lm.py --out benchmarks/results/lm.json \\
-        --markdown benchmarks/results/lm.md          # all parts, ~25 min with 1 thread
+        --markdown benchmarks/results/lm.md          # all parts, ~28 min with 1 thread
     python benchmarks/lm.py --quick                    # smoke run, about a minute
     python benchmarks/lm.py --parts bpc,streaming --seeds 0 1 2
 
@@ -136,9 +138,9 @@ from nl_lightning.models.titans import TitansMAL
 from nl_lightning.models.transformer import TransformerPP
 
 PARTS = ("bpc", "recall", "streaming")
-MODELS = ("hope", "hope_attention", "transformer", "titans", "hope_rho1")
-STATEFUL = ("hope", "hope_attention", "titans", "hope_rho1")
-ABLATIONS = ("hope_rho1",)  # in the bpc and streaming parts only
+MODELS = ("hope", "hope_attention", "transformer", "titans", "hope_rho1", "hope_chunk64")
+STATEFUL = ("hope", "hope_attention", "titans", "hope_rho1", "hope_chunk64")
+ABLATIONS = ("hope_rho1", "hope_chunk64")  # not in the recall part; hope_chunk64 not streamed either
 # glibc raises its mmap threshold each time a large block is freed, after which freed blocks stay in the heap and
 # count in the RSS; pinning it (which turns that off) makes the peak RSS of a probe follow the live bytes.
 MALLOC_MMAP_THRESHOLD = "131072"
@@ -156,6 +158,12 @@ ARCH: dict[str, tuple[type[CausalLM], dict[str, Any], str]] = {
         {"dim": 64, "depth": 2, "heads": 4, "chunk_size": 16, "cms_chunk_sizes": [16, 64], "cms_retention": 1.0},
         "HopeModule(dim=64, depth=2, heads=4, chunk_size=16, cms_chunk_sizes=[16, 64], cms_retention=1.0)"
         " (ablation: the CMS writes of Eq. 31 as printed)",
+    ),
+    "hope_chunk64": (
+        HopeModule,
+        {"dim": 64, "depth": 2, "heads": 4, "chunk_size": 64, "cms_chunk_sizes": [16, 64]},
+        f"HopeModule(dim=64, depth=2, heads=4, chunk_size=64, cms_chunk_sizes=[16, 64]) (cms_retention"
+        f" {DEFAULT_CMS_RETENTION}; ablation: the self-modifying Titans' throughput chunk size)",
     ),
     "hope_attention": (
         HopeModule,
