@@ -54,6 +54,8 @@ from typing import Any, Literal, NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from nl_lightning._validation import is_int
+
 __all__ = ["IncompatibleLevels", "Level", "LevelSet", "StepPlan", "resolve_levels"]
 
 Reduction = Literal["mean", "sum"]
@@ -101,7 +103,7 @@ class Level:
                     f"Level {self.name!r}: every glob in `params` must be a non-empty string, got {glob!r}"
                     f" ({type(glob).__name__}). Write parameter names as strings, for example 'backbone.*'."
                 )
-        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+        if not is_int(self.every) or self.every < 1:
             raise ValueError(
                 f"Level {self.name!r}: `every` must be an integer >= 1 (the number of optimizer steps between two"
                 f" updates), got {self.every!r}."

@@ -49,6 +49,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from nl_lightning._validation import is_int
 from nl_lightning.callbacks._step_hooks import StepHookCallback
 from nl_lightning.callbacks.multi_frequency import MultiFrequencyUpdates
 
@@ -104,9 +105,7 @@ class ConsolidationPair:
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 < self.alpha <= 1:
             raise ValueError(f"Pair {self.fast!r} -> {self.slow!r}: `alpha` must be in (0, 1], got {self.alpha!r}.")
         object.__setattr__(self, "alpha", float(self.alpha))
-        if self.every is not None and (
-            isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1
-        ):
+        if self.every is not None and (not is_int(self.every) or self.every < 1):
             raise ValueError(
                 f"Pair {self.fast!r} -> {self.slow!r}: `every` must be an integer >= 1 (optimizer steps) or None,"
                 f" got {self.every!r}."
@@ -219,7 +218,7 @@ class CMSConsolidation(StepHookCallback):
         if len(set(names)) != len(names):
             raise MisconfigurationException(f"Pair names must be unique, got {names}; set `name` on the pairs.")
         for arg, value in (("buffer_size", buffer_size), ("distill_steps", distill_steps)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise MisconfigurationException(f"`{arg}` must be an integer >= 1, got {value!r}.")
         if isinstance(distill_lr, bool) or not isinstance(distill_lr, (int, float)) or not distill_lr > 0:
             raise MisconfigurationException(f"`distill_lr` must be > 0, got {distill_lr!r}.")

@@ -34,6 +34,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
+from nl_lightning._validation import is_int
+
 __all__ = ["ElasticWeightConsolidation"]
 
 LossFn = Callable[[pl.LightningModule, Sequence[Tensor]], Tensor]
@@ -85,7 +87,7 @@ class ElasticWeightConsolidation(Callback):
     ) -> None:
         if not ewc_lambda >= 0:
             raise MisconfigurationException(f"`ewc_lambda` must be >= 0, got {ewc_lambda!r}.")
-        if isinstance(fisher_samples, bool) or not isinstance(fisher_samples, int) or fisher_samples < 1:
+        if not is_int(fisher_samples) or fisher_samples < 1:
             raise MisconfigurationException(f"`fisher_samples` must be an integer >= 1, got {fisher_samples!r}.")
         if not 0.0 <= gamma <= 1.0:
             raise MisconfigurationException(f"`gamma` must be in [0, 1], got {gamma!r}.")

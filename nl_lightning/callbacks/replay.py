@@ -31,6 +31,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
+from nl_lightning._validation import is_int
+
 __all__ = ["ExperienceReplay", "Reservoir"]
 
 
@@ -126,7 +128,7 @@ class ExperienceReplay(Callback):
     def __init__(
         self, buffer_size: int = 200, replay_batch_size: Optional[int] = None, seed: Optional[int] = None
     ) -> None:
-        if isinstance(buffer_size, bool) or not isinstance(buffer_size, int) or buffer_size < 1:
+        if not is_int(buffer_size) or buffer_size < 1:
             raise MisconfigurationException(f"`buffer_size` must be an integer >= 1, got {buffer_size!r}.")
         if replay_batch_size is not None and replay_batch_size < 1:
             raise MisconfigurationException(f"`replay_batch_size` must be >= 1 or None, got {replay_batch_size!r}.")

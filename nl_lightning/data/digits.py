@@ -33,6 +33,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
+from nl_lightning._validation import is_int
+
 __all__ = ["DigitsDataModule", "DigitsDataset", "load_digits_tensors"]
 
 
@@ -127,7 +129,7 @@ class DigitsDataset(Dataset):
             raise ValueError(
                 f"`test_fraction` must be a number strictly between 0 and 1, got {test_fraction!r}; use e.g. 0.2."
             )
-        if isinstance(seed, bool) or not isinstance(seed, int):
+        if not is_int(seed):
             raise ValueError(f"`seed` must be an integer, got {seed!r}.")
         self.train = train
         self.test_fraction = float(test_fraction)
@@ -180,15 +182,15 @@ class DigitsDataModule(pl.LightningDataModule):
 
     def __init__(self, batch_size: int = 32, val_fraction: float = 0.2, seed: int = 0, num_workers: int = 0) -> None:
         super().__init__()
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if not is_int(batch_size) or batch_size < 1:
             raise MisconfigurationException(f"`batch_size` must be an integer >= 1, got {batch_size!r}; use e.g. 32.")
         if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
             raise MisconfigurationException(
                 f"`val_fraction` must be a number strictly between 0 and 1, got {val_fraction!r}; use e.g. 0.2."
             )
-        if isinstance(seed, bool) or not isinstance(seed, int):
+        if not is_int(seed):
             raise MisconfigurationException(f"`seed` must be an integer, got {seed!r}.")
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        if not is_int(num_workers) or num_workers < 0:
             raise MisconfigurationException(
                 f"`num_workers` must be an integer >= 0, got {num_workers!r}; use 0 to load in the main process."
             )

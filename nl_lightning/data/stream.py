@@ -45,6 +45,8 @@ from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from typing_extensions import override
 
+from nl_lightning._validation import is_int
+
 __all__ = ["Scenario", "TaskStreamDataModule"]
 
 Scenario = Literal["class_incremental", "task_incremental", "permuted", "rotated"]
@@ -193,7 +195,7 @@ class TaskStreamDataModule(pl.LightningDataModule):
             raise MisconfigurationException(f"`protocol` must be 'offline' or 'online', got {protocol!r}.")
         for name, value in (("num_tasks", num_tasks), ("epochs_per_task", epochs_per_task),
                             ("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):  # fmt: skip
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise MisconfigurationException(f"`{name}` must be an integer >= 1, got {value!r}.")
         if protocol == "online" and epochs_per_task != 1:
             raise MisconfigurationException(

@@ -50,6 +50,8 @@ from torch import Tensor
 from torchmetrics import Metric
 from typing_extensions import override
 
+from nl_lightning._validation import check_int
+
 __all__ = ["FORGETTING_DEFINITIONS", "METRIC_NAMES", "AccuracyMatrix", "continual_metrics"]
 
 #: The accepted values of ``forgetting``; ``"chaudhry"`` is the one to report as "forgetting".
@@ -187,8 +189,7 @@ class AccuracyMatrix(Metric):
 
     def __init__(self, num_tasks: int, forgetting: str = "chaudhry", **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
-            raise ValueError(f"`num_tasks` must be an integer >= 1, got {num_tasks!r}.")
+        check_int("num_tasks", num_tasks)
         self.num_tasks = num_tasks
         self.forgetting = _check_forgetting(forgetting)
         shape = (num_tasks + 1, num_tasks)

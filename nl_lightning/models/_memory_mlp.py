@@ -42,7 +42,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from nl_lightning.models.cms_memory import ACTIVATIONS
+from nl_lightning.models.cms_memory import ACTIVATIONS, _activation_backward
 
 __all__ = ["memory_backward", "memory_forward"]
 
@@ -90,9 +90,8 @@ def memory_backward(weights: Sequence[Tensor], pre: Sequence[Tensor], delta: Ten
         ``deltas[l][..., i, :, None] * inputs[l][..., i, None, :]``.
 
     """
-    grad = ACTIVATIONS[activation][1]
     deltas = [delta]
     for i in range(len(weights) - 1, 0, -1):
-        delta = (delta @ weights[i]) * grad(pre[i - 1])  # (B, H, n, out_{i-1})
+        delta = _activation_backward(delta @ weights[i], pre[i - 1], activation)  # (B, H, n, out_{i-1})
         deltas.append(delta)
     return deltas[::-1]

@@ -35,6 +35,8 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
+from nl_lightning._validation import is_int
+
 __all__ = ["MLPClassifier"]
 
 
@@ -89,10 +91,10 @@ class MLPClassifier(pl.LightningModule):
         super().__init__()
         hidden = (128, 128) if hidden is None else tuple(hidden)
         for name, value in (("in_features", in_features), ("num_classes", num_classes)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise MisconfigurationException(f"`{name}` must be an integer >= 1, got {value!r}.")
         for width in hidden:
-            if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            if not is_int(width) or width < 1:
                 raise MisconfigurationException(
                     f"Every entry of `hidden` must be an integer >= 1, got {width!r} in {list(hidden)}; use e.g."
                     " [128, 128] (or [] for a linear classifier)."

@@ -59,7 +59,7 @@ from typing import Literal, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from nl_lightning._validation import check_int
+from nl_lightning._validation import check_int, is_int
 from nl_lightning.levels import Level
 from nl_lightning.models.cms_memory import (
     ACTIVATIONS,
@@ -318,7 +318,7 @@ class ContinuumMemory(nn.Module):
     ) -> None:
         super().__init__()
         chunk_sizes = list(chunk_sizes)
-        if not chunk_sizes or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in chunk_sizes):
+        if not chunk_sizes or any(not is_int(c) or c < 1 for c in chunk_sizes):
             raise ValueError(f"`chunk_sizes` must be a non-empty list of integers >= 1, got {chunk_sizes!r}.")
         check_int("dim", dim)
         k = len(chunk_sizes)

@@ -57,6 +57,8 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from typing_extensions import override
 
+from nl_lightning._validation import check_int, is_int
+
 __all__ = ["IGNORE_INDEX", "BlockStackLM", "CausalLM", "detach_state"]
 
 IGNORE_INDEX = -100
@@ -154,19 +156,14 @@ class CausalLM(pl.LightningModule):
         optimizer: Optional[OptimizerCallable] = None,
     ) -> None:
         super().__init__()
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
+        if not is_int(vocab_size) or vocab_size < 2:
             raise ValueError(f"`vocab_size` must be an integer >= 2, got {vocab_size!r}; use 256 for byte-level text.")
         if not lr > 0:
             raise ValueError(f"`lr` must be > 0, got {lr!r}; use e.g. 1e-3.")
         if not weight_decay >= 0:
             raise ValueError(f"`weight_decay` must be >= 0, got {weight_decay!r}; use 0 to disable it.")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"`warmup_steps` must be an integer >= 0, got {warmup_steps!r}.")
-        if max_steps_schedule is not None and (
-            isinstance(max_steps_schedule, bool)
-            or not isinstance(max_steps_schedule, int)
-            or max_steps_schedule <= warmup_steps
-        ):
+        check_int("warmup_steps", warmup_steps, low=0)
+        if max_steps_schedule is not None and (not is_int(max_steps_schedule) or max_steps_schedule <= warmup_steps):
             raise ValueError(
                 f"`max_steps_schedule` must be None or an integer > warmup_steps={warmup_steps}, got"
                 f" {max_steps_schedule!r}; set it to the Trainer's max_steps for a cosine decay."
@@ -174,9 +171,7 @@ class CausalLM(pl.LightningModule):
         betas = tuple(betas)
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"`betas` must be two numbers in [0, 1), got {betas!r}.")
-        if segment_len is not None and (
-            isinstance(segment_len, bool) or not isinstance(segment_len, int) or segment_len < 1
-        ):
+        if segment_len is not None and (not is_int(segment_len) or segment_len < 1):
             raise ValueError(f"`segment_len` must be None (one segment) or an integer >= 1, got {segment_len!r}.")
         if grad_clip is not None and not grad_clip > 0:
             raise ValueError(f"`grad_clip` must be None (no clipping) or > 0, got {grad_clip!r}.")
@@ -345,11 +340,10 @@ class CausalLM(pl.LightningModule):
         """
         if prompt.dim() != 2 or prompt.shape[1] < 1:
             raise ValueError(f"`prompt` must be (batch, length >= 1) tokens, got shape {tuple(prompt.shape)}.")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"`max_new_tokens` must be an integer >= 0, got {max_new_tokens!r}.")
+        check_int("max_new_tokens", max_new_tokens, low=0)
         if not temperature >= 0:
             raise ValueError(f"`temperature` must be >= 0 (0: greedy), got {temperature!r}.")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        if top_k is not None and (not is_int(top_k) or top_k < 1):
             raise ValueError(f"`top_k` must be None or an integer >= 1, got {top_k!r}.")
         was_training = self.training
         self.eval()

@@ -62,6 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from nl_lightning._validation import is_int
 from nl_lightning.optim.newton_schulz import newton_schulz
 
 __all__ = ["DMGD"]
@@ -350,7 +351,7 @@ def _validate(hp: dict[str, Any]) -> None:
         )
     for name in ("hidden", "ns_steps", "seed"):
         val = hp[name]
-        if isinstance(val, bool) or not isinstance(val, int) or (name != "seed" and val < 0):
+        if not is_int(val) or (name != "seed" and val < 0):
             raise ValueError(f"`{name}` must be an integer{' >= 0' if name != 'seed' else ''}, got {val!r}.")
     for name, allowed in (
         ("objective", _OBJECTIVES),
