@@ -26,6 +26,12 @@ the report (``DIFFERENCES``), the main one being where the inner gradient is tak
 chunk's gradient at the weights the call started from (all chunks in parallel, momentum and forgetting then scanned
 over the chunks), ours at the running memory at the start of each chunk (one sequential step per chunk).
 
+``torch.compile``: both modules are then wrapped in ``torch.compile(module, dynamic=False)`` (inductor, default
+mode) and ``forward_backward`` is timed again, interleaved as above; reported per module: the wall time of the first
+compiled call (compilation included), the largest absolute difference of the compiled output from the eager one, the
+compiled median and its speed-up over the eager median of the same run, and ours ÷ titans-pytorch compiled. This asks
+whether a compiler's fusion closes the gap to the 2x target (``--skip-compile`` leaves it out; several minutes).
+
 If ``titans_pytorch`` cannot be imported, ours is measured alone and the report says so.
 
 Part 2, ``lm_step``: Hope vs Transformer++ training step
@@ -68,7 +74,7 @@ Running it
 ::
 
     OMP_NUM_THREADS=1 .bench-venv/bin/python benchmarks/memory_speed.py --out benchmarks/results/memory_speed.json \\
-        --markdown benchmarks/results/memory_speed.md      # ~4.5 min with 1 thread
+        --markdown benchmarks/results/memory_speed.md      # ~9 min with 1 thread
     .bench-venv/bin/python benchmarks/memory_speed.py --quick   # smoke run
     python benchmarks/memory_speed.py --parts lm_step            # our environment: part 2 only needs nl_lightning
 
@@ -92,6 +98,7 @@ import platform
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -100,6 +107,7 @@ from typing import Any, Optional
 import torch
 from _common import emit, num, quartiles
 from torch import Tensor, nn
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 from torch.utils.flop_counter import FlopCounterMode
 
 import nl_lightning
@@ -309,6 +317,76 @@ def describe(module: nn.Module, x: Tensor, ours: bool) -> dict[str, Any]:
     }
 
 
+def compiled_memory(
+    modules: dict[str, nn.Module], x: Tensor, tokens: int, eager: dict[str, Any], args: argparse.Namespace
+) -> dict[str, Any]:
+    """``forward_backward`` of ``torch.compile(module, dynamic=False)``: compile time, agreement with eager, timing.
+
+    Inductor's on-disk cache goes to a fresh temporary directory (unless ``TORCHINDUCTOR_CACHE_DIR`` names another
+    than the default), so that the first call's time is a cold compile.
+    """
+    # importing lightning or titans_pytorch sets TORCHINDUCTOR_CACHE_DIR to the default: only another value counts
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    cache = None if before in (None, default_cache_dir()) else before
+    with tempfile.TemporaryDirectory(prefix="memory_speed_inductor_") as tmp:
+        if cache is None:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = tmp
+        try:
+            out = _compiled_memory(modules, x, tokens, eager, args)
+        finally:
+            if before is None:
+                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
+        files = sum(len(names) for _, _, names in os.walk(tmp))
+    out["inductor_cache"] = (
+        f"a fresh directory, cold compile ({files} files written)"
+        if cache is None
+        else f"TORCHINDUCTOR_CACHE_DIR={cache} (may be warm)"
+    )
+    return out
+
+
+def _compiled_memory(
+    modules: dict[str, nn.Module], x: Tensor, tokens: int, eager: dict[str, Any], args: argparse.Namespace
+) -> dict[str, Any]:
+    info: dict[str, Any] = {}
+    fns: dict[str, Callable[[], None]] = {}
+    for name, mod in modules.items():
+        compiled = torch.compile(mod, dynamic=False)
+        log(f"memory compiled: compiling {name} ...")
+        t0 = time.perf_counter()
+        y, _ = compiled(x)
+        y.sum().backward()
+        seconds = time.perf_counter() - t0
+        mod.zero_grad(set_to_none=True)
+        y_eager, _ = mod(x)
+        info[name] = {
+            "first_call_s": seconds,
+            "max_abs_diff_from_eager": float((y.detach() - y_eager.detach()).abs().max()),
+            "eager_output_max_abs": float(y_eager.detach().abs().max()),
+        }
+        log(f"memory compiled: {name} first call {seconds:.0f} s")
+        fns[name] = lambda compiled=compiled: memory_step(compiled, x, "forward_backward")
+
+    def after() -> None:
+        for mod in modules.values():
+            mod.zero_grad(set_to_none=True)
+
+    times = interleaved(fns, args.rounds, args.warmup, args.iters, "memory compiled", after)
+    for name in modules:
+        result = summarize(times[name], tokens)
+        result["speedup_over_eager"] = eager[f"{name}/forward_backward"]["median_ms"] / result["median_ms"]
+        info[name]["forward_backward"] = result
+    out: dict[str, Any] = {"construction": "torch.compile(module, dynamic=False)", "modules": info}
+    if "titans-pytorch" in info:
+        a, b = info["ours"]["forward_backward"], info["titans-pytorch"]["forward_backward"]
+        per_round = [tb / ta for ta, tb in zip(a["per_round_median_ms"], b["per_round_median_ms"], strict=True)]
+        out["speedup_ours_over_titans"] = b["median_ms"] / a["median_ms"]
+        out["per_round_speedups"] = per_round
+    return out
+
+
 def part_memory(args: argparse.Namespace) -> dict[str, Any]:
     m = MEMORY
     gen = torch.Generator().manual_seed(SEED + 1)
@@ -353,6 +431,7 @@ def part_memory(args: argparse.Namespace) -> dict[str, Any]:
         for mode in modes:
             half = results[f"titans-pytorch/{mode}"]["median_ms"] / 2e3
             arithmetic[f"needed_for_2x/{mode}"] = arithmetic[f"ours/{mode}"]["gflop"] / half
+    compiled = None if args.skip_compile else compiled_memory(modules, x, tokens, results, args)
     default_head: Optional[dict[str, Any]] = None
     if TitansNeuralMemory is not None and not args.skip_default_head:
         mod = build_titans(default_head=True)
@@ -381,6 +460,7 @@ def part_memory(args: argparse.Namespace) -> dict[str, Any]:
         "results": results,
         "comparisons": comparisons,
         "arithmetic": arithmetic,
+        "compiled": compiled,
         "titans_default_head": default_head,
         "differences": DIFFERENCES if TitansNeuralMemory is not None else [],
     }
@@ -591,6 +671,35 @@ def memory_markdown(part: dict[str, Any]) -> list[str]:
         lines += ["", "What differs between the two modules (from their code):", ""]
         lines += [f"- {item}" for item in part["differences"]]
     lines += arithmetic_markdown(part["arithmetic"])
+    if part.get("compiled"):
+        lines += compiled_markdown(part["compiled"])
+    return lines
+
+
+def compiled_markdown(c: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        f"`torch.compile` (`{c['construction']}`, inductor, default mode; on-disk cache: {c['inductor_cache']}),"
+        " forward_backward, interleaved rounds as above:",
+        "",
+        "| module | first call s (compiles) | max abs diff from eager | median ms | IQR ms | tokens/s | speed-up over"
+        " eager |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, i in c["modules"].items():
+        r = i["forward_backward"]
+        lines.append(
+            f"| {name} | {num(i['first_call_s'], '.0f')} | {i['max_abs_diff_from_eager']:.1e} |"
+            f" {num(r['median_ms'], '.1f')} | {num(r['p25_ms'], '.1f')}–{num(r['p75_ms'], '.1f')} |"
+            f" {num(r['tokens_per_s'], ',.0f')} | {num(r['speedup_over_eager'], '.2f')}× |"
+        )
+    if "speedup_ours_over_titans" in c:
+        rounds = c["per_round_speedups"]
+        lines += [
+            "",
+            f"Compiled, ours ÷ titans-pytorch tokens/s: {num(c['speedup_ours_over_titans'], '.2f')}× (per-round"
+            f" ratios {min(rounds):.2f}–{max(rounds):.2f}).",
+        ]
     return lines
 
 
@@ -695,6 +804,15 @@ def reading(report: dict[str, Any]) -> list[str]:
                     f" {a['titans-pytorch/forward_backward']['achieved_gflop_per_s']:.0f} GFLOP/s; 2× would need"
                     f" {need:.0f} GFLOP/s, against {rates['gemm_2048']:.0f} (large GEMM) and"
                     f" {rates['bmm_16x64x64x128']:.0f} (the memory's batched shape) measured here."
+                )
+            comp = part.get("compiled")
+            if comp and "speedup_ours_over_titans" in comp:
+                ours, theirs = (comp["modules"][n]["forward_backward"] for n in ("ours", "titans-pytorch"))
+                lines.append(
+                    f"- Both compiled (`torch.compile`): ours has {comp['speedup_ours_over_titans']:.2f}×"
+                    f" titans-pytorch's tokens/s (compilation sped ours up {ours['speedup_over_eager']:.2f}×,"
+                    f" titans-pytorch {theirs['speedup_over_eager']:.2f}×); compiled, the 2× target is"
+                    f" {'met' if comp['speedup_ours_over_titans'] >= 2 else 'not met'}."
                 )
             f = part["comparisons"].get("forward")
             if f:
@@ -803,10 +921,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "--default-head-iters", type=int, help="timed iterations of titans-pytorch's default dim_head (default 2)"
     )
     parser.add_argument("--skip-default-head", action="store_true", help="do not time titans-pytorch's default head")
+    parser.add_argument("--skip-compile", action="store_true", help="do not time the torch.compile'd memories")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (1)")
     parser.add_argument("--out", help="write the JSON here (the Markdown then goes to stdout)")
     parser.add_argument("--markdown", help="also write the Markdown report here")
-    parser.add_argument("--quick", action="store_true", help="smoke run: few iterations, no default-head timing")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: few iterations, no default-head or compiled timing"
+    )
     args = parser.parse_args(argv)
     parts = [p for item in args.parts for p in item.split(",") if p]
     unknown = sorted(set(parts) - set(PARTS))
@@ -820,7 +941,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args.rounds_lm = {"d256": args.rounds_d256 or (1 if q else 3)}
     args.default_head_iters = args.default_head_iters or 2
     if q:
-        args.skip_default_head = True
+        args.skip_default_head = args.skip_compile = True
     if min(args.rounds, args.iters, args.threads) < 1 or args.warmup < 0:
         parser.error("--rounds, --iters, --threads must be >= 1 and --warmup >= 0")
     return args
