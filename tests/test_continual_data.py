@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 from pathlib import Path
 
@@ -173,13 +174,17 @@ def test_fashion_mnist_mismatched_files(tmp_path):
         FashionMNIST(tmp_path, train="yes")
 
 
+# Read at import, before ``_fresh_cache`` clears the variable for each test (CI points it at the Debian package).
+REAL_ROOT = os.environ.get("NL_FASHION_MNIST_ROOT") or None
+
+
 @pytest.mark.skipif(
-    not fashion_mnist_available(),
+    not fashion_mnist_available(REAL_ROOT),
     reason="Fashion-MNIST not found: install the Debian package dataset-fashion-mnist (apt-get install "
     "dataset-fashion-mnist) or set NL_FASHION_MNIST_ROOT",
 )
 def test_fashion_mnist_real_files():
-    train, test = FashionMNIST(train=True), FashionMNIST(train=False, flatten=False)
+    train, test = FashionMNIST(REAL_ROOT, train=True), FashionMNIST(REAL_ROOT, train=False, flatten=False)
     assert len(train) == 60000 and len(test) == 10000
     assert train.data.shape == (60000, 784) and test.data.shape == (10000, 1, 28, 28)
     assert torch.equal(torch.bincount(train.targets, minlength=10), torch.full((10,), 6000))
