@@ -107,8 +107,12 @@ from typing import Any, Optional
 import torch
 from _common import emit, num, quartiles
 from torch import Tensor, nn
-from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 from torch.utils.flop_counter import FlopCounterMode
+
+try:  # private: where inductor caches by default (importing lightning or titans_pytorch sets the variable to it)
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+except ImportError:  # another torch: any TORCHINDUCTOR_CACHE_DIR then counts as the user's
+    default_cache_dir = None
 
 import nl_lightning
 from nl_lightning.models.hope import HopeModule
@@ -327,7 +331,8 @@ def compiled_memory(
     """
     # importing lightning or titans_pytorch sets TORCHINDUCTOR_CACHE_DIR to the default: only another value counts
     before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    cache = None if before in (None, default_cache_dir()) else before
+    default = default_cache_dir() if default_cache_dir is not None else None
+    cache = None if before is None or before == default else before
     with tempfile.TemporaryDirectory(prefix="memory_speed_inductor_") as tmp:
         if cache is None:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = tmp
