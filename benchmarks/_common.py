@@ -16,12 +16,17 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
+import gc
+import hashlib
 import io
 import json
 import logging
 import math
+import os
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -158,3 +163,96 @@ def quartiles(xs: Sequence[float]) -> tuple[float, float, float]:
         return xs[0], xs[0], xs[0]
     q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive")
     return q1, q2, q3
+
+
+def summarize(rounds: list[list[tuple[float, float]]], tokens: int) -> dict[str, Any]:
+    """Pooled statistics of one timed function: ``rounds`` holds the timed ``(wall, cpu)`` seconds of each round."""
+    wall = [w for r in rounds for w, _ in r]
+    p25, med, p75 = quartiles(wall)
+    return {
+        "median_ms": med * 1e3,
+        "p25_ms": p25 * 1e3,
+        "p75_ms": p75 * 1e3,
+        "tokens_per_s": tokens / med,
+        "iterations": len(wall),
+        "per_round_median_ms": [statistics.median(w for w, _ in r) * 1e3 for r in rounds],
+        "cpu_median_ms": statistics.median(c for r in rounds for _, c in r) * 1e3,
+    }
+
+
+def interleaved(
+    fns: dict[str, Callable[[], None]],
+    rounds: int,
+    warmup: int,
+    iters: int,
+    label: str,
+    after: Callable[[], None],
+    log: Callable[[str], None],
+) -> dict[str, list[list[tuple[float, float]]]]:
+    """Time every function in interleaved rounds (order reversed every other round); ``after`` runs untimed.
+
+    Returns, per function, the timed ``(wall, cpu)`` seconds of each round (``warmup`` untimed calls first in each).
+    """
+    keys = list(fns)
+    for k in keys:  # untimed pre-warm of everything
+        fns[k]()
+        after()
+    times: dict[str, list[list[tuple[float, float]]]] = {k: [] for k in keys}
+    for r in range(rounds):
+        for k in keys if r % 2 == 0 else keys[::-1]:
+            gc.collect()
+            out = []
+            for i in range(warmup + iters):
+                c0, t0 = time.process_time(), time.perf_counter()
+                fns[k]()
+                wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                after()
+                if i >= warmup:
+                    out.append((wall, cpu))
+            times[k].append(out)
+        med = {k: f"{statistics.median(w for w, _ in times[k][-1]) * 1e3:.0f}" for k in keys}
+        log(f"{label} round {r + 1}/{rounds}: median ms {med}")
+    return times
+
+
+def sha256_of(path: Optional[str]) -> Optional[dict[str, str]]:
+    """sha256 and modification time of a file (``None`` if there is none)."""
+    if path is None or not os.path.exists(path):
+        return None
+    stamp = datetime.datetime.fromtimestamp(os.path.getmtime(path), datetime.timezone.utc)
+    return {
+        "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(),
+        "mtime": stamp.isoformat(timespec="seconds"),
+    }
+
+
+@contextlib.contextmanager
+def fresh_inductor_cache(prefix: str) -> Iterator[dict[str, str]]:
+    """Point ``TORCHINDUCTOR_CACHE_DIR`` at a fresh temporary directory for the block, so that a first
+    ``torch.compile`` call there is a cold compile; a value the user set (other than inductor's default, which
+    importing lightning sets) is kept. The yielded dict gets ``description`` (for the report) when the block ends."""
+    try:  # private: inductor's default cache directory
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # another torch: any value then counts as the user's
+        default = None
+    else:
+        default = default_cache_dir()
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    kept = None if before is None or before == default else before
+    info: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix=f"{prefix}_inductor_") as tmp:
+        if kept is None:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = tmp
+        try:
+            yield info
+        finally:
+            if before is None:
+                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
+            files = sum(len(names) for _, _, names in os.walk(tmp))
+            info["description"] = (
+                f"a fresh directory, cold compile ({files} files written)"
+                if kept is None
+                else f"TORCHINDUCTOR_CACHE_DIR={kept} (may be warm)"
+            )

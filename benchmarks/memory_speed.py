@@ -88,8 +88,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import gc
-import hashlib
 import importlib.metadata
 import itertools
 import math
@@ -98,21 +96,15 @@ import platform
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from _common import emit, num, quartiles
+from _common import emit, fresh_inductor_cache, interleaved, num, sha256_of, summarize
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
-
-try:  # private: where inductor caches by default (importing lightning or titans_pytorch sets the variable to it)
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-except ImportError:  # another torch: any TORCHINDUCTOR_CACHE_DIR then counts as the user's
-    default_cache_dir = None
 
 import nl_lightning
 from nl_lightning.models.hope import HopeModule
@@ -164,57 +156,6 @@ DIFFERENCES = [
 # ---------------------------------------------------------------------------------------------------- helpers
 def log(message: str) -> None:
     print(f"[memory_speed] {message}", file=sys.stderr, flush=True)
-
-
-def summarize(rounds: list[list[tuple[float, float]]], tokens: int) -> dict[str, Any]:
-    """Pooled statistics of one (variant, mode): ``rounds`` holds the timed ``(wall, cpu)`` seconds of each round."""
-    wall = [w for r in rounds for w, _ in r]
-    p25, med, p75 = quartiles(wall)
-    return {
-        "median_ms": med * 1e3,
-        "p25_ms": p25 * 1e3,
-        "p75_ms": p75 * 1e3,
-        "tokens_per_s": tokens / med,
-        "iterations": len(wall),
-        "per_round_median_ms": [statistics.median(w for w, _ in r) * 1e3 for r in rounds],
-        "cpu_median_ms": statistics.median(c for r in rounds for _, c in r) * 1e3,
-    }
-
-
-def interleaved(
-    fns: dict[str, Callable[[], None]], rounds: int, warmup: int, iters: int, label: str, after: Callable[[], None]
-) -> dict[str, list[list[tuple[float, float]]]]:
-    """Time every function in interleaved rounds (order reversed every other round); ``after`` runs untimed."""
-    keys = list(fns)
-    for k in keys:  # untimed pre-warm of everything
-        fns[k]()
-        after()
-    times: dict[str, list[list[tuple[float, float]]]] = {k: [] for k in keys}
-    for r in range(rounds):
-        for k in keys if r % 2 == 0 else keys[::-1]:
-            gc.collect()
-            out = []
-            for i in range(warmup + iters):
-                c0, t0 = time.process_time(), time.perf_counter()
-                fns[k]()
-                wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-                after()
-                if i >= warmup:
-                    out.append((wall, cpu))
-            times[k].append(out)
-        med = {k: f"{statistics.median(w for w, _ in times[k][-1]) * 1e3:.0f}" for k in keys}
-        log(f"{label} round {r + 1}/{rounds}: median ms {med}")
-    return times
-
-
-def sha256_of(path: Optional[str]) -> Optional[dict[str, str]]:
-    if path is None or not os.path.exists(path):
-        return None
-    stamp = datetime.datetime.fromtimestamp(os.path.getmtime(path), datetime.timezone.utc)
-    return {
-        "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(),
-        "mtime": stamp.isoformat(timespec="seconds"),
-    }
 
 
 # ---------------------------------------------------------------------------------------------------- arithmetic
@@ -324,31 +265,11 @@ def describe(module: nn.Module, x: Tensor, ours: bool) -> dict[str, Any]:
 def compiled_memory(
     modules: dict[str, nn.Module], x: Tensor, tokens: int, eager: dict[str, Any], args: argparse.Namespace
 ) -> dict[str, Any]:
-    """``forward_backward`` of ``torch.compile(module, dynamic=False)``: compile time, agreement with eager, timing.
-
-    Inductor's on-disk cache goes to a fresh temporary directory (unless ``TORCHINDUCTOR_CACHE_DIR`` names another
-    than the default), so that the first call's time is a cold compile.
-    """
-    # importing lightning or titans_pytorch sets TORCHINDUCTOR_CACHE_DIR to the default: only another value counts
-    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    default = default_cache_dir() if default_cache_dir is not None else None
-    cache = None if before is None or before == default else before
-    with tempfile.TemporaryDirectory(prefix="memory_speed_inductor_") as tmp:
-        if cache is None:
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = tmp
-        try:
-            out = _compiled_memory(modules, x, tokens, eager, args)
-        finally:
-            if before is None:
-                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
-            else:
-                os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
-        files = sum(len(names) for _, _, names in os.walk(tmp))
-    out["inductor_cache"] = (
-        f"a fresh directory, cold compile ({files} files written)"
-        if cache is None
-        else f"TORCHINDUCTOR_CACHE_DIR={cache} (may be warm)"
-    )
+    """``forward_backward`` of ``torch.compile(module, dynamic=False)``: compile time, agreement with eager, timing;
+    inductor's on-disk cache in a fresh directory, so that the first call's time is a cold compile."""
+    with fresh_inductor_cache("memory_speed") as cache:
+        out = _compiled_memory(modules, x, tokens, eager, args)
+    out["inductor_cache"] = cache["description"]
     return out
 
 
@@ -378,7 +299,7 @@ def _compiled_memory(
         for mod in modules.values():
             mod.zero_grad(set_to_none=True)
 
-    times = interleaved(fns, args.rounds, args.warmup, args.iters, "memory compiled", after)
+    times = interleaved(fns, args.rounds, args.warmup, args.iters, "memory compiled", after, log)
     for name in modules:
         result = summarize(times[name], tokens)
         result["speedup_over_eager"] = eager[f"{name}/forward_backward"]["median_ms"] / result["median_ms"]
@@ -412,7 +333,7 @@ def part_memory(args: argparse.Namespace) -> dict[str, Any]:
         for mod in modules.values():
             mod.zero_grad(set_to_none=True)
 
-    times = interleaved(fns, args.rounds, args.warmup, args.iters, "memory", after)
+    times = interleaved(fns, args.rounds, args.warmup, args.iters, "memory", after, log)
     results = {k: summarize(v, tokens) for k, v in times.items()}
     comparisons: dict[str, Any] = {}
     if "titans-pytorch" in modules:
@@ -448,6 +369,7 @@ def part_memory(args: argparse.Namespace) -> dict[str, Any]:
             args.default_head_iters,
             "memory (titans-pytorch default dim_head)",
             lambda: mod.zero_grad(set_to_none=True),
+            log,
         )
         default_head = {**default_info, "forward_backward": summarize(next(iter(t.values())), tokens)}
         del mod
@@ -574,7 +496,7 @@ def part_lm_step(args: argparse.Namespace) -> dict[str, Any]:
             fns[f"{name}/step"] = st.step
             fns[f"{name}/forward"] = st.forward
         rounds = args.rounds_lm.get(size, args.rounds)
-        times = interleaved(fns, rounds, args.warmup, args.iters, f"lm_step {size}", lambda: None)
+        times = interleaved(fns, rounds, args.warmup, args.iters, f"lm_step {size}", lambda: None, log)
         tokens_n = spec["batch"] * spec["seq"]
         results = {k: summarize(v, tokens_n) for k, v in times.items()}
         ratios: dict[str, dict[str, Any]] = {}  # Hope variant -> Transformer++ -> mode -> ratios
