@@ -256,3 +256,16 @@ def fresh_inductor_cache(prefix: str) -> Iterator[dict[str, str]]:
                 if kept is None
                 else f"TORCHINDUCTOR_CACHE_DIR={kept} (may be warm)"
             )
+
+
+def counted_gflop(fn: Callable[[], None]) -> dict[str, Any]:
+    """GFLOP of the matmul-type ops (mm, bmm, addmm, baddbmm, convolutions) one call of ``fn`` runs, forward and
+    backward, by ``torch.utils.flop_counter.FlopCounterMode`` (elementwise ops are not counted; nor is CPU
+    ``scaled_dot_product_attention``, which the counter does not register)."""
+    from torch.utils.flop_counter import FlopCounterMode  # torch only where a script counts
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    by_op = {str(op): n / 1e9 for op, n in counter.get_flop_counts().get("Global", {}).items()}
+    return {"gflop": counter.get_total_flops() / 1e9, "by_op": by_op}

@@ -102,9 +102,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from _common import emit, fresh_inductor_cache, interleaved, num, sha256_of, summarize
+from _common import counted_gflop, emit, fresh_inductor_cache, interleaved, num, sha256_of, summarize
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
 
 import nl_lightning
 from nl_lightning.models.hope import HopeModule
@@ -159,17 +158,6 @@ def log(message: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- arithmetic
-def counted_gflop(fn: Callable[[], None]) -> dict[str, Any]:
-    """GFLOP of the matmul-type ops (mm, bmm, addmm, baddbmm, convolutions) one call of ``fn`` runs, forward and
-    backward, by ``torch.utils.flop_counter.FlopCounterMode`` (elementwise ops are not counted; nor is CPU
-    ``scaled_dot_product_attention``, which the counter does not register)."""
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
-    by_op = {str(op): n / 1e9 for op, n in counter.get_flop_counts().get("Global", {}).items()}
-    return {"gflop": counter.get_total_flops() / 1e9, "by_op": by_op}
-
-
 def machine_rates(repeats: int = 7) -> dict[str, float]:
     """Median GFLOP/s of fp32 matmuls on this machine and thread count: one large GEMM (2048 x 2048 x 2048) and the
     memory's batched shape (16 x [64 x 64] @ [64 x 128], the per-chunk read of part 1)."""
