@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -83,6 +84,39 @@ def num(x: Any, spec: str = ".3g") -> str:
     if isinstance(x, (int, float)) and math.isfinite(x):
         return format(x, spec)
     return str(x)
+
+
+def report_header(
+    benchmark: str,
+    script: str,
+    argv: Optional[Sequence[str]],
+    args: dict[str, Any],
+    environment: dict[str, Any],
+    python: str = "python",
+) -> dict[str, Any]:
+    """The fields every benchmark report starts with: what it measures, when, the command that ran it (``python``
+    then ``script`` and ``argv``, the process's own arguments when ``None``), its arguments and its environment."""
+    argv_used = sys.argv[1:] if argv is None else list(argv)
+    return {
+        "benchmark": benchmark,
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join([python, script, *argv_used]),
+        "args": args,
+        "environment": environment,
+    }
+
+
+def run_parts(
+    report: dict[str, Any], runners: dict[str, Callable[[], dict[str, Any]]], log: Callable[[str], None]
+) -> None:
+    """Run ``runners`` in order, each into ``report["parts"][name]``, its wall time into ``report["part_seconds"]``."""
+    parts, seconds = report.setdefault("parts", {}), report.setdefault("part_seconds", {})
+    for name, run in runners.items():
+        t0 = time.perf_counter()
+        log(f"part {name} ...")
+        parts[name] = run()
+        seconds[name] = round(time.perf_counter() - t0, 1)
+        log(f"part {name}: {seconds[name]:.0f} s")
 
 
 def emit(

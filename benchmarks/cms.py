@@ -62,14 +62,12 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
-import datetime
 import gc
 import json
 import math
 import os
 import platform
 import resource
-import shlex
 import statistics
 import subprocess
 import sys
@@ -79,7 +77,7 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from _common import proc_status_kib, quartiles, reset_peak_rss
+from _common import proc_status_kib, quartiles, report_header, reset_peak_rss
 from torch import Tensor, nn
 
 import nl_lightning
@@ -567,14 +565,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     started = time.perf_counter()
-    argv_used = sys.argv[1:] if argv is None else list(argv)
     hidden = hidden_width(args.dim, args.hidden_mult)
-    report: dict[str, Any] = {
-        "benchmark": "token-axis ContinuumMemory vs plain FFN: throughput and peak memory",
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join(["python", "benchmarks/cms.py", *argv_used]),
-        "args": {k: v for k, v in vars(args).items() if k != "memory_probe"},
-        "environment": environment(device),
+    report = report_header(
+        "token-axis ContinuumMemory vs plain FFN: throughput and peak memory",
+        "benchmarks/cms.py",
+        argv,
+        {k: v for k, v in vars(args).items() if k != "memory_probe"},
+        environment(device),
+    )
+    report |= {
         "setting": {
             "batch": args.batch,
             "seq": args.seq,

@@ -49,7 +49,6 @@ out of the aggregates; the exit status is then 1. The script is not part of the 
 from __future__ import annotations
 
 import argparse
-import datetime
 import io
 import json
 import math
@@ -69,7 +68,7 @@ from typing import Any
 import lightning
 import torch
 import yaml
-from _common import quiet
+from _common import quiet, report_header
 
 import nl_lightning
 from nl_lightning.cli import main as cli_main
@@ -439,13 +438,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    argv_used = sys.argv[1:] if argv is None else list(argv)
-    report: dict[str, Any] = {
-        "benchmark": "continual-learning recipes: method x scenario grid",
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join(["python", "benchmarks/continual.py", *argv_used]),
-        "args": {k: getattr(args, k) for k in ("benchmarks", "methods", "seeds", "threads", "quick", "subprocess")},
-        "environment": environment(args.threads),
+    report = report_header(
+        "continual-learning recipes: method x scenario grid",
+        "benchmarks/continual.py",
+        argv,
+        {k: getattr(args, k) for k in ("benchmarks", "methods", "seeds", "threads", "quick", "subprocess")},
+        environment(args.threads),
+    )
+    report |= {
         "threads": args.threads,
         "seeds": args.seeds,
         "process": "each in a fresh process" if args.subprocess else "in-process, one after the other",

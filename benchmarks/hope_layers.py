@@ -46,18 +46,27 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import os
 import platform
-import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from _common import counted_gflop, emit, fresh_inductor_cache, interleaved, num, sha256_of, summarize
+from _common import (
+    counted_gflop,
+    emit,
+    fresh_inductor_cache,
+    interleaved,
+    num,
+    report_header,
+    run_parts,
+    sha256_of,
+    summarize,
+)
 from torch import Tensor, nn
 
 import nl_lightning
@@ -308,21 +317,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    argv_used = sys.argv[1:] if argv is None else list(argv)
-    report: dict[str, Any] = {
-        "benchmark": "Hope block breakdown and the compiled self-modifying Titans chunk step",
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, "benchmarks/hope_layers.py", *argv_used]),
-        "args": vars(args),
-        "environment": environment(args.threads),
-        "parts": {},
-    }
-    for part, run in (("blocks", part_blocks), ("compile", part_compile)):
-        if part in args.parts:
-            t0 = time.perf_counter()
-            log(f"part {part} ...")
-            report["parts"][part] = run(args)
-            log(f"part {part}: {time.perf_counter() - t0:.0f} s")
+    report = report_header(
+        "Hope block breakdown and the compiled self-modifying Titans chunk step",
+        "benchmarks/hope_layers.py",
+        argv,
+        vars(args),
+        environment(args.threads),
+        python=sys.executable,
+    )
+    parts = {"blocks": part_blocks, "compile": part_compile}
+    run_parts(report, {name: partial(parts[name], args) for name in PARTS if name in args.parts}, log)
     return emit(report, started, markdown, args.out, args.markdown, log)
 
 

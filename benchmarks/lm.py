@@ -102,16 +102,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import gc
-import hashlib
 import io
 import json
 import math
 import os
 import platform
 import resource
-import shlex
 import statistics
 import subprocess
 import sys
@@ -126,7 +123,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from _common import cell as _cell
-from _common import emit, finite, num, proc_status_kib, quiet, ranked, reset_peak_rss, summary
+from _common import emit, finite, num, proc_status_kib, quiet, ranked, report_header, reset_peak_rss, sha256_of, summary
 from torch import Tensor
 
 import nl_lightning
@@ -998,11 +995,7 @@ def source_hashes() -> dict[str, dict[str, str]]:
     for name in names:
         path = root / name
         if path.exists():
-            stamp = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc)
-            out[f"nl_lightning/{name}"] = {
-                "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-                "mtime": stamp.isoformat(timespec="seconds"),
-            }
+            out[f"nl_lightning/{name}"] = sha256_of(str(path))
     return out
 
 
@@ -1079,17 +1072,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         return result
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    argv_used = sys.argv[1:] if argv is None else list(argv)
-    report: dict[str, Any] = {
-        "benchmark": "Hope vs Hope-Attention vs Transformer++ vs Titans: bpc, recall, streaming memory",
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join(["python", "benchmarks/lm.py", *argv_used]),
-        "args": {k: v for k, v in vars(args).items() if k != "stream_probe"},
-        "environment": environment(args.threads),
-        "threads": args.threads,
-        "parts": {},
-        "part_seconds": {},
-    }
+    report = report_header(
+        "Hope vs Hope-Attention vs Transformer++ vs Titans: bpc, recall, streaming memory",
+        "benchmarks/lm.py",
+        argv,
+        {k: v for k, v in vars(args).items() if k != "stream_probe"},
+        environment(args.threads),
+    )
+    report.update(threads=args.threads, parts={}, part_seconds={})
     counts = parameter_counts(256)
     for name, (_, _, arch) in ARCH.items():
         p = counts[name]

@@ -87,22 +87,31 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import importlib.metadata
 import itertools
 import math
 import os
 import platform
-import shlex
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from _common import counted_gflop, emit, fresh_inductor_cache, interleaved, num, sha256_of, summarize
+from _common import (
+    counted_gflop,
+    emit,
+    fresh_inductor_cache,
+    interleaved,
+    num,
+    report_header,
+    run_parts,
+    sha256_of,
+    summarize,
+)
 from torch import Tensor, nn
 
 import nl_lightning
@@ -866,26 +875,20 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    argv_used = sys.argv[1:] if argv is None else list(argv)
-    report: dict[str, Any] = {
-        "benchmark": "NeuralMemory (ours vs titans-pytorch) and Hope vs Transformer++ step speed",
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, "benchmarks/memory_speed.py", *argv_used]),
-        "args": {k: v for k, v in vars(args).items()},
-        "environment": environment(args.threads),
-        "threads": args.threads,
-        "parts": {},
-        "part_seconds": {},
-    }
+    report = report_header(
+        "NeuralMemory (ours vs titans-pytorch) and Hope vs Transformer++ step speed",
+        "benchmarks/memory_speed.py",
+        argv,
+        dict(vars(args)),
+        environment(args.threads),
+        python=sys.executable,
+    )
+    report["threads"] = args.threads
     if TitansNeuralMemory is None:
         log(f"titans_pytorch is not importable ({TITANS_ERROR}); measuring ours alone")
     with contextlib.redirect_stdout(sys.stderr):
-        for name in args.parts:
-            t0 = time.perf_counter()
-            log(f"part {name} ...")
-            report["parts"][name] = part_memory(args) if name == "memory" else part_lm_step(args)
-            report["part_seconds"][name] = round(time.perf_counter() - t0, 1)
-            log(f"part {name}: {report['part_seconds'][name]:.0f} s")
+        parts = {"memory": part_memory, "lm_step": part_lm_step}
+        run_parts(report, {name: partial(parts[name], args) for name in PARTS if name in args.parts}, log)
     return emit(report, started, markdown, args.out, args.markdown, log)
 
 

@@ -140,14 +140,11 @@ The script is not part of the test suite.
 from __future__ import annotations
 
 import argparse
-import datetime
-import hashlib
 import io
 import itertools
 import math
 import os
 import platform
-import shlex
 import statistics
 import sys
 import time
@@ -161,7 +158,7 @@ import lightning
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from _common import DASH, emit, finite, num, quiet, ranked, summary
+from _common import DASH, emit, finite, num, quiet, ranked, report_header, run_parts, sha256_of, summary
 from _common import cell as _cell
 from torch import Tensor
 from torch.optim import Optimizer
@@ -1275,14 +1272,7 @@ def optimizer_sources() -> dict[str, dict[str, str]]:
     root = Path(nl_lightning.__file__).parent
     files = sorted((root / "optim").glob("*.py"))
     files += [root / "callbacks" / f"{name}.py" for name in ("self_modifying", "hypergradient", "scheduled_rule")]
-    out = {}
-    for path in files:
-        stamp = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc)
-        out[str(path.relative_to(root.parent))] = {
-            "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-            "mtime": stamp.isoformat(timespec="seconds"),
-        }
-    return out
+    return {str(path.relative_to(root.parent)): sha256_of(str(path)) for path in files}
 
 
 # ---------------------------------------------------------------------------------------------------- driver
@@ -1325,18 +1315,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    argv_used = sys.argv[1:] if argv is None else list(argv)
-    report: dict[str, Any] = {
-        "benchmark": "deep optimizers on the paper's toy experiments",
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join(["python", "benchmarks/optimizers.py", *argv_used]),
-        "args": vars(args),
-        "environment": environment(args.threads),
-        "threads": args.threads,
-        "seeds": args.seeds,
-        "parts": {},
-        "part_seconds": {},
-    }
+    report = report_header(
+        "deep optimizers on the paper's toy experiments",
+        "benchmarks/optimizers.py",
+        argv,
+        vars(args),
+        environment(args.threads),
+    )
+    report.update(threads=args.threads, seeds=args.seeds)
     runners: dict[str, Callable[[], dict[str, Any]]] = {
         "surface": lambda: part_surface(args.quick),
         "regression": lambda: part_regression(args.seeds, args.quick, args.steps_per_task, args.relearn_steps),
@@ -1344,12 +1330,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "fmnist": lambda: part_classifier("fmnist", args.seeds, args.quick, args.steps, args.batch_size),
         "charlm": lambda: part_charlm(args.seeds, args.quick, args.lm_steps),
     }
-    for name in args.parts:
-        t0 = time.perf_counter()
-        log(f"part {name} ...")
-        report["parts"][name] = runners[name]()
-        report["part_seconds"][name] = round(time.perf_counter() - t0, 1)
-        log(f"part {name}: {report['part_seconds'][name]:.0f} s")
+    run_parts(report, {name: runners[name] for name in args.parts}, log)
     return emit(report, started, markdown, args.out, args.markdown, log)
 
 

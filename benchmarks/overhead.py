@@ -49,13 +49,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import gc
 import json
 import logging
 import os
 import platform
-import shlex
 import statistics
 import sys
 import tempfile
@@ -69,6 +67,7 @@ import lightning
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from _common import report_header
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -462,16 +461,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    argv_used = sys.argv[1:] if argv is None else list(argv)
-    report: dict[str, Any] = {
-        "benchmark": "MultiFrequencyUpdates / LevelSet step-time overhead",
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join(["python", "benchmarks/overhead.py", *argv_used]),
-        "args": {k: getattr(args, k) for k in ("rounds", "steps", "warmup", "models", "threads", "out", "quick")},
-        "environment": environment(),
-        "target_overhead_ratio": TARGET,
-        "models": {},
-    }
+    report = report_header(
+        "MultiFrequencyUpdates / LevelSet step-time overhead",
+        "benchmarks/overhead.py",
+        argv,
+        {k: getattr(args, k) for k in ("rounds", "steps", "warmup", "models", "threads", "out", "quick")},
+        environment(),
+    )
+    report |= {"target_overhead_ratio": TARGET, "models": {}}
     with quiet(), tempfile.TemporaryDirectory(prefix="nl_overhead_") as root:
         for name in args.models:
             report["models"][name] = bench_model(SPECS[name], args, root)
