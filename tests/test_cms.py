@@ -20,13 +20,17 @@ def reference(
     x: torch.Tensor,
     create_graph: bool = False,
     first_order: bool = False,
-    detach_at: Optional[int] = None,
+    cut_at: Optional[int] = None,
+    detach: bool = False,
 ) -> tuple[torch.Tensor, list]:
     """One sample and one token at a time; each token's gradient by autograd at the chunk's anchor weights.
 
     ``create_graph``: the writes are differentiable (second order). ``first_order``: the reads keep the fast weights'
-    graph to the parameters, the gradients of the writes are constants. ``detach_at``: the fast weights are detached
-    before that token (a segment boundary). Returns the output and, per level, the final fast weights of every sample.
+    graph to the parameters; each token's gradient is taken at a detached anchor and a detached input, so the writes
+    keep only the graph of their targets ``v = W_v k``. ``cut_at``: a segment boundary before that token (first
+    order): the fast weights lose the graph of the targets written before it and the pending sums all their graph
+    (first order across calls), or, with ``detach``, the fast weights lose every graph. Returns the output and, per
+    level, the final fast weights of every sample.
     """
     h = x.double()
     finals = []
@@ -36,24 +40,29 @@ def reference(
         outs, per_sample = [], []
         for b in range(h.shape[0]):
             fast = [p.clone() if create_graph or first_order else p.detach().clone() for p in params]
+            plain = fast  # first order: the fast weights without the targets' graph (what a call hands the next)
             pending, count, rows = [torch.zeros_like(p) for p in params], 0, []
             for t in range(h.shape[1]):
-                if t == detach_at:
-                    fast = [w.detach() for w in fast]
+                if t == cut_at:
+                    fast = plain = [w.detach() for w in plain] if detach else plain
+                    pending = [p.detach() for p in pending]
                 anchor = fast if create_graph else [w.detach().requires_grad_() for w in fast]
                 k = F.rms_norm(h[b, t], (h.shape[-1],), blk.norm.weight.double(), blk.norm.eps)
-                y = anchor[2] @ ACT[blk.activation](anchor[0] @ k + anchor[1]) + anchor[3]
+                k_in = k.detach() if first_order else k
+                y = anchor[2] @ ACT[blk.activation](anchor[0] @ k_in + anchor[1]) + anchor[3]
                 read = fast[2] @ ACT[blk.activation](fast[0] @ k + fast[1]) + fast[3] if first_order else y
                 rows.append(h[b, t] + read if blk.residual else read)
                 if blk.inner_lr > 0:
                     loss = 0.5 * (y - value @ k).pow(2).sum()
-                    grads = torch.autograd.grad(loss, anchor, create_graph=create_graph)
+                    grads = torch.autograd.grad(loss, anchor, create_graph=create_graph or first_order)
                     pending = [p + g for p, g in zip(pending, grads, strict=True)]
                 count += 1
                 if count == blk.chunk_size:
                     scale = blk.inner_lr / (blk.chunk_size if blk.reduction == "mean" else 1)
                     rho = blk.retention  # w <- w0 + rho (w - w0) - scale * g
                     fast = [w0 + rho * (w - w0) - scale * g for w, w0, g in zip(fast, params, pending, strict=True)]
+                    written = zip(plain, params, pending, strict=True)
+                    plain = [w0 + rho * (w - w0) - scale * g.detach() for w, w0, g in written]
                     pending, count = [torch.zeros_like(p) for p in params], 0
             outs.append(torch.stack(rows))
             per_sample.append(fast)
@@ -161,6 +170,45 @@ def test_two_segments_equal_one_long_segment(split):
         assert all(torch.allclose(u, v, atol=1e-6) for u, v in zip(a.weights, b.weights, strict=True))
 
 
+def stream(cms: ContinuumMemory, x: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, CMSState]:
+    """Feed ``x`` in consecutive segments of ``lengths`` tokens, carrying the state; the outputs concatenated."""
+    ys, state = [], None
+    for segment in x.split(lengths, dim=1):
+        y, state = cms(segment, state)
+        ys.append(y)
+    return torch.cat(ys, dim=1), state
+
+
+def assert_same_stream(got: tuple, want: tuple, atol: float) -> None:
+    """Outputs, fast weights, pending sums and chunk positions of two streams agree to ``atol``."""
+    assert (got[0] - want[0]).abs().max() <= atol, (got[0] - want[0]).abs().max()
+    for a, b in zip(got[1].levels, want[1].levels, strict=True):
+        assert a.count == b.count and (a.pending is None) == (b.pending is None)
+        for u, v in zip(a.weights + (a.pending or ()), b.weights + (b.pending or ()), strict=True):
+            assert u.dtype == v.dtype == got[0].dtype and (u - v).abs().max() <= atol, (u - v).abs().max()
+
+
+@pytest.mark.parametrize("differentiable_writes", [True, False])
+@pytest.mark.parametrize("retention", [1.0, 0.8])
+@pytest.mark.parametrize(("chunk_sizes", "seq"), [([1], 7), ([3, 5], 15), ([3, 5], 13), ([4, 16], 32), ([4, 16], 37)])
+def test_float64_token_by_token_equals_one_pass(chunk_sizes, seq, retention, differentiable_writes):
+    """A float64 memory computes in float64 (reads, writes, state): streamed one token at a time, after a prompt, or
+    in random segments, it equals one pass to 1e-10, on chunk multiples and off them."""
+    lrs = [0.2, 0.1][: len(chunk_sizes)]  # writes that change the reads by O(1) without blowing the stream up
+    cms = make(chunk_sizes, inner_lr=lrs, retention=retention, differentiable_writes=differentiable_writes).double()
+    with torch.no_grad():  # a non-identity value projection, so the targets are not the inputs
+        for blk in cms.blocks:
+            blk.value.add_(0.3 * torch.randn_like(blk.value))
+    x = torch.randn(2, seq, 6, dtype=torch.float64)
+    whole = cms(x)
+    assert_same_stream(stream(cms, x, [1] * seq), whole, atol=1e-10)
+    assert_same_stream(stream(cms, x, [5] + [1] * (seq - 5)), whole, atol=1e-10)  # a prompt, then tokens
+    g = torch.Generator().manual_seed(seq)
+    cuts = sorted(torch.randperm(seq - 1, generator=g)[:4].add(1).tolist())
+    lengths = [b - a for a, b in zip([0, *cuts], [*cuts, seq], strict=True)]
+    assert_same_stream(stream(cms, x, lengths), whole, atol=1e-10)
+
+
 def test_state_round_trips_through_a_file():
     cms = make()
     x = torch.randn(2, 16, 6)
@@ -208,10 +256,10 @@ def test_gradients_through_writes_match_autograd_of_the_reference(retention):
 )
 def test_first_order_meta_gradients_match_the_reference(retention, detach, activation):
     """differentiable_writes=False over two segments (the state detached between them, or not; the second starts
-    mid-chunk): the outputs and the gradients of the input, the initial weights and the norms equal the reference's,
-    whose reads keep the fast weights' graph and whose write gradients are constants; with retention, the weights of a
-    detached segment depend on the initial weights again. Covers the one-node backward of the reads
-    (``first_order_reads``), per activation."""
+    mid-chunk): the outputs and the gradients of the input, the initial weights, the norms and the value projections
+    equal the reference's, whose reads keep the fast weights' graph and whose write gradients keep only the targets'
+    graph; with retention, the weights of a detached segment depend on the initial weights again. Covers the one-node
+    backward of the reads (``first_order_reads``), per activation."""
     cms = make(chunk_sizes=(2, 3), retention=retention, differentiable_writes=False, activation=activation)
     x = torch.randn(2, 11, 6, requires_grad=True)
     y1, state = cms(x[:, :5])
@@ -220,14 +268,121 @@ def test_first_order_meta_gradients_match_the_reference(retention, detach, activ
     ours = {n: p.grad.clone() for n, p in cms.named_parameters() if p.grad is not None}
     x_grad, x.grad = x.grad.clone(), None
     cms.zero_grad()
-    y_ref, _ = reference(cms, x, first_order=True, detach_at=5 if detach else None)
+    y_ref, _ = reference(cms, x, first_order=True, cut_at=5, detach=detach)
     assert torch.allclose(torch.cat([y1, y2], dim=1).double(), y_ref, atol=1e-4, rtol=1e-4)  # fp32 vs fp64
     y_ref.pow(2).sum().backward()
     assert torch.allclose(x_grad, x.grad, atol=1e-4, rtol=1e-4), (x_grad - x.grad).abs().max()
-    assert set(ours) == {n for n, p in cms.named_parameters() if p.grad is not None} and "levels.0.w1" in ours
+    params = dict(cms.named_parameters())
+    assert set(ours) == {n for n, p in params.items() if p.grad is not None} == set(params)  # the values included
     for name, grad in ours.items():
         want = dict(cms.named_parameters())[name].grad
         assert torch.allclose(grad, want, atol=1e-4, rtol=1e-4), (name, (grad - want).abs().max())
+
+
+def chunk_reference(blk, x: torch.Tensor, carried: Optional[tuple] = None) -> tuple[torch.Tensor, tuple]:
+    """One first-order level, chunk by chunk with plain autograd: the reads ``y = MLP(k, W_j)`` keep their whole graph,
+    each write's pending gradient is formed from detached ``k``, ``z``, ``a``, ``y`` and anchor ``W2`` with only the
+    targets ``v = W_v k`` carrying their graph (``error = y.detach() - v``), and the weights
+    ``W_j = lerp(W_0, W_{j-1}, rho) - s pending_j`` keep theirs. ``carried``: ``(weights, pending, count)`` handed on
+    by the previous call, whose weights have lost the graph of the targets written in it and whose pending sums have
+    lost all graph (first order across calls). Returns the output and what this call hands on."""
+    act, rho = ACT[blk.activation], blk.retention
+    scale = blk.inner_lr / (blk.chunk_size if blk.reduction == "mean" else 1)
+    initial = (blk.w1, blk.b1, blk.w2, blk.b2)
+    keys = blk.norm(x)  # (B, S, D)
+    values = keys @ blk.value.T  # (B, S, D)
+    weights, pending, count = carried or ([w.expand(x.shape[0], *w.shape) for w in initial], None, 0)
+    plain, reads, t = weights, [], 0
+    while t < x.shape[1]:
+        n = min(blk.chunk_size - count, x.shape[1] - t)
+        k, v = keys[:, t : t + n], values[:, t : t + n]  # (B, n, D)
+        w1, b1, w2, b2 = weights
+        z = k @ w1.mT + b1[:, None]  # (B, n, H)
+        a = act(z)
+        y = a @ w2.mT + b2[:, None]  # (B, n, D)
+        reads.append(y)
+        z_leaf = z.detach().requires_grad_()
+        slope = torch.autograd.grad(act(z_leaf).sum(), z_leaf)[0]  # act'(z), elementwise
+        error = y.detach() - v
+        dz = slope * (error @ w2.detach())  # (B, n, H)
+        grads = (dz.mT @ k.detach(), dz.sum(1), error.mT @ a.detach(), error.sum(1))
+        pending = grads if pending is None else tuple(p + g for p, g in zip(pending, grads, strict=True))
+        count, t = count + n, t + n
+        if count == blk.chunk_size:
+            weights = [w0 + rho * (w - w0) - scale * p for w, w0, p in zip(weights, initial, pending, strict=True)]
+            plain = [w0 + rho * (w - w0) - scale * p.detach() for w, w0, p in zip(plain, initial, pending, strict=True)]
+            pending, count = None, 0
+    y = torch.cat(reads, dim=1)
+    return x + y if blk.residual else y, (plain, None if pending is None else [p.detach() for p in pending], count)
+
+
+def chunk_reference_chain(cms: ContinuumMemory, x: torch.Tensor, carried: Optional[list] = None) -> tuple:
+    """:func:`chunk_reference` through every level; returns the output and what each level hands on."""
+    handed = []
+    for i, blk in enumerate(cms.blocks):
+        x, state = chunk_reference(blk, x, carried[i] if carried is not None else None)
+        handed.append(state)
+    return x, handed
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("retention", [1.0, 0.8])
+@pytest.mark.parametrize(
+    ("chunk_sizes", "first", "second", "activation", "detach"),
+    [
+        ([1], 3, 4, "gelu", False),
+        ([3, 5], 7, 6, "silu", False),  # 13 tokens: both levels end mid-chunk
+        ([3, 5], 7, 8, "relu", True),  # 15 tokens: both end on a write
+        ([4, 16], 6, 26, "tanh", False),  # 32 tokens: the slow level writes twice
+        ([4, 16], 6, 31, "gelu", True),
+    ],
+)
+def test_first_order_gradients_equal_autograd_of_a_chunk_reference(
+    chunk_sizes, first, second, activation, detach, retention, reduction
+):
+    """differentiable_writes=False in float64, over two calls (the first leaves pending tokens in the state, carried
+    as is or detached): the outputs and the gradients of the input, the value projections, the norms and the initial
+    weights equal those of :func:`chunk_reference` to 1e-10."""
+    lrs = ([0.2, 0.1] if reduction == "mean" else [0.05, 0.01])[: len(chunk_sizes)]
+    cms = make(chunk_sizes, inner_lr=lrs, retention=retention, reduction=reduction, activation=activation)
+    cms.differentiable_writes = False
+    cms.double()
+    with torch.no_grad():
+        for blk in cms.blocks:
+            blk.value.add_(0.3 * torch.randn_like(blk.value))
+    x = torch.randn(2, first + second, 6, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        state = cms(x[:, :first])[1]
+    assert all(lvl.pending is not None for lvl in state.levels[1:])  # the second call completes a pending chunk
+    runs = [
+        (lambda u, st: cms(u, st), CMSState.detach),
+        (lambda u, st: chunk_reference_chain(cms, u, st), lambda st: [_detached(handed) for handed in st]),
+    ]
+    outputs = []
+    for run, cut in runs:
+        y1, state = run(x[:, :first], None)
+        y2 = run(x[:, first:], cut(state) if detach else state)[0]
+        y = torch.cat([y1, y2], dim=1)
+        y.pow(2).sum().backward()
+        outputs.append((y.detach(), x.grad.clone(), {n: p.grad.clone() for n, p in cms.named_parameters()}))
+        x.grad = None
+        cms.zero_grad(set_to_none=True)
+    (y, x_grad, grads), (y_ref, x_grad_ref, grads_ref) = outputs
+    assert (y - y_ref).abs().max() <= 1e-10
+    assert _close(x_grad, x_grad_ref)
+    assert grads_ref["levels.0.value"].abs().max() > 1e-3  # the targets' gradient matters
+    for name, grad in grads.items():
+        assert _close(grad, grads_ref[name]), (name, (grad - grads_ref[name]).abs().max())
+
+
+def _detached(handed: tuple) -> tuple:
+    weights, pending, count = handed
+    return [w.detach() for w in weights], pending, count
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, tol: float = 1e-10) -> bool:
+    """Equal to ``tol`` relative to the size of ``want`` (absolute below 1)."""
+    return bool((got - want).abs().max() <= tol * max(1.0, float(want.abs().max())))
 
 
 def test_first_order_pass_without_a_graph_gives_the_same_state():
@@ -246,11 +401,30 @@ def test_first_order_pass_without_a_graph_gives_the_same_state():
         assert all(w.requires_grad for w in lvl.weights)
 
 
-def test_first_order_writes_stop_the_update_gradients():
+def test_first_order_writes_train_the_value_projections():
+    """The value projections learn through the targets of the writes; the initial weights' gradients are the same
+    whether the value projections need one (per-piece weight gradients and a reverse scan) or not (one GEMM)."""
     cms = make(differentiable_writes=False)
-    cms(torch.randn(2, 9, 6))[0].sum().backward()
-    assert cms.blocks[0].w1.grad is not None and cms.blocks[0].w1.grad.abs().sum() > 0  # through every read
-    assert cms.blocks[0].value.grad is None  # the value projection only shapes the (stopped) updates
+    x = torch.randn(2, 17, 6)
+    cms(x)[0].pow(2).sum().backward()
+    assert all(blk.value.grad is not None and blk.value.grad.abs().sum() > 0 for blk in cms.blocks)
+    names = [f"levels.{i}.{w}" for i in range(2) for w in ("w1", "b1", "w2", "b2")]
+    with_value = {n: p.grad.clone() for n, p in cms.named_parameters() if n in names}
+    cms.zero_grad(set_to_none=True)
+    for blk in cms.blocks:
+        blk.value.requires_grad_(False)
+    cms(x)[0].pow(2).sum().backward()
+    for name, p in cms.named_parameters():
+        if name in names:
+            assert p.grad.abs().sum() > 0 and torch.allclose(p.grad, with_value[name], atol=1e-6, rtol=1e-5), name
+
+
+def test_first_order_tokens_written_in_a_later_call_give_the_values_no_gradient():
+    """A call that does not complete a chunk writes nothing: its targets get a zero gradient (first order across
+    calls: the next call's write does not reach back into this call's graph)."""
+    cms = make(chunk_sizes=(8,), differentiable_writes=False)
+    cms(torch.randn(2, 7, 6))[0].pow(2).sum().backward()
+    assert cms.blocks[0].value.grad is not None and cms.blocks[0].value.grad.abs().max() == 0
 
 
 @pytest.mark.parametrize("differentiable_writes", [True, False])

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from nl_lightning.data.synthetic import MQARDataModule
 from nl_lightning.data.text import TextDataModule
 from nl_lightning.models.lm import CausalLM
-from nl_lightning.models.transformer import CausalSelfAttention, SwiGLU, TransformerPP, rope_angles
+from nl_lightning.models.transformer import CausalSelfAttention, KVCache, SwiGLU, TransformerPP, rope_angles
 
 TRAINER = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
 
@@ -86,6 +86,51 @@ def test_sliding_window_mask():
     expected = torch.tensor([[j <= i and i - j < 3 for j in range(6)] for i in range(6)])
     assert torch.equal(attn.mask(6), expected)
     assert CausalSelfAttention(dim=8, heads=2).mask(6) is None
+
+
+@pytest.mark.parametrize("window", [None, 1, 3])
+def test_cached_attention_in_pieces_equals_one_pass(window):
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(dim=16, heads=2, window=window, rope_base=100.0).double()
+    x = torch.randn(2, 13, 16, dtype=torch.float64)
+    full = attn(x)
+    y, cache = attn.forward_cached(x)  # no cache: the same computation as forward
+    torch.testing.assert_close(y, full, atol=0, rtol=0)
+    outs, cache = [], None
+    for start, stop in [(0, 1), (1, 5), (5, 6), (6, 7), (7, 13)]:
+        y, cache = attn.forward_cached(x[:, start:stop], cache)
+        outs.append(y)
+        kept = stop if window is None else min(window - 1, stop)
+        assert cache.pos == stop and cache.k.shape == cache.v.shape == (2, 2, kept, 8)
+    torch.testing.assert_close(torch.cat(outs, dim=1), full, atol=1e-12, rtol=0)
+
+
+def test_cached_attention_mask_and_cache_errors():
+    attn = CausalSelfAttention(dim=8, heads=2, window=3)
+    # two new tokens (positions 2, 3) over two cached ones (positions 0, 1): causal and within the window of 3
+    expected = torch.tensor([[True, True, True, False], [False, True, True, True]])
+    assert torch.equal(attn.mask(2, past=2), expected)
+    causal = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    assert torch.equal(CausalSelfAttention(dim=8, heads=2).mask(2, past=2), causal)
+    _, cache = attn.forward_cached(torch.randn(3, 4, 8))
+    with pytest.raises(ValueError, match="cache holds keys"):
+        attn.forward_cached(torch.randn(2, 1, 8), cache)
+    attn.forward_cached(torch.randn(2, 1, 8), cache.select(torch.tensor([0, 2])))  # the cache of two samples fits
+
+
+def test_kv_cache_detach_select_to_and_state_dict(tmp_path):
+    attn = CausalSelfAttention(dim=8, heads=2)
+    _, cache = attn.forward_cached(torch.randn(3, 5, 8))
+    assert cache.k.requires_grad and not cache.detach().k.requires_grad and cache.detach().pos == 5
+    picked = cache.select(torch.tensor([2, 0]))
+    assert torch.equal(picked.k, cache.k[[2, 0]]) and torch.equal(picked.v, cache.v[[2, 0]]) and picked.pos == 5
+    assert cache.to(torch.float64).k.dtype == torch.float64
+    torch.save(cache.state_dict(), tmp_path / "cache.pt")
+    loaded = KVCache.from_state_dict(torch.load(tmp_path / "cache.pt", weights_only=True))
+    assert torch.equal(loaded.k, cache.k) and torch.equal(loaded.v, cache.v) and loaded.pos == 5
+    with torch.inference_mode():
+        _, made_inside = attn.forward_cached(torch.randn(3, 2, 8))
+    attn.forward_cached(torch.randn(3, 1, 8), made_inside.detach())[0].sum().backward()  # usable outside
 
 
 def test_rope_scores_depend_on_relative_position_only():

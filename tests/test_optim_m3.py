@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from nl_lightning.optim.m3 import M3
-from nl_lightning.optim.newton_schulz import newton_schulz
 
 # a wide matrix and a bias (group 0), a tall conv-like kernel and a bias (group 1)
 SHAPES = [(4, 6), (4,), (8, 2, 3), (5,)]
@@ -19,6 +18,21 @@ GROUP1 = dict(
     lr=torch.tensor(0.02, dtype=torch.float64), betas=(0.5, 0.9, 0.5), alpha=0.5, eps=1e-3, ns_steps=3, slow_every=2
 )
 GROUP1_ADAMW_LR = 0.005
+
+
+QUINTIC = (3.4445, -4.7750, 2.0315)  # Muon's coefficients (NL NeurIPS Sec. 4)
+
+
+def orthogonalize(m: torch.Tensor, steps: int) -> torch.Tensor:
+    """The reference's own quintic Newton-Schulz in float64, from the equations (not the library's): on the matrix
+    view ``(rows, rest)``, ``X_0 = M / (||M||_F + 1e-7)``, ``X <- a X + b (X X^T) X + c (X X^T)^2 X``."""
+    a, b, c = QUINTIC
+    x = m.double().reshape(m.shape[0], -1)
+    x = x / (torch.linalg.matrix_norm(x) + 1e-7)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + b * gram @ x + c * gram @ gram @ x
+    return x.reshape(m.shape)
 
 
 def make_params(dtype=torch.float64, seed=0):
@@ -57,9 +71,6 @@ def reference(w, grads, lr, betas, alpha, eps, ns_steps, slow_every, weight_deca
             w = w * (1 - lr * weight_decay) - lr * (m1 / (1 - b1**t)) / (torch.sqrt(v / (1 - b2**t)) + eps)
         return w
 
-    def ns(x):
-        return newton_schulz(x.reshape(x.shape[0], -1), ns_steps).reshape(x.shape)
-
     m2, o2 = torch.zeros_like(w), torch.zeros_like(w)
     for t, g in enumerate(grads, start=1):
         if literal:
@@ -70,11 +81,11 @@ def reference(w, grads, lr, betas, alpha, eps, ns_steps, slow_every, weight_deca
             m1 = b1 * m1 + (1 - b1) * g
             v = b2 * v + (1 - b2) * g * g
             den = torch.sqrt(v / (1 - b2**t)) + eps
-        w = w * (1 - lr * weight_decay) - lr * (ns(m1) + alpha * o2) / den
+        w = w * (1 - lr * weight_decay) - lr * (orthogonalize(m1, ns_steps) + alpha * o2) / den
         if t % f == 0:
             block = sum(grads[t - f : t])  # the f gradients of steps t-f+1 .. t
             m2 = m2 + b3 * block if literal else b3 * m2 + (1 - b3) * block / f
-            o2 = ns(m2)
+            o2 = orthogonalize(m2, ns_steps)
     return w
 
 
@@ -91,7 +102,10 @@ def test_m3_matches_reference(literal, foreach, wd):
         if i >= 2:
             h.update(GROUP1, lr=float(GROUP1["lr"]), adamw_lr=GROUP1_ADAMW_LR, weight_decay=2 * wd)
         expected = reference(w0[i], [gs[i] for gs in grads], literal=literal, **h)
-        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-10)
+        # matrices: M3's Newton-Schulz runs in fp32 (a few 1e-7 per entry), the reference's in float64, and the step
+        # divides it by sqrt(V_hat) + eps: up to 8e-7 after 11 steps here; vectors (AdamW) match to float64
+        tol = 4e-6 if p.ndim >= 2 else 1e-10
+        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=tol)
         assert int(opt.state[p]["step"]) == STEPS
 
 
@@ -133,7 +147,7 @@ def test_slow_momentum_uses_exactly_the_last_block(literal):
         if t == 6:
             second = first + 0.8 * sum(grads[3:6]) if literal else 0.8 * first + 0.2 * sum(grads[3:6]) / 3
             torch.testing.assert_close(state["slow_avg"], second)
-            torch.testing.assert_close(state["slow_orth"], newton_schulz(second))
+            torch.testing.assert_close(state["slow_orth"], orthogonalize(second, 5), atol=1e-6, rtol=0)  # fp32 NS
 
 
 def test_slow_term_is_zero_during_the_first_block():

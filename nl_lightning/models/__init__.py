@@ -9,7 +9,7 @@ from nl_lightning.models.neural_memory import NeuralMemory, NeuralMemoryState
 from nl_lightning.models.self_modifying_titans import SelfModifyingState, SelfModifyingTitans
 from nl_lightning.models.titans import TitansMAL, TitansState
 from nl_lightning.models.to_cms import CMSAdapter, cms_levels, to_cms
-from nl_lightning.models.transformer import TransformerPP
+from nl_lightning.models.transformer import KVCache, TransformerPP
 
 __all__ = [
     "CMSAdapter",
@@ -22,6 +22,7 @@ __all__ = [
     "HopeBlockState",
     "HopeModule",
     "HopeState",
+    "KVCache",
     "MLPClassifier",
     "NeuralMemory",
     "NeuralMemoryState",

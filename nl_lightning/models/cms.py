@@ -42,12 +42,15 @@ projection, :math:`\ell_t = \tfrac12 \lVert \mathrm{MLP}_i(k_t) - v_t \rVert^2`;
 
 **Retention** [ours, the retention gate of Eq. 88 applied towards the meta-learned state]: with ``retention=ρ < 1`` a
 write is :math:`\theta \leftarrow \theta_0 + \rho(\theta - \theta_0) - \eta\,\bar g`, where :math:`\theta_0` are the
-parameters. Eq. 31 as printed (``ρ = 1``) has no pull back: over a stream far longer than the training sequences the
-fast weights wander to where the rest of the model was never trained to read them (a Hope trained 300 steps on
-256-byte sequences read a 64K stream at 2.6 bits per byte over its first 256 bytes, 4.4 over the first 4K and 6.9
-over the last 4K; ``benchmarks/lm.py`` section 3). With ``ρ < 1`` they stay within
-about :math:`\eta\lVert\bar g\rVert / (1 - \rho)` of :math:`\theta_0`, and a level forgets what it wrote after about
-``1 / (1 - ρ)`` writes, ``C_i`` tokens each, so slower levels remember longer.
+parameters. Eq. 31 as printed (``ρ = 1``) has no pull back: nothing bounds how far the fast weights drift from
+:math:`\theta_0` over a stream far longer than the training sequences, to where the rest of the model was never trained
+to read them. With ``ρ < 1`` their distance from :math:`\theta_0` is a geometric sum of the steps, below
+:math:`\eta \max\lVert\bar g\rVert / (1 - \rho)` however long the stream, and a write's step shrinks by ``ρ`` at every
+later write, so a level forgets what it wrote after about ``1 / (1 - ρ)`` writes, ``C_i`` tokens each: slower levels
+remember longer.
+
+Precision: the token-axis state and computation are fp32 with autocast disabled (fp64 for a float64 input), so a bf16
+model keeps fp32 fast weights and a float64 model reads and writes in float64.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ from nl_lightning.models.cms_memory import (
     CMSState,
     FastWeights,
     ReadPiece,
+    WriteRule,
     first_order_reads,
     mlp_forward,
     mlp_grads,
@@ -91,8 +95,11 @@ class CMSLevel(nn.Module):
     """One level of the chain: ``h <- h + MLP(Norm(h))`` with fast weights written every ``chunk_size`` tokens.
 
     The parameters ``w1 (H, D)``, ``b1 (H)``, ``w2 (D, H)``, ``b2 (D)`` are the MLP's weights on the optimizer-step axis
-    and its initial fast weights on the token axis; ``value`` (``D x D``, token axis only) makes the targets of the
-    local objective. A static level has no ``value``, so DDP finds no unused parameter in it.
+    and its initial fast weights on the token axis; ``value`` (``D x D``, token axis only) makes the targets
+    ``v_t = W_v k_t`` of the local objective, and learns through the writes, which depend on the targets with
+    differentiable and with first-order writes alike (see :class:`ContinuumMemory` for which gradients each keeps).
+    A static level has no ``value``, so DDP finds no unused parameter in it. Token-axis state and computation are fp32
+    (fp64 for a float64 input) with autocast disabled.
 
     Args:
         dim: Input and output width ``D``.
@@ -148,9 +155,12 @@ class CMSLevel(nn.Module):
         self.w2, self.b2 = nn.Parameter(second.weight.detach()), nn.Parameter(second.bias.detach())
         self.value = nn.Parameter(torch.eye(dim)) if in_context else None
 
-    def initial_state(self, batch: int, device: Optional[torch.device] = None) -> FastWeights:
-        """Per-sample fast weights equal to the parameters (fp32; differentiable w.r.t. them)."""
-        params = [p.to(device) for p in self._initial()]
+    def initial_state(
+        self, batch: int, device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32
+    ) -> FastWeights:
+        """Per-sample fast weights equal to the parameters, in ``dtype`` (the inner dtype: fp32, or fp64 for a
+        float64 input); differentiable w.r.t. the parameters."""
+        params = [p.to(device) for p in self._initial(dtype)]
         return FastWeights(*(p.unsqueeze(0).expand(batch, *p.shape) for p in params), initial_share=1.0)
 
     def forward(
@@ -170,10 +180,13 @@ class CMSLevel(nn.Module):
     def _in_context(
         self, h: Tensor, state: FastWeights, differentiable: bool, write: bool = True
     ) -> tuple[Tensor, FastWeights]:
+        inner = inner_dtype(h)
         with torch.autocast(device_type=h.device.type, enabled=False):
-            x = h.float()  # (B, S, D): fast state and writes in fp32 under autocast
+            x = h.to(inner)  # (B, S, D): fast state and writes in fp32 (fp64 for a float64 input), also under autocast
+            if any(w.dtype != inner for w in state.weights):
+                state = state.map(lambda t: t.to(inner))
             if self.inner_lr == 0 or not write:  # nothing is written: one read of the whole input
-                y = mlp_forward(self.norm(x).float(), *_shared(state.weights), self.activation)[0]
+                y = mlp_forward(self.norm(x).to(inner), *_shared(state.weights), self.activation)[0]
                 if write:
                     state = replace(state, count=(state.count + x.shape[1]) % self.chunk_size)
             else:
@@ -186,9 +199,8 @@ class CMSLevel(nn.Module):
         if self.value is None:
             raise RuntimeError("This CMSLevel was built static (in_context=False): it has no value projection.")
         lengths = piece_lengths(x.shape[1], state.count, self.chunk_size)
-        keys = self.norm(x).float()  # (B, S, D): norm and targets are per token, so computed for the whole input
-        with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
-            values = keys @ self.value.float().T  # (B, S, D): v = W_v k
+        keys = self.norm(x).to(x.dtype)  # (B, S, D): norm and targets are per token, so computed for the whole input
+        values = keys @ self.value.to(x.dtype).T  # (B, S, D): v = W_v k, with its graph (both kinds of writes use it)
         if not differentiable:
             return self._first_order(keys, values, lengths, state)
         ys = []
@@ -201,23 +213,26 @@ class CMSLevel(nn.Module):
         self, keys: Tensor, values: Tensor, lengths: list[int], state: FastWeights
     ) -> tuple[Tensor, FastWeights]:
         """The token axis with first-order writes: the whole pass runs without a graph, then one autograd node
-        (:func:`~nl_lightning.models.cms_memory.first_order_reads`) gives the reads their gradients, and the returned
-        weights keep the dependence on ``state`` and the initial weights that the writes' retention routed to them."""
+        (:func:`~nl_lightning.models.cms_memory.first_order_reads`) gives the reads their gradients (w.r.t. the keys,
+        the starting and initial weights, and the targets), and the returned weights keep the dependence on ``state``
+        and the initial weights that the writes' retention routed to them."""
         fast = state.map(torch.Tensor.detach)
         ys, acts, pieces = [], [], []
         with torch.no_grad():
-            for k, v in zip(keys.detach().split(lengths, dim=1), values.split(lengths, dim=1), strict=True):
+            for k, v in zip(keys.detach().split(lengths, dim=1), values.detach().split(lengths, dim=1), strict=True):
                 w1, w2, share = fast.w1, fast.w2, fast.initial_share
                 y, z, a, fast = self._piece(fast, k, v)  # (B, n, D), (B, n, H), (B, n, H)
                 ys.append(y)
                 acts.append(a)
-                pieces.append(ReadPiece(w1, w2, share, z))
+                pieces.append(ReadPiece(w1, w2, share, z, writes=fast.count == 0 and k.shape[1] > 0))
             y = torch.cat(ys, dim=1)
         if not torch.is_grad_enabled():
             return y, fast
-        initial = self._initial()
+        initial = self._initial(keys.dtype)
+        rule = WriteRule(self._scale(), self.retention)
+        acts = torch.cat(acts, dim=1)  # (B, S, H)
         y = first_order_reads(
-            y, keys, torch.cat(acts, dim=1), pieces, self.activation, state.initial_share, state.weights, initial
+            y, keys, acts, pieces, self.activation, state.initial_share, state.weights, initial, values, rule
         )
         # the returned weights: W + (c' - c) W_0 + const, as the graph-carrying writes would have them
         extra = fast.initial_share - state.initial_share
@@ -237,13 +252,19 @@ class CMSLevel(nn.Module):
         y, z, a = mlp_forward(k, *state.weights, self.activation)
         state = state.add_pending(mlp_grads(k, z, a, y - v, state.w2, self.activation)).advance(k.shape[1])
         if state.count == self.chunk_size:
-            scale = self.inner_lr / (self.chunk_size if self.reduction == "mean" else 1)
-            state = state.write(scale) if self.retention == 1.0 else state.write(scale, self.retention, self._initial())
+            if self.retention == 1.0:
+                state = state.write(self._scale())
+            else:
+                state = state.write(self._scale(), self.retention, self._initial(k.dtype))
         return y, z, a, state
 
-    def _initial(self) -> tuple[Tensor, ...]:
-        """The initial fast weights (the parameters) in fp32."""
-        return tuple(p.to(torch.float32) for p in (self.w1, self.b1, self.w2, self.b2))
+    def _scale(self) -> float:
+        """``s``, the step of a write on its pending gradient sums (Eq. 31 with the mean or the sum)."""
+        return self.inner_lr / (self.chunk_size if self.reduction == "mean" else 1)
+
+    def _initial(self, dtype: torch.dtype = torch.float32) -> tuple[Tensor, ...]:
+        """The initial fast weights (the parameters) in the inner ``dtype``."""
+        return tuple(p.to(dtype) for p in (self.w1, self.b1, self.w2, self.b2))
 
     def extra_repr(self) -> str:
         return (
@@ -262,14 +283,38 @@ class ContinuumMemory(nn.Module):
 
     Token axis: ``y, state = cms(x, state)``. ``state=None`` starts every sample from the learned initial weights (the
     parameters); a :class:`CMSState` returned by a call continues the stream in the next call (carrying it over two
-    segments equals one long segment, mid-chunk included). Each sample has its own fast weights. Gradients flow
-    through the reads and, with ``differentiable_writes=True`` (default), through the writes too, back to the initial
-    weights, the norms and the value projections; they stop where you ``state.detach()`` (truncated backpropagation
-    between segments). With ``differentiable_writes=False`` each write's update is computed without a graph: the loss
-    still reaches the initial weights through every read (first order), but the value projections learn nothing. The
-    whole pass then runs without a graph, and one autograd node
+    segments equals one long segment, mid-chunk included). Each sample has its own fast weights. The state and the
+    token-axis computation are fp32 with autocast disabled, fp64 for a float64 input.
+
+    Gradients flow through the reads and, with ``differentiable_writes=True`` (default), through the writes too
+    (second order: through each write's anchor weights, keys and targets), back to the initial weights, the norms and
+    the value projections; they stop where you ``state.detach()`` (truncated backpropagation between segments).
+
+    With ``differentiable_writes=False`` a write ``w <- w0 + ρ (w - w0) - s g`` (``s = inner_lr / C`` for the mean,
+    ``inner_lr`` for the sum) is first order. The gradient keeps every read's dependence on its keys and on the
+    weights it reads: the state the call started from, the initial weights (the share the retention routed to them)
+    and the earlier writes of the call. It keeps every write's dependence on its targets ``v_t = W_v k_t``, so on the
+    value projections and, through them, on the keys: the pending sums ``g_w2 = Σ_t (y_t - v_t) a_t^T``,
+    ``g_b2 = Σ_t (y_t - v_t)``, ``g_w1 = Σ_t dz_t k_t^T``, ``g_b1 = Σ_t dz_t`` with
+    ``dz_t = act'(z_t) * (W2^T (y_t - v_t))`` are linear in ``v_t`` at a fixed anchor, so with ``A = dL/dW_j`` the
+    gradient of the weights ``W_j`` that the write of ``t``'s chunk produces, summed over every later read of the call
+    (each later write scaling it by ``ρ``),
+
+    .. math::
+
+        \frac{\partial L}{\partial v_t} = s \left[A_{w_2} a_t + A_{b_2}
+            + W_2 \left(\sigma'(z_t) \odot (A_{w_1} k_t + A_{b_1})\right)\right]
+
+    (``z_t``, ``a_t``: the hidden pre-activation and activation of ``k_t`` at the anchor ``W_1, b_1, W_2``). It drops
+    the rest of the writes' dependence (second order): through the anchor weights, and through ``k_t``, ``z_t``,
+    ``a_t`` and ``y_t`` inside the pending sums, so the keys reach the writes only through ``v_t``. It is first order
+    across calls too: the state a call returns keeps the dependence of
+    its weights on the initial weights and on the state the call started from, not on the targets written in the
+    call, and its pending sums carry no graph, so tokens whose chunk is written in a later call give their targets no
+    gradient. The whole pass then runs without a graph, and one autograd node
     (:func:`~nl_lightning.models.cms_memory.first_order_reads`) gives the reads their gradients: the fast weights'
-    gradients are one GEMM over all tokens instead of a per-sample weight gradient per chunk.
+    gradients are one GEMM over all tokens where the value projections need no gradient, else one per-sample
+    gradient per chunk and a reverse scan over the chunks for the targets.
 
     Args:
         dim: Width ``D`` of the input and output.
@@ -364,9 +409,12 @@ class ContinuumMemory(nn.Module):
             raise ValueError(f"`every` needs {len(self.chunk_sizes)} periods, got {periods!r}.")
         return [Level(f"{prefix}level_{i}", [f"{prefix}levels.{i}.*"], every=int(c)) for i, c in enumerate(periods)]
 
-    def initial_state(self, batch: int, device: Optional[torch.device] = None) -> CMSState:
-        """The state ``state=None`` stands for: every level at its learned initial weights."""
-        return CMSState([blk.initial_state(batch, device) for blk in self.blocks])
+    def initial_state(
+        self, batch: int, device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32
+    ) -> CMSState:
+        """The state ``state=None`` stands for: every level at its learned initial weights, in the inner ``dtype``
+        (fp32, or fp64 for a float64 input)."""
+        return CMSState([blk.initial_state(batch, device, dtype) for blk in self.blocks])
 
     def forward(
         self, x: Tensor, state: Optional[CMSState] = None, write: bool = True
@@ -382,7 +430,7 @@ class ContinuumMemory(nn.Module):
             for blk in self.blocks:
                 x = blk(x)[0]
             return x
-        state = state if state is not None else self.initial_state(x.shape[0], x.device)
+        state = state if state is not None else self.initial_state(x.shape[0], x.device, inner_dtype(x))
         if len(state.levels) != len(self.blocks):
             raise ValueError(f"The state has {len(state.levels)} levels, this memory {len(self.blocks)}.")
         new = []
@@ -390,6 +438,12 @@ class ContinuumMemory(nn.Module):
             x, fast = blk(x, fast, self.differentiable_writes, write)
             new.append(fast)
         return x, CMSState(new)
+
+
+def inner_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of the token-axis state and computation for an input ``x``: fp64 for a float64 input, else fp32 (also
+    under bf16 / fp16 autocast)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _shared(weights: tuple[Tensor, ...]) -> tuple[Tensor, ...]:

@@ -32,7 +32,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ACTIVATIONS", "CMSState", "FastWeights", "ReadPiece", "first_order_reads", "mlp_forward", "mlp_grads"]
+__all__ = [
+    "ACTIVATIONS",
+    "CMSState",
+    "FastWeights",
+    "ReadPiece",
+    "WriteRule",
+    "first_order_reads",
+    "mlp_forward",
+    "mlp_grads",
+]
 
 
 def _gelu_grad(z: Tensor) -> Tensor:
@@ -113,10 +122,12 @@ class ReadPiece:
     """One piece of a first-order pass (tokens read with the same fast weights), as :func:`first_order_reads` needs it.
 
     Attributes:
-        w1: The per-sample weights the piece was read with, ``(B, H, D)`` (values, no graph).
+        w1: The per-sample weights the piece was read with, ``(B, H, D)`` (values, no graph); also the anchor of the
+            piece's gradients in the write that closes its chunk.
         w2: Likewise ``(B, D, H)``.
         share: :attr:`FastWeights.initial_share` of those weights.
         z: The piece's pre-activations ``(B, n, H)``.
+        writes: The piece closes its chunk, so a write follows it in the same call.
 
     """
 
@@ -124,15 +135,77 @@ class ReadPiece:
     w2: Tensor
     share: float
     z: Tensor
+    writes: bool = False
+
+
+@dataclass(frozen=True)
+class WriteRule:
+    """How a write uses its pending gradient sums: ``w <- w0 + retention * (w - w0) - scale * pending``.
+
+    Attributes:
+        scale: ``s``, the step on the pending sums (``inner_lr / C`` for the mean, ``inner_lr`` for the sum).
+        retention: ``ρ``, the share of the distance from the initial weights ``w0`` the weights keep.
+
+    """
+
+    scale: float
+    retention: float = 1.0
+
+
+def _weight_grads(k: Tensor, a: Tensor, grad: Tensor, gz: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-sample gradients ``(w1 (B, H, D), b1 (B, H), w2 (B, D, H), b2 (B, D))`` of the fast weights a piece was read
+    with, from the reads' gradient ``grad`` ``(B, n, D)`` and the pre-activations' ``gz`` ``(B, n, H)``."""
+    return gz.transpose(1, 2) @ k, gz.sum(1), grad.transpose(1, 2) @ a, grad.sum(1)
+
+
+def _target_grads(
+    after: tuple[Tensor, ...], k: Tensor, a: Tensor, z: Tensor, w2: Tensor, activation: str, scale: float
+) -> Tensor:
+    """``dL/dv_t = s [A_w2 a_t + A_b2 + W2 (act'(z_t) * (A_w1 k_t + A_b1))]`` ``(B, n, D)``: the gradient of the targets
+    of the tokens ``k`` ``(B, n, D)`` of a chunk whose write is followed by reads whose gradient w.r.t. the written
+    weights is ``A = after``. The write subtracts ``s`` times the pending sums, which are linear in ``v_t``:
+    ``g_w2 = sum_t (y_t - v_t) a_t^T``, ``g_b2 = sum_t (y_t - v_t)`` and ``g_w1 = sum_t dz_t k_t^T``, ``g_b1 = sum_t
+    dz_t`` with ``dz_t = act'(z_t) * (W2^T (y_t - v_t))``, ``W2`` ``(B, D, H)`` the anchor."""
+    a_w1, a_b1, a_w2, a_b2 = after
+    u = torch.baddbmm(a_b1.unsqueeze(1), k, a_w1.transpose(1, 2))  # (B, n, H): A_w1 k_t + A_b1
+    du = _activation_backward(u, z, activation)  # (B, n, H)
+    dv = torch.baddbmm(a_b2.unsqueeze(1), a, a_w2.transpose(1, 2))  # (B, n, D): A_w2 a_t + A_b2
+    return dv.baddbmm_(du, w2.transpose(1, 2)).mul_(scale)  # + W2 du_t
+
+
+def _value_grads(
+    pieces: list[ReadPiece],
+    per_piece: list[tuple[Tensor, ...]],
+    keys: tuple[Tensor, ...],
+    acts: tuple[Tensor, ...],
+    activation: str,
+    rule: WriteRule,
+) -> Tensor:
+    """The targets' gradient ``(B, S, D)`` by a reverse scan over the pieces: ``after`` is ``dL/dW`` of the weights read
+    after the current piece (within this call), the gradient ``A`` of the write the piece closes; the weights read
+    before that write get ``G_q + ρ A`` (``G_q`` the piece's own reads, ``per_piece[q]``). The tokens of a chunk whose
+    write falls in a later call get no gradient."""
+    after: Optional[tuple[Tensor, ...]] = None
+    out = []
+    for piece, grads, k, a in zip(reversed(pieces), reversed(per_piece), reversed(keys), reversed(acts), strict=True):
+        if piece.writes and after is not None:
+            out.append(_target_grads(after, k, a, piece.z, piece.w2, activation, rule.scale))
+            after = tuple(g + rule.retention * w for g, w in zip(grads, after, strict=True))
+        else:  # no write in this call after this piece (only the last piece), or no reads after the write
+            out.append(torch.zeros_like(k))
+            after = grads if after is None else tuple(g + w for g, w in zip(grads, after, strict=True))
+    return torch.cat(out[::-1], dim=1)
 
 
 class _FirstOrderReads(torch.autograd.Function):
-    """The reads of a pass whose writes carry no graph; see :func:`first_order_reads`."""
+    """The reads of a pass whose writes are first order; see :func:`first_order_reads`."""
 
     @staticmethod
-    def forward(ctx: Any, y: Tensor, pieces: list[ReadPiece], activation: str, share: float, *inputs: Tensor) -> Tensor:
-        keys, a = inputs[0], inputs[-1]
-        ctx.pieces, ctx.activation, ctx.share = pieces, activation, share
+    def forward(
+        ctx: Any, y: Tensor, pieces: list[ReadPiece], activation: str, share: float, rule: WriteRule, *inputs: Tensor
+    ) -> Tensor:
+        keys, a = inputs[0], inputs[9]
+        ctx.pieces, ctx.activation, ctx.share, ctx.rule = pieces, activation, share, rule
         ctx.save_for_backward(keys, a)
         return y
 
@@ -141,29 +214,34 @@ class _FirstOrderReads(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
         keys, a = ctx.saved_tensors  # (B, S, D), (B, S, H)
         pieces: list[ReadPiece] = ctx.pieces
-        needs = ctx.needs_input_grad[4:]  # keys, the 4 weights read from, the 4 initial weights, a
-        g_z, g_keys = [], []
-        for piece, g in zip(pieces, grad.split([p.z.shape[1] for p in pieces], dim=1), strict=True):
-            gz = _activation_backward(g @ piece.w2, piece.z, ctx.activation)  # (B, n, H)
-            g_z.append(gz)
-            if needs[0]:
-                g_keys.append(gz @ piece.w1)  # (B, n, D)
-        gz = torch.cat(g_z, dim=1)  # (B, S, H)
-        # the gradients of the fast weights of every token: rank-1 per token, one GEMM over all tokens
-        out: list[Optional[Tensor]] = [torch.cat(g_keys, dim=1) if needs[0] else None]
-        if any(needs[1:5]):  # the weights the pass started from: each piece's weights are them plus a constant
-            out += [gz.transpose(1, 2) @ keys, gz.sum(1), grad.transpose(1, 2) @ a, grad.sum(1)]
-        else:
-            out += [None] * 4
+        needs = ctx.needs_input_grad[5:]  # keys, the 4 weights read from, the 4 initial weights, a, the targets
+        lengths = [p.z.shape[1] for p in pieces]
+        grads = grad.split(lengths, dim=1)
+        g_z = [_activation_backward(g @ p.w2, p.z, ctx.activation) for p, g in zip(pieces, grads, strict=True)]
+        out: list[Optional[Tensor]] = [None] * 11
+        if needs[0]:
+            out[0] = torch.cat([gz @ p.w1 for gz, p in zip(g_z, pieces, strict=True)], dim=1)  # (B, S, D)
         route = [p.share - ctx.share for p in pieces]  # the initial weights' extra share, per piece (write routes)
+        if needs[10]:  # the targets: every piece's per-sample weight gradients, for the reverse scan
+            ks, acts = keys.split(lengths, dim=1), a.split(lengths, dim=1)
+            per_piece = [_weight_grads(*args) for args in zip(ks, acts, grads, g_z, strict=True)]
+            out[10] = _value_grads(pieces, per_piece, ks, acts, ctx.activation, ctx.rule)
+            if any(needs[1:5]):
+                out[1:5] = [sum(gs) for gs in zip(*per_piece, strict=True)]
+            if any(needs[5:9]) and any(route):
+                per_weight = zip(*per_piece, strict=True)  # 4 tuples, one gradient per piece each
+                out[5:9] = [sum(r * g.sum(0) for r, g in zip(route, gs, strict=True)) for gs in per_weight]
+            return (None,) * 5 + tuple(out)
+        # the fast weights' gradients of every token: rank-1 per token, one GEMM over all tokens
+        gz = torch.cat(g_z, dim=1)  # (B, S, H)
+        if any(needs[1:5]):  # the weights the pass started from: each piece's weights are them plus a constant
+            out[1:5] = _weight_grads(keys, a, grad, gz)
         if any(needs[5:9]) and any(route):
-            lengths = torch.tensor([p.z.shape[1] for p in pieces], device=grad.device)
-            r = torch.tensor(route, dtype=grad.dtype, device=grad.device).repeat_interleave(lengths)  # (S,)
+            r = torch.tensor(route, dtype=grad.dtype, device=grad.device)
+            r = r.repeat_interleave(torch.tensor(lengths, device=grad.device))  # (S,)
             gz_r, grad_r = (gz * r[:, None]).flatten(0, 1), (grad * r[:, None]).flatten(0, 1)  # (B S, .)
-            out += [gz_r.T @ keys.flatten(0, 1), gz_r.sum(0), grad_r.T @ a.flatten(0, 1), grad_r.sum(0)]
-        else:
-            out += [None] * 4
-        return (None, None, None, None, *out, None)
+            out[5:9] = [gz_r.T @ keys.flatten(0, 1), gz_r.sum(0), grad_r.T @ a.flatten(0, 1), grad_r.sum(0)]
+        return (None,) * 5 + tuple(out)
 
 
 def first_order_reads(
@@ -175,14 +253,20 @@ def first_order_reads(
     share: float,
     weights: tuple[Tensor, ...],
     initial: tuple[Tensor, ...],
+    values: Optional[Tensor] = None,
+    rule: Optional[WriteRule] = None,
 ) -> Tensor:
-    """Give the reads of a first-order pass (computed without a graph) their gradients, in one autograd node.
+    r"""Give the reads of a first-order pass (computed without a graph) their gradients, in one autograd node.
 
-    With first-order writes each piece ``j`` reads ``W_j = W + (c_j - c) W_0 + const``: the weights ``W`` the pass
-    started from, plus the initial weights ``W_0`` at the share the writes' retention routed to them since (``c_j`` and
-    ``c`` are :attr:`FastWeights.initial_share`). So the gradients of ``W`` and ``W_0`` are sums over all tokens of
-    rank-1 terms, each one GEMM over the whole sequence, where autograd of the per-piece reads forms every piece's
-    per-sample weight gradient and adds them up; only the keys' gradient is taken piece by piece.
+    With first-order writes each piece ``j`` reads ``W_j = W + (c_j - c) W_0 - s \sum_{i<j} ρ^{j-1-i} P_i(v) +
+    const``: the weights ``W`` the pass started from, the initial weights ``W_0`` at the share the writes' retention
+    routed to them since (``c_j`` and ``c`` are :attr:`FastWeights.initial_share`), and the pending sums ``P_i`` of
+    the writes before it, linear in the targets ``v`` at fixed anchors. So the gradients of ``W`` and ``W_0`` are sums
+    over all tokens of rank-1 terms, each one GEMM over the whole sequence, where autograd of the per-piece reads
+    forms every piece's per-sample weight gradient and adds them up; only the keys' gradient is taken piece by piece.
+    Where the targets need a gradient, the per-piece weight gradients are formed, and a reverse scan over the pieces
+    gives each write's ``A = dL/dW`` (its later reads, each later write scaling it by ``ρ``) and each token's
+    ``dL/dv_t = s [A_w2 a_t + A_b2 + W2 (act'(z_t) * (A_w1 k_t + A_b1))]``.
 
     Args:
         y: The reads ``(B, S, D)``, computed without a graph.
@@ -193,12 +277,19 @@ def first_order_reads(
         share: ``c`` of ``weights``.
         weights: ``(w1, b1, w2, b2)`` per sample, the state the pass started from (with its graph).
         initial: The initial weights ``(w1, b1, w2, b2)`` (the parameters, with their graph).
+        values: The targets ``v`` ``(B, S, D)`` of the writes (with their graph), or ``None``: no gradient to them.
+        rule: The writes' scale and retention; needed with ``values``.
 
     Returns:
-        ``y`` as a tensor whose gradient reaches ``keys``, ``weights`` and ``initial``.
+        ``y`` as a tensor whose gradient reaches ``keys``, ``weights``, ``initial`` and ``values``.
+
+    Raises:
+        ValueError: If ``values`` is given without ``rule``.
 
     """
-    return _FirstOrderReads.apply(y, pieces, activation, share, keys, *weights, *initial, a)
+    if values is not None and rule is None:
+        raise ValueError("The targets' gradient needs the `rule` (scale, retention) of the writes.")
+    return _FirstOrderReads.apply(y, pieces, activation, share, rule, keys, *weights, *initial, a, values)
 
 
 def piece_lengths(seq: int, count: int, size: int) -> list[int]:
@@ -220,7 +311,8 @@ class FastWeights:
     """One CMS level's token-axis state: per-sample MLP weights, the pending chunk gradients and the chunk position.
 
     Attributes:
-        w1, b1, w2, b2: The fast weights, ``(B, H, D)``, ``(B, H)``, ``(B, D, H)``, ``(B, D)``, fp32.
+        w1, b1, w2, b2: The fast weights, ``(B, H, D)``, ``(B, H)``, ``(B, D, H)``, ``(B, D)``, fp32 (fp64 for a
+            float64 input).
         pending: Summed gradients of the tokens read so far in the current chunk (``None`` when none).
         count: Tokens read so far in the current chunk (``0 <= count < chunk_size`` between calls).
         initial_share: ``c`` such that, under first-order writes, the weights depend on the learned initial weights

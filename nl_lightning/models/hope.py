@@ -33,9 +33,13 @@ followed by the same CMS. :class:`HopeModule` stacks blocks into a byte-level la
 evaluation and generation machinery of :class:`~nl_lightning.models.lm.CausalLM`.
 
 Choices [ours] (paper-notes §3.8, §4): CMS token-axis writes are first order (``differentiable_writes=False``: the
-initial weights learn through every read, the writes carry no graph), which keeps memory flat in the segment length;
+initial weights learn through every read and the value projections through the targets of every write, while the
+writes carry no graph through their anchor weights), which keeps memory flat in the segment length;
 the self-modifying Titans writes stay differentiable within a segment; between segments every state is detached
-(truncated backpropagation). Hope-Attention attends within a segment only; its CMS carries across segments. Each CMS
+(truncated backpropagation). Hope-Attention carries its attention's key/value cache
+(:class:`~nl_lightning.models.transformer.KVCache`) across segments along with its CMS, so each token attends to every
+earlier token of the stream (or, with ``window``, to the ``window`` tokens ending at it) wherever the segment
+boundaries fall; without a window the cache grows with the stream, so bounded memory needs a window. Each CMS
 write keeps ``cms_retention`` (default :data:`DEFAULT_CMS_RETENTION`) of the fast weights' distance from the learned
 initial weights, so that streaming far past the training length stays near the states the model was trained on.
 """
@@ -54,7 +58,7 @@ from nl_lightning.models.cms import ContinuumMemory
 from nl_lightning.models.cms_memory import CMSState
 from nl_lightning.models.lm import BlockStackLM
 from nl_lightning.models.self_modifying_titans import SelfModifyingState, SelfModifyingTitans
-from nl_lightning.models.transformer import CausalSelfAttention, RMSNorm
+from nl_lightning.models.transformer import CausalSelfAttention, KVCache, RMSNorm
 
 __all__ = ["DEFAULT_CMS_RETENTION", "HopeBlock", "HopeBlockState", "HopeModule", "HopeState"]
 
@@ -66,16 +70,32 @@ DEFAULT_CMS_RETENTION = 0.8
 
 @dataclass
 class HopeBlockState:
-    """One block's memory: the self-modifying Titans state (``None`` for Hope-Attention) and the CMS state."""
+    """One block's memory.
+
+    Attributes:
+        titans: The self-modifying Titans state (``None`` for Hope-Attention).
+        cms: The CMS state.
+        attention: Hope-Attention's key/value cache (``None`` for Hope).
+
+    """
 
     titans: Optional[SelfModifyingState]
     cms: CMSState
+    attention: Optional[KVCache] = None
 
     def detach(self) -> HopeBlockState:
-        return HopeBlockState(None if self.titans is None else self.titans.detach(), self.cms.detach())
+        """Stop gradients here (truncated backpropagation); also usable outside the inference mode that made it."""
+        return HopeBlockState(_maybe(self.titans, "detach"), self.cms.detach(), _maybe(self.attention, "detach"))
 
     def select(self, index: Tensor) -> HopeBlockState:
-        return HopeBlockState(None if self.titans is None else self.titans.select(index), self.cms.select(index))
+        """The states of some samples of the batch."""
+        titans, attention = _maybe(self.titans, "select", index), _maybe(self.attention, "select", index)
+        return HopeBlockState(titans, self.cms.select(index), attention)
+
+
+def _maybe(state: Any, method: str, *args: Any) -> Any:
+    """``state.method(*args)``, or ``None`` for a missing state."""
+    return None if state is None else getattr(state, method)(*args)
 
 
 @dataclass
@@ -103,7 +123,7 @@ class HopeBlock(nn.Module):
         cms_hidden_mult: Hidden width of each CMS MLP as a multiple of ``dim``.
         cms_inner_lr: Token-axis learning rate of the CMS levels (``None``: ContinuumMemory's default).
         variant: ``"titans"`` (Hope) or ``"attention"`` (Hope-Attention).
-        window: Sliding window of the attention variant (``None``: full causal attention within a segment).
+        window: Sliding window of the attention variant (``None``: full causal attention over the whole stream).
         titans_kwargs: Further :class:`~nl_lightning.models.self_modifying_titans.SelfModifyingTitans` arguments.
         cms_retention: Share of their distance from the learned initial weights that the CMS fast weights keep at
             every write (one value or one per level, in ``(0, 1]``; see
@@ -157,14 +177,26 @@ class HopeBlock(nn.Module):
     def forward(
         self, x: Tensor, state: Optional[HopeBlockState] = None, write: bool = True
     ) -> tuple[Tensor, HopeBlockState]:
-        """``x`` ``(B, T, D)`` -> ``(y (B, T, D), state)``; ``write=False`` reads every memory without writing."""
+        """Continue a stream by ``x``.
+
+        Args:
+            x: The residual stream of the next tokens ``(B, T, D)``.
+            state: The block's state after the previous tokens (``None``: a new sequence).
+            write: Let the memories write; ``False`` reads them unchanged. Hope-Attention's key/value cache takes the
+                new tokens either way (it is the attention's context, not a memory write).
+
+        Returns:
+            The new residual stream ``(B, T, D)`` and the block's state after ``x``.
+
+        """
         titans_state = None if state is None else state.titans
+        cache = None if state is None else state.attention
         if self.variant == "titans":
             h, titans_state = self.mixer(self.norm(x), titans_state, write=write)
         else:
-            h = self.mixer(self.norm(x))
+            h, cache = self.mixer.forward_cached(self.norm(x), cache)
         x, cms_state = self.cms(x + h, None if state is None else state.cms, write=write)
-        return x, HopeBlockState(titans_state, cms_state)
+        return x, HopeBlockState(titans_state, cms_state, cache)
 
     def stats(self) -> dict[str, float]:
         """The last call's memory statistics: the self-modifying memories' inner losses, norms and mean gates (none for
@@ -179,11 +211,12 @@ class HopeModule(BlockStackLM):
     r"""The Hope language model: byte embeddings, :class:`HopeBlock` s, RMSNorm and a tied output head.
 
     ``logits, state = model(tokens, state=None)`` maps ``(batch, seq)`` tokens to ``(batch, seq, vocab_size)`` logits
-    and the memory after the last token (a :class:`HopeState`); pass it back to continue a stream with constant
-    memory. Training cuts sequences into ``segment_len`` segments, carries the memory and detaches it at every boundary
-    (truncated backpropagation); validation, test and predict keep writing (test-time memorization,
-    ``memorize_at_eval=True``, switchable); ``generate`` carries the state token by token (see
-    :class:`~nl_lightning.models.lm.CausalLM`). After every training step it logs, per layer ``i``,
+    and the memory after the last token (a :class:`HopeState`); pass it back to continue a stream, which gives the
+    logits of one pass over the whole stream. The state has a constant size, except Hope-Attention's key/value cache
+    without a ``window``, which grows with the stream. Training cuts sequences into ``segment_len`` segments, carries
+    the memory and detaches it at every boundary (truncated backpropagation); validation, test and predict keep
+    writing (test-time memorization, ``memorize_at_eval=True``, switchable); ``generate`` carries the state token by
+    token (see :class:`~nl_lightning.models.lm.CausalLM`). After every training step it logs, per layer ``i``,
     ``train_layer<i>/<stat>``: the inner (surprise) loss of each self-modifying memory and their weight norms.
 
     Args:
@@ -196,7 +229,7 @@ class HopeModule(BlockStackLM):
         cms_hidden_mult: CMS MLP hidden width as a multiple of ``dim``.
         cms_inner_lr: Token-axis learning rate of the CMS levels (``None``: the ContinuumMemory default).
         variant: ``"titans"`` (Hope) or ``"attention"`` (Hope-Attention).
-        window: The attention variant's sliding window.
+        window: The attention variant's sliding window (``None``: full causal attention over the whole stream).
         titans_kwargs: Further SelfModifyingTitans arguments (``hidden_mult``, ``rule``, ``eta_max``, ...).
         tie_embeddings: Share the input embedding and the output head.
         cms_retention: Share of their distance from the learned initial weights that the CMS fast weights keep at

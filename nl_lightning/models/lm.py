@@ -439,7 +439,8 @@ class BlockStackLM(CausalLM):
 
     Each block is called as ``h, block_state = block(h, block_state, write=write)``; the model's state is
     ``state_type(list_of_block_states)`` (a dataclass with a ``blocks`` field and ``detach()``). Subclasses call
-    :meth:`build` in ``__init__`` and set ``state_type``.
+    :meth:`build` in ``__init__`` and set ``state_type``, or override :meth:`forward` for blocks that carry more than
+    one state.
     """
 
     #: Built from the list of block states; needs a ``blocks`` attribute.

@@ -29,6 +29,11 @@ time* to map keys to values, with surprise momentum and a forgetting gate,
 :math:`u_t = \nabla \ell(\mathcal{M}_{\xi(t)}; x_t)`, and reads that same anchor, so tokens of chunk ``j`` read the
 state at the end of chunk ``j - 1`` (causal; paper notes §4). A chunk is then computed in parallel.
 
+**Streaming.** Chunks are aligned to the stream, not to the call: a call that ends inside a chunk reads its last
+tokens at the anchor and returns them unwritten in the state (their keys, values and gates), and the call that
+completes the chunk writes it, prepending them to its own tokens. Carrying the state across calls therefore equals
+one pass over the concatenated sequence for any split, token-by-token generation included.
+
 **Chunk-end state (derivation).** Take a chunk of ``n`` tokens ``i = 1..n`` starting from :math:`(\mathcal{M}_0, S_0)`,
 with :math:`E_t = \prod_{j \le t} \eta_j` and :math:`\beta_t = \prod_{j \le t} (1 - \alpha_j)` (:math:`E_0 = \beta_0
 = 1`). Unrolling the two recurrences,
@@ -77,10 +82,6 @@ sequence at once.
   it starts as the identity; a randomly initialised ``SiLU`` gate multiplies the reads by noise, and with it the
   recall test of the test suite did not learn in 60 steps), then ``W_O``. The output is not added to ``x``: the
   residual belongs to the block.
-- A partial last chunk (``seq_len % chunk_size != 0``, or ``seq_len < chunk_size``) reads its anchor and writes at its
-  end, so the returned state includes every token; the next call starts a new chunk from it. Carrying the state
-  across calls therefore equals one long pass exactly when the segment lengths are multiples of ``chunk_size``, and
-  otherwise equals one pass whose chunks restart at each segment boundary.
 - Stability: with momentum the effective inner learning rate is about ``theta / (1 - eta)`` (``10 theta`` at
   ``eta = 0.9``) on a loss whose gradient carries a factor 2, so keep ``lr_max`` around 0.1 (the default); at
   ``lr_max = 1`` the memory can blow up within a few chunks (cf. lucidrains #22/#29, paper notes §7).
@@ -109,26 +110,44 @@ __all__ = ["NeuralMemory", "NeuralMemoryState", "chunk_coefficients"]
 
 @dataclass
 class NeuralMemoryState:
-    """The per-sample state of a :class:`NeuralMemory`: memory weights, surprise momenta and the convolution's inputs.
+    """The per-sample state of a :class:`NeuralMemory`: memory weights, surprise momenta, the convolution's inputs and
+    the unwritten tokens of the current chunk.
 
     Pass it back to continue a stream; ``None`` starts a new sequence from the learned initial memory.
 
     Attributes:
-        weights: ``W_1 .. W_L`` of every sample and head, each ``(B, H, out_l, in_l)``, fp32.
-        momentum: The surprise ``S`` of each layer (same shapes); ``()`` when the memory has no momentum.
+        weights: ``W_1 .. W_L`` of every sample and head at the last chunk boundary (the anchor the tokens of the
+            current chunk read), each ``(B, H, out_l, in_l)``, fp32.
+        momentum: The surprise ``S`` of each layer at the same boundary (same shapes); ``()`` when the memory has no
+            momentum.
         conv: The last ``conv_size - 1`` projected inputs ``(B, conv_size - 1, 3 * dim)`` (``None`` without a
             convolution).
+        pending_keys: Keys of the ``p`` tokens read so far in the current chunk, ``(B, H, p, head_dim)`` with
+            ``0 <= p < chunk_size`` (``None`` when none); written when the chunk completes.
+        pending_values: Their values, ``(B, H, p, head_dim)`` (``None`` when none).
+        pending_gates: Their gates ``(B, H, p, G)``: ``theta``, ``log(1 - alpha)`` and, with momentum, ``log(eta)``
+            (``None`` when none).
 
     """
 
     weights: tuple[Tensor, ...]
     momentum: tuple[Tensor, ...] = ()
     conv: Optional[Tensor] = None
+    pending_keys: Optional[Tensor] = None
+    pending_values: Optional[Tensor] = None
+    pending_gates: Optional[Tensor] = None
+
+    _OPTIONAL = ("conv", "pending_keys", "pending_values", "pending_gates")
+
+    @property
+    def pending_count(self) -> int:
+        """Tokens read in the current chunk and not written yet (``p``)."""
+        return 0 if self.pending_keys is None else self.pending_keys.shape[2]
 
     def map(self, fn: Callable[[Tensor], Tensor]) -> NeuralMemoryState:
         """Apply ``fn`` to every tensor."""
-        conv = fn(self.conv) if self.conv is not None else None
-        return NeuralMemoryState(tuple(fn(w) for w in self.weights), tuple(fn(s) for s in self.momentum), conv)
+        optional = {name: _apply(fn, getattr(self, name)) for name in self._OPTIONAL}
+        return NeuralMemoryState(tuple(fn(w) for w in self.weights), tuple(fn(s) for s in self.momentum), **optional)
 
     def detach(self) -> NeuralMemoryState:
         """Stop gradients here (truncated backpropagation between segments); also makes a state computed under
@@ -146,12 +165,21 @@ class NeuralMemoryState:
     def state_dict(self) -> dict[str, Any]:
         """Tensors, lists and ``None`` only (loads with ``torch.load(weights_only=True)``); detached."""
         s = self.detach()
-        return {"weights": list(s.weights), "momentum": list(s.momentum), "conv": s.conv}
+        return {"weights": list(s.weights), "momentum": list(s.momentum), **{n: getattr(s, n) for n in self._OPTIONAL}}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> NeuralMemoryState:
         """Inverse of :meth:`state_dict`."""
-        return cls(tuple(state["weights"]), tuple(state["momentum"]), state["conv"])
+        optional = {name: state.get(name) for name in cls._OPTIONAL}
+        return cls(tuple(state["weights"]), tuple(state["momentum"]), **optional)
+
+
+def _apply(fn: Callable[[Tensor], Tensor], t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else fn(t)
+
+
+def _shape(t: Optional[Tensor]) -> Optional[tuple[int, ...]]:
+    return None if t is None else tuple(t.shape)
 
 
 def chunk_coefficients(lr: Tensor, log_keep: Tensor, log_decay: Optional[Tensor]) -> dict[str, Tensor]:
@@ -184,11 +212,6 @@ def chunk_coefficients(lr: Tensor, log_keep: Tensor, log_decay: Optional[Tensor]
     return out
 
 
-def _chunks(t: Optional[Tensor], start: int, stop: int, n: int) -> Optional[Tensor]:
-    """Tokens ``start:stop`` of ``t`` ``(B, H, T, ...)`` as chunks of ``n``: ``(B, H, (stop - start) // n, n, ...)``."""
-    return None if t is None else t[:, :, start:stop].unflatten(2, (-1, n))
-
-
 def _l2_normalize(t: Tensor) -> Tensor:
     """``t / ||t||`` over the last axis (a multiply by ``rsqrt``: a cheaper backward than ``F.normalize``)."""
     return t * t.square().sum(-1, keepdim=True).clamp_min(1e-12).rsqrt()
@@ -211,17 +234,20 @@ class NeuralMemory(nn.Module):
     r"""The Titans long-term memory: a deep MLP per head, written at test time with momentum and forgetting.
 
     ``y, state = mem(x, state)``: ``x`` and ``y`` are ``(batch, seq, dim)``; ``state=None`` starts every sample from the
-    learned initial memory, a returned :class:`NeuralMemoryState` continues the stream. The sequence is processed in
+    learned initial memory, a returned :class:`NeuralMemoryState` continues the stream. The stream is processed in
     chunks of ``chunk_size`` tokens that read the state of the end of the previous chunk and are written in parallel
-    (Titans Eq. 13-14 and §3.2; the derivation is in the module docstring). ``mem.last_stats`` holds detached logging
-    figures of the last call: ``surprise`` (mean inner loss at the anchor), ``grad_norm`` (mean Frobenius norm of a
-    token's inner gradient, only when writing), ``weight_norm`` (mean norm of the memories at the end), and the mean
-    gates ``lr``, ``forget`` and, with momentum, ``mom_decay``.
+    (Titans Eq. 13-14 and §3.2; the derivation is in the module docstring). The chunks are aligned to the stream: the
+    returned state holds the unwritten tokens of the current chunk, so carrying it across calls equals one pass for
+    any split. ``mem.last_stats`` holds detached logging figures of the last call: ``surprise`` (mean inner loss of the
+    call's tokens at their anchor), ``grad_norm`` (mean Frobenius norm of the inner gradient of the tokens written,
+    only when the call completes a chunk), ``weight_norm`` (mean norm of the memories at the last chunk boundary), and
+    the mean gates ``lr``, ``forget`` and, with momentum, ``mom_decay``.
 
     Args:
         dim: Model width ``D``.
         heads: Number of heads ``H``; each has its own memory on ``head_dim = dim // heads``.
-        chunk_size: Tokens per chunk ``C``: tokens of a chunk read its anchor and write together at its end.
+        chunk_size: Tokens per chunk ``C``: tokens of a chunk read its anchor and write together at its end (in the
+            call that completes it).
         depth: Layers of the memory MLP (1: a linear map).
         expansion: Hidden width of the memory MLP as a multiple of ``head_dim``.
         activation: ``"silu"``, ``"gelu"``, ``"relu"`` or ``"tanh"``, between the memory's layers.
@@ -246,8 +272,8 @@ class NeuralMemory(nn.Module):
     Example::
 
         mem = NeuralMemory(dim=256, heads=4, chunk_size=64, depth=2)
-        y, state = mem(torch.randn(2, 1000, 256))      # 15 full chunks and a partial one, all written
-        y2, state = mem(torch.randn(2, 512, 256), state)  # continues the stream
+        y, state = mem(torch.randn(2, 1000, 256))      # 15 chunks written, the last 40 tokens pending in the state
+        y2, state = mem(torch.randn(2, 512, 256), state)  # continues the stream (writes those 40 with 24 new ones)
         mem.last_stats["surprise"]
 
     """
@@ -324,7 +350,7 @@ class NeuralMemory(nn.Module):
         self, batch: int, device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32
     ) -> NeuralMemoryState:
         """The state ``state=None`` stands for: every sample at the learned initial memory, zero momentum and
-        convolution inputs (differentiable w.r.t. the initial memory)."""
+        convolution inputs, no pending token (differentiable w.r.t. the initial memory)."""
         weights = tuple(w.to(device=device, dtype=dtype).unsqueeze(0).expand(batch, *w.shape) for w in self.memory)
         momentum = tuple(torch.zeros_like(w) for w in weights) if self.momentum else ()
         conv = None
@@ -376,12 +402,12 @@ class NeuralMemory(nn.Module):
             lr = self.lr_max * torch.sigmoid(gates[0])
             log_keep = F.logsigmoid(-gates[1])  # log(1 - alpha)
             log_decay = F.logsigmoid(gates[2]) if self.momentum else None  # log(eta)
-            weights = tuple(w.to(inner) for w in state.weights)
-            moms = tuple(s.to(inner) for s in state.momentum)
             if write:
-                y, weights, moms, stats = self._scan(q, k, v, lr, log_keep, log_decay, weights, moms)
-                new_state = NeuralMemoryState(weights, moms, conv)
+                steps = torch.stack([lr, log_keep, *([] if log_decay is None else [log_decay])], dim=-1)  # (B, H, T, G)
+                y, weights, moms, pending, stats = self._stream(q, k, v, steps, state, inner)
+                new_state = NeuralMemoryState(weights, moms, conv, *pending)
             else:
+                weights = tuple(w.to(inner) for w in state.weights)
                 y, _, _ = memory_forward(weights, torch.cat([q, k], dim=2), self.activation, self.residual)
                 y, pred = y.split(seq, dim=2)
                 stats = {"surprise": (pred - v).detach().square().sum(-1).mean()}
@@ -392,45 +418,98 @@ class NeuralMemory(nn.Module):
             y = y * (2 * torch.sigmoid(self.to_out_gate(h)))
         return self.to_out(y), new_state
 
+    def _stream(
+        self, q: Tensor, k: Tensor, v: Tensor, steps: Tensor, state: NeuralMemoryState, inner: torch.dtype
+    ) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...], tuple[Optional[Tensor], ...], dict[str, Tensor]]:
+        """Write every chunk this call completes, the state's pending tokens first, and keep the rest pending.
+
+        Args:
+            q: This call's queries ``(B, H, T, hd)``.
+            k: Its keys ``(B, H, T, hd)``.
+            v: Its values ``(B, H, T, hd)``.
+            steps: Its gates ``(B, H, T, G)``: ``theta``, ``log(1 - alpha)`` (, ``log(eta)``).
+            state: The state to continue.
+            inner: The dtype of the inner computation.
+
+        Returns:
+            ``(reads (B, H, T, hd), weights, momenta, (keys, values, gates) pending or three None, stats)``.
+
+        """
+        skip = state.pending_count  # tokens of the current chunk read by earlier calls
+        if skip:  # they join this call's tokens; their reads are not repeated
+            pending = (state.pending_keys, state.pending_values, state.pending_gates)
+            k, v, steps = (torch.cat([p.to(t.dtype), t], dim=2) for p, t in zip(pending, (k, v, steps), strict=True))
+        full = k.shape[2] // self.chunk_size * self.chunk_size  # positions [0, full) of (pending + call) are written
+        weights = tuple(w.to(inner) for w in state.weights)
+        moms = tuple(s.to(inner) for s in state.momentum)
+        reads, surprise, grad_norm = [], [], []
+        if full:
+            chunks = (k[:, :, :full], v[:, :, :full], steps[:, :, :full])
+            reads, weights, moms, surprise, grad_norm = self._scan(q, *chunks, weights, moms, skip)
+        own = max(full, skip)  # the first unwritten position read by this call
+        if own < k.shape[2]:  # the unfinished chunk reads the anchor
+            reads.append(memory_forward(weights, q[:, :, own - skip :], self.activation, self.residual)[0])
+            with torch.no_grad():
+                pred = memory_forward(weights, k[:, :, own:], self.activation, self.residual)[0]
+                surprise.append((pred - v[:, :, own:]).square().sum(-1).flatten())
+        pending = (None, None, None)
+        if full < k.shape[2]:  # a copy, so that the state does not hold this call's tensors
+            pending = tuple(t[:, :, full:].clone() for t in (k, v, steps))
+        stats = {"surprise": torch.cat(surprise).mean()}
+        if grad_norm:  # only when a chunk was written
+            stats["grad_norm"] = torch.cat(grad_norm).mean()
+        return torch.cat(reads, dim=2), weights, moms, pending, stats
+
     def _scan(
         self,
         q: Tensor,
         k: Tensor,
         v: Tensor,
-        lr: Tensor,
-        log_keep: Tensor,
-        log_decay: Optional[Tensor],
+        steps: Tensor,
         weights: tuple[Tensor, ...],
         moms: tuple[Tensor, ...],
-    ) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...], dict[str, Tensor]]:
-        """Read and write the whole sequence: coefficients of all chunks at once, then one step per chunk."""
-        seq, c = q.shape[2], self.chunk_size
-        full = seq // c * c
+        skip: int,
+    ) -> tuple[list[Tensor], tuple[Tensor, ...], tuple[Tensor, ...], list[Tensor], list[Tensor]]:
+        """Read and write whole chunks: coefficients of all chunks at once, then one step per chunk.
+
+        Args:
+            q: The queries of this call ``(B, H, T, hd)``; the first ``skip`` positions of the chunks have none.
+            k: Keys of the chunks ``(B, H, N * C, hd)``, the ``skip`` pending tokens first.
+            v: Their values ``(B, H, N * C, hd)``.
+            steps: Their gates ``(B, H, N * C, G)``.
+            weights: The anchor of the first chunk.
+            moms: Its momenta.
+            skip: Pending tokens at the front (read by earlier calls).
+
+        Returns:
+            ``(reads, weights, momenta, surprise, grad_norm)``: the reads of this call's tokens per chunk, the state at
+            the end of the last chunk, and the flat inner losses (this call's tokens) and gradient norms (all written).
+
+        """
+        c = self.chunk_size
+        k_, v_, steps_ = (t.unflatten(2, (-1, c)) for t in (k, v, steps))  # (B, H, N, C, ...)
+        lr, log_keep, *log_decay = steps_.unbind(-1)
+        coef = chunk_coefficients(lr, log_keep, log_decay[0] if log_decay else None)  # (B, H, N, C) and (B, H, N)
+        names = ("c_M", "c_S") if self.momentum else ("c_M",)
+        cs = torch.stack([coef[name] for name in names], dim=-1)  # (B, H, N, C, K)
+        names = ("keep", "a_S", "decay") if self.momentum else ("keep",)
+        scalars = torch.stack([coef[name] for name in names], dim=-1)  # (B, H, N, 1 or 3)
         reads, surprise, grad_norm = [], [], []
-        for start, stop, n in [(0, full, c), (full, seq, seq - full)]:  # the full chunks, then the partial one
-            if stop == start:
-                continue
-            k_, q_, v_, lr_, keep_, decay_ = (_chunks(t, start, stop, n) for t in (k, q, v, lr, log_keep, log_decay))
-            coef = chunk_coefficients(lr_, keep_, decay_)  # (B, H, N, n) and (B, H, N)
-            names = ("c_M", "c_S") if self.momentum else ("c_M",)
-            cs = torch.stack([coef[name] for name in names], dim=-1)  # (B, H, N, n, K)
-            names = ("keep", "a_S", "decay") if self.momentum else ("keep",)
-            scalars = torch.stack([coef[name] for name in names], dim=-1)  # (B, H, N, 1 or 3)
-            for k_j, q_j, v_j, c_j, s_j in zip(*(t.unbind(2) for t in (k_, q_, v_, cs, scalars)), strict=True):
-                reads.append(memory_forward(weights, q_j, self.activation, self.residual)[0])  # at the anchor
-                pred, inputs, pre = memory_forward(weights, k_j, self.activation, self.residual)
-                error = pred - v_j  # (B, H, n, hd): M(k) - v at the anchor
-                deltas = memory_backward(weights, pre, 2 * error, self.activation)
-                sq = sum(d.square().sum(-1) * a.square().sum(-1) for d, a in zip(deltas, inputs, strict=True))
-                norm = sq.sqrt()  # (B, H, n): ||u_i||_F over all layers, since ||d a^T|| = ||d|| ||a||
-                if self.max_inner_grad_norm is not None:  # clip u_i by scaling its coefficients
-                    c_j = c_j * (self.max_inner_grad_norm / norm.clamp_min(1e-12)).clamp(max=1.0).unsqueeze(-1)
-                weights, moms = self._write(weights, moms, deltas, inputs, c_j, s_j)
-                with torch.no_grad():
-                    surprise.append(error.square().sum(-1).flatten())
-                    grad_norm.append(norm.flatten())
-        stats = {"surprise": torch.cat(surprise).mean(), "grad_norm": torch.cat(grad_norm).mean()}
-        return torch.cat(reads, dim=2), weights, moms, stats
+        for j, (k_j, v_j, c_j, s_j) in enumerate(zip(*(t.unbind(2) for t in (k_, v_, cs, scalars)), strict=True)):
+            q_j = q[:, :, max(j * c - skip, 0) : (j + 1) * c - skip]  # this call's queries of chunk j
+            reads.append(memory_forward(weights, q_j, self.activation, self.residual)[0])  # at the anchor
+            pred, inputs, pre = memory_forward(weights, k_j, self.activation, self.residual)
+            error = pred - v_j  # (B, H, C, hd): M(k) - v at the anchor
+            deltas = memory_backward(weights, pre, 2 * error, self.activation)
+            sq = sum(d.square().sum(-1) * a.square().sum(-1) for d, a in zip(deltas, inputs, strict=True))
+            norm = sq.sqrt()  # (B, H, C): ||u_i||_F over all layers, since ||d a^T|| = ||d|| ||a||
+            if self.max_inner_grad_norm is not None:  # clip u_i by scaling its coefficients
+                c_j = c_j * (self.max_inner_grad_norm / norm.clamp_min(1e-12)).clamp(max=1.0).unsqueeze(-1)
+            weights, moms = self._write(weights, moms, deltas, inputs, c_j, s_j)
+            with torch.no_grad():
+                surprise.append(error[:, :, max(skip - j * c, 0) :].square().sum(-1).flatten())
+                grad_norm.append(norm.flatten())
+        return reads, weights, moms, surprise, grad_norm
 
     def _write(
         self,
@@ -475,12 +554,18 @@ class NeuralMemory(nn.Module):
         shapes = [tuple(w.shape) for w in state.weights]
         moms = len(expected) if self.momentum else 0
         conv = (batch, self.conv_size - 1, 3 * self.dim) if self.conv_size > 1 else None
-        got_conv = tuple(state.conv.shape) if state.conv is not None else None
-        if shapes != expected or len(state.momentum) != moms or got_conv != conv:
+        got_conv = _shape(state.conv)
+        got_pending = [_shape(t) for t in (state.pending_keys, state.pending_values, state.pending_gates)]
+        count, gates = state.pending_count, 3 if self.momentum else 2
+        pending = [(batch, self.heads, count, self.head_dim)] * 2 + [(batch, self.heads, count, gates)]
+        pending_ok = got_pending == [None] * 3 or (got_pending == pending and count < self.chunk_size)
+        if shapes != expected or len(state.momentum) != moms or got_conv != conv or not pending_ok:
             raise ValueError(
                 f"The state does not fit this memory and batch: weights {shapes}, {len(state.momentum)} momenta, conv"
-                f" {got_conv}; expected weights {expected}, {moms} momenta, conv {conv}. Pass the state this module"
-                " returned for the same batch, or None."
+                f" {got_conv}, pending keys, values and gates {got_pending}; expected weights {expected}, {moms}"
+                f" momenta, conv {conv}, pending None or ({batch}, {self.heads}, p, {self.head_dim}) twice and"
+                f" ({batch}, {self.heads}, p, {gates}) with 0 <= p < chunk_size = {self.chunk_size}. Pass the state"
+                " this module returned for the same batch, or None."
             )
 
     def extra_repr(self) -> str:

@@ -25,9 +25,13 @@ softmax attention, then a SwiGLU MLP, all pre-norm residual:
     h \leftarrow h + \mathrm{SWA}(\mathrm{RMSNorm}(h)), \quad
     h \leftarrow h + \mathrm{SwiGLU}(\mathrm{RMSNorm}(h))
 
-The memory keeps its per-sample state across segments (and writes at test time); the attention sees a window of the
-current segment. MAL is the simplest Titans variant to stack; paper-notes §3.9 lists MAC and MAG. Persistent memory
-tokens are not used [ours] (they add a constant prefix to the attention and do not change the memory).
+The state carried across segments (and written at test time) holds, per block, the memory's per-sample state and the
+attention's key/value cache (:class:`~nl_lightning.models.transformer.KVCache`) of the last ``window - 1`` tokens, so
+that every token attends to the ``window`` tokens ending at it wherever the segment boundaries fall: reading a
+sequence in segments, or one token at a time when generating, gives the outputs of one pass over it. In training the
+cache is detached at segment boundaries like the memory state (truncated backpropagation). MAL is the simplest Titans
+variant to stack; paper-notes §3.9 lists MAC and MAG. Persistent memory tokens are not used [ours] (they add a
+constant prefix to the attention and do not change the memory).
 """
 
 from __future__ import annotations
@@ -41,22 +45,31 @@ from typing_extensions import override
 from nl_lightning._validation import check_int
 from nl_lightning.models.lm import BlockStackLM
 from nl_lightning.models.neural_memory import NeuralMemory, NeuralMemoryState
-from nl_lightning.models.transformer import CausalSelfAttention, RMSNorm, SwiGLU
+from nl_lightning.models.transformer import CausalSelfAttention, KVCache, RMSNorm, SwiGLU
 
 __all__ = ["TitansBlock", "TitansMAL", "TitansState"]
 
 
 @dataclass
 class TitansState:
-    """The memory of a :class:`TitansMAL`: one :class:`NeuralMemoryState` per block."""
+    """The state of a :class:`TitansMAL`: per block, the memory's state and the attention's key/value cache.
+
+    Attributes:
+        blocks: One :class:`NeuralMemoryState` per block.
+        attention: One :class:`~nl_lightning.models.transformer.KVCache` per block (the last ``window - 1`` tokens).
+
+    """
 
     blocks: list[NeuralMemoryState]
+    attention: list[KVCache]
 
     def detach(self) -> TitansState:
-        return TitansState([s.detach() for s in self.blocks])
+        """Stop gradients here (truncated backpropagation); also usable outside the inference mode that made it."""
+        return TitansState([s.detach() for s in self.blocks], [c.detach() for c in self.attention])
 
     def select(self, index: Tensor) -> TitansState:
-        return TitansState([s.select(index) for s in self.blocks])
+        """The states of some samples of the batch."""
+        return TitansState([s.select(index) for s in self.blocks], [c.select(index) for c in self.attention])
 
 
 class TitansBlock(nn.Module):
@@ -79,20 +92,39 @@ class TitansBlock(nn.Module):
         self.mlp = SwiGLU(dim, mlp_mult)
 
     def forward(
-        self, h: Tensor, state: Optional[NeuralMemoryState] = None, write: bool = True
-    ) -> tuple[Tensor, NeuralMemoryState]:
+        self,
+        h: Tensor,
+        state: Optional[NeuralMemoryState] = None,
+        cache: Optional[KVCache] = None,
+        write: bool = True,
+    ) -> tuple[Tensor, NeuralMemoryState, KVCache]:
+        """Continue a stream by ``h`` ``(B, T, D)``.
+
+        Args:
+            h: The residual stream of the next tokens ``(B, T, D)``.
+            state: The memory's state after the previous tokens (``None``: a new sequence).
+            cache: The attention's cache after the previous tokens (``None``: a new sequence).
+            write: Let the memory write; ``False`` reads it unchanged. The cache takes the new tokens either way (it is
+                the attention's context, not a memory write).
+
+        Returns:
+            The new residual stream ``(B, T, D)``, the memory's state and the attention's cache after ``h``.
+
+        """
         y, state = self.memory(self.mem_norm(h), state, write=write)
         h = h + y
-        h = h + self.attn(self.attn_norm(h))
-        return h + self.mlp(self.mlp_norm(h)), state
+        y, cache = self.attn.forward_cached(self.attn_norm(h), cache)
+        h = h + y
+        return h + self.mlp(self.mlp_norm(h)), state, cache
 
 
 class TitansMAL(BlockStackLM):
     r"""A Titans language model (memory as a layer), the baseline Hope is compared with at equal size.
 
     ``logits, state = model(tokens, state=None)``; the state (a :class:`TitansState`) carries every block's long-term
-    memory across segments, like :class:`~nl_lightning.models.hope.HopeModule`'s. Logs ``train_layer<i>/<stat>``
-    (surprise, memory norm, gates) after every training step.
+    memory and attention cache across segments, like :class:`~nl_lightning.models.hope.HopeModule`'s, so that reading
+    a sequence in segments or token by token gives the logits of one pass. Logs ``train_layer<i>/<stat>`` (surprise,
+    memory norm, gates) after every training step.
 
     Args:
         vocab_size: Vocabulary size.
@@ -117,8 +149,6 @@ class TitansMAL(BlockStackLM):
 
     """
 
-    state_type = TitansState
-
     def __init__(
         self,
         vocab_size: int = 256,
@@ -141,6 +171,21 @@ class TitansMAL(BlockStackLM):
             TitansBlock(dim, heads, window, chunk_size, memory_depth, mlp_mult, memory_kwargs) for _ in range(depth)
         ]
         self.build(dim, blocks, tie_embeddings)
+
+    @override
+    def forward(
+        self, tokens: Tensor, state: Optional[TitansState] = None, write: bool = True
+    ) -> tuple[Tensor, TitansState]:
+        """``tokens`` ``(B, T)`` -> ``(logits (B, T, vocab_size), state)``; ``state`` continues a stream."""
+        h = self.embed(tokens)  # (B, T, D)
+        memories = [None] * self.depth if state is None else state.blocks
+        caches = [None] * self.depth if state is None else state.attention
+        new = TitansState([], [])
+        for block, memory, cache in zip(self.blocks, memories, caches, strict=True):
+            h, memory, cache = block(h, memory, cache, write=write)
+            new.blocks.append(memory)
+            new.attention.append(cache)
+        return self.head(self.norm(h)), new
 
     @override
     def state_stats(self) -> dict[str, float]:

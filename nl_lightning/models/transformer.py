@@ -29,12 +29,19 @@ Attention is causal softmax attention over the segment (``torch.nn.functional.sc
 Titans MAG/MAL baselines use it). The model is stateless: each segment is attended on its own, so ``segment_len``
 limits the context, and ``generate`` re-reads a window of at most ``max_context`` tokens per new token.
 
-:class:`RMSNorm`, :class:`CausalSelfAttention`, :class:`SwiGLU` and :func:`apply_rope` are reusable building blocks.
+Stateful models built on the attention (Titans MAL, Hope-Attention) stream it with
+:meth:`CausalSelfAttention.forward_cached` and a :class:`KVCache`: the rotated keys and the values of the tokens a
+later token can still attend to, and the position of the next token, so that reading a sequence in pieces gives the
+outputs of one pass over it.
+
+:class:`RMSNorm`, :class:`CausalSelfAttention`, :class:`KVCache`, :class:`SwiGLU` and :func:`apply_rope` are reusable
+building blocks.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import torch
@@ -45,7 +52,16 @@ from typing_extensions import override
 from nl_lightning._validation import check_int, is_int
 from nl_lightning.models.lm import CausalLM
 
-__all__ = ["CausalSelfAttention", "RMSNorm", "SwiGLU", "TransformerBlock", "TransformerPP", "apply_rope", "rope_angles"]
+__all__ = [
+    "CausalSelfAttention",
+    "KVCache",
+    "RMSNorm",
+    "SwiGLU",
+    "TransformerBlock",
+    "TransformerPP",
+    "apply_rope",
+    "rope_angles",
+]
 
 #: Root-mean-square layer norm (``torch.nn.RMSNorm``, in torch since 2.4; nl_lightning needs torch >= 2.5).
 RMSNorm = nn.RMSNorm
@@ -72,6 +88,54 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     x1, x2 = work.chunk(2, dim=-1)  # (..., T, D/2) each
     out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
     return out.to(x.dtype)
+
+
+def _portable(t: Tensor) -> Tensor:
+    """Detached, and usable outside ``torch.inference_mode`` even if it was made inside it."""
+    t = t.detach()
+    return t.clone() if t.is_inference() and not torch.is_inference_mode_enabled() else t
+
+
+@dataclass
+class KVCache:
+    """The keys and values a :class:`CausalSelfAttention` keeps between calls to stream a sequence.
+
+    Pass it back to :meth:`CausalSelfAttention.forward_cached` to continue the sequence; ``None`` there starts one.
+
+    Attributes:
+        k: RoPE-rotated keys of the tokens the next token may attend to, ``(B, H, L, Dh)``: the last ``window - 1``
+            tokens with a sliding window, every token read so far without one.
+        v: Their values, ``(B, H, L, Dh)``.
+        pos: Absolute position of the next token (the tokens read so far); its RoPE angle.
+
+    """
+
+    k: Tensor
+    v: Tensor
+    pos: int = 0
+
+    def detach(self) -> KVCache:
+        """Stop gradients here (truncated backpropagation between segments); also makes a cache computed under
+        ``torch.inference_mode`` usable outside it."""
+        return replace(self, k=_portable(self.k), v=_portable(self.v))
+
+    def to(self, *args: Any, **kwargs: Any) -> KVCache:
+        """``Tensor.to`` on the keys and values."""
+        return replace(self, k=self.k.to(*args, **kwargs), v=self.v.to(*args, **kwargs))
+
+    def select(self, index: Tensor) -> KVCache:
+        """The caches of some samples of the batch (e.g. those whose sequence continues)."""
+        return replace(self, k=self.k[index], v=self.v[index])
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and ints only (loads with ``torch.load(weights_only=True)``); detached."""
+        s = self.detach()
+        return {"k": s.k, "v": s.v, "pos": s.pos}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> KVCache:
+        """Inverse of :meth:`state_dict`."""
+        return cls(state["k"], state["v"], int(state["pos"]))
 
 
 class CausalSelfAttention(nn.Module):
@@ -115,25 +179,83 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.proj = nn.Linear(dim, dim, bias=bias)
 
-    def mask(self, seq_len: int, device: Any = None) -> Optional[Tensor]:
-        """The boolean ``(T, T)`` mask (``True``: may attend) of the sliding window; ``None`` without a window."""
-        if self.window is None:
+    def mask(self, seq_len: int, device: Any = None, past: int = 0) -> Optional[Tensor]:
+        """The boolean ``(T, past + T)`` mask (``True``: may attend) of ``T`` new tokens over ``past`` cached ones and
+        themselves: causal, and within the sliding window if there is one.
+
+        Args:
+            seq_len: New tokens ``T`` (the queries).
+            device: Device of the mask.
+            past: Cached tokens before them (the first keys).
+
+        Returns:
+            The mask; ``None`` where plain causal attention needs none (no window and no cached tokens).
+
+        """
+        if self.window is None and past == 0:
             return None
-        t = torch.arange(seq_len, device=device)
-        diff = t[:, None] - t[None, :]  # (T, T): query index - key index
-        return (diff >= 0) & (diff < self.window)
+        query = torch.arange(past, past + seq_len, device=device)  # (T,): key index of each query's own token
+        diff = query[:, None] - torch.arange(past + seq_len, device=device)[None, :]  # (T, past + T)
+        allowed = diff >= 0
+        return allowed if self.window is None else allowed & (diff < self.window)
 
     def forward(self, x: Tensor) -> Tensor:
-        """``x`` ``(B, T, D)`` -> ``(B, T, D)``."""
+        """``x`` ``(B, T, D)`` -> ``(B, T, D)``, attending within ``x`` only."""
+        q, k, v = self._rotated_qkv(x, offset=0)
+        return self._attend(q, k, v, past=0)
+
+    def forward_cached(self, x: Tensor, cache: Optional[KVCache] = None) -> tuple[Tensor, KVCache]:
+        """Attend from ``x`` to the cached tokens and to itself, and return the cache to continue from.
+
+        Reading a sequence in pieces, each with the cache the previous piece returned, gives the outputs of
+        :meth:`forward` on the whole sequence: the new tokens' RoPE angles start at ``cache.pos`` and the mask is the
+        one of their positions in the sequence.
+
+        Args:
+            x: The next tokens ``(B, T, D)``.
+            cache: The cache after the previous tokens; ``None`` starts a sequence.
+
+        Returns:
+            The outputs ``(B, T, D)`` and the cache after ``x``: the last ``window - 1`` tokens' keys and values with
+            a sliding window, all of them without one (the cache then grows with the sequence).
+
+        Raises:
+            ValueError: If the cache's batch size, heads or head width do not match.
+
+        """
+        pos = 0 if cache is None else cache.pos
+        q, k, v = self._rotated_qkv(x, offset=pos)  # 3 x (B, H, T, Dh)
+        if cache is not None:
+            self._check_cache(cache, k)
+            k, v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)  # (B, H, L + T, Dh)
+        y = self._attend(q, k, v, past=k.shape[2] - q.shape[2])
+        keep = k.shape[2] if self.window is None else min(self.window - 1, k.shape[2])
+        return y, KVCache(k[:, :, k.shape[2] - keep :], v[:, :, v.shape[2] - keep :], pos + x.shape[1])
+
+    def _rotated_qkv(self, x: Tensor, offset: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries and keys rotated for positions ``offset ..``, and values; each ``(B, H, T, Dh)``."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, Dh)
-        cos, sin = rope_angles(T, self.head_dim, self.rope_base, device=x.device, dtype=q.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.window is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, Dh)
+        cos, sin = rope_angles(T, self.head_dim, self.rope_base, offset=offset, device=x.device, dtype=q.dtype)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, past: int) -> Tensor:
+        """Queries ``(B, H, T, Dh)`` over keys and values ``(B, H, past + T, Dh)`` -> outputs ``(B, T, D)``."""
+        B, _, T, _ = q.shape
+        mask = self.mask(T, q.device, past)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, Dh): flash / efficient kernels
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask(T, x.device))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, self.dim))
+
+    def _check_cache(self, cache: KVCache, k: Tensor) -> None:
+        B, H, _, Dh = k.shape
+        if cache.k.shape[0] != B or cache.k.shape[1] != H or cache.k.shape[3] != Dh:
+            raise ValueError(
+                f"The cache holds keys of shape {tuple(cache.k.shape)}, this attention needs ({B}, {H}, L, {Dh});"
+                " pass the cache this attention returned for the same batch (KVCache.select picks samples)."
+            )
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, heads={self.heads}, window={self.window}, rope_base={self.rope_base}"

@@ -113,8 +113,8 @@ class DMGD(torch.optim.Optimizer):
     i.e. the momentum buffer ``m <- (alpha - eta) m - eta g`` for ``"l2"`` and ``m <- alpha m - eta g`` for
     ``"dot"``; ``hidden`` and ``key`` do not apply. The read is ``U = m`` and ``sigma`` acts on the ``(1, n)`` view: for
     ``"newton_schulz"`` that is Newton-Schulz of a single row, which is ``m / ||m||`` times the scalar the quintic
-    maps 1 to in ``ns_steps`` iterations (the quintic does not converge exactly: 0.696 for the default 5 steps, and
-    between 0.69 and 1.13 for any count).
+    maps 1 to in ``ns_steps`` iterations (the quintic does not converge exactly: 0.696 for the default 5 steps; with
+    more steps it settles into a cycle between about 0.68 and 1.14).
 
     **Choices** [ours]:
 
