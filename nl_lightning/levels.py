@@ -26,9 +26,15 @@ bookkeeping that makes the period exact, the optimizer-step reading of the Conti
 
 Between two updates of a level its parameters have no gradient as far as the optimizer can tell (``p.grad is None``),
 so their values *and* their optimizer state (Adam moments, step counts, momentum buffers, weight decay) are untouched.
-The gradients they received meanwhile wait in fp32 side buffers; on the level's update step the optimizer sees their
-mean (or sum). The clocks count *committed* optimizer steps: a step that did not happen (for example one skipped by a
-``GradScaler``) is never committed and contributes nothing.
+The gradients they received meanwhile wait in side buffers (fp32, or the parameter's dtype for float64 and complex
+parameters); on the level's update step the optimizer sees their mean (or sum). The clocks count *committed* optimizer
+steps: a step that did not happen (for example one skipped by a ``GradScaler``) is never committed and contributes
+nothing.
+
+Parameters can join an optimizer late (``optimizer.add_param_group``, as when a frozen backbone is unfrozen): tell the
+engine with :meth:`LevelSet.sync`, and it leaves alone the parameters no optimizer holds. A level starts its clock
+when its first parameters join; a parameter that joins a level in the middle of a chunk takes its first step with the
+level, on the mean of the gradients it received since it joined.
 
 This module is plain PyTorch (no Lightning import), so the same engine works in a hand-written loop::
 
@@ -40,7 +46,8 @@ This module is plain PyTorch (no Lightning import), so the same engine works in 
         book.commit(plan)          # only after a step that really happened
         optimizer.zero_grad()
 
-:class:`~nl_lightning.callbacks.MultiFrequencyUpdates` is the Lightning adapter around it.
+A batch without a backward (nothing to learn from) should not step, prepare or commit at all: it does not tick a
+clock. :class:`~nl_lightning.callbacks.MultiFrequencyUpdates` is the Lightning adapter around it.
 """
 
 from __future__ import annotations
@@ -56,7 +63,7 @@ from torch import Tensor
 
 from nl_lightning._validation import is_int
 
-__all__ = ["IncompatibleLevels", "Level", "LevelSet", "StepPlan", "resolve_levels"]
+__all__ = ["IncompatibleLevels", "Level", "LevelSet", "StepPlan", "buffer_dtype", "resolve_levels"]
 
 Reduction = Literal["mean", "sum"]
 _REDUCTIONS = ("mean", "sum")
@@ -199,31 +206,48 @@ def _name_hint(glob: str, names: list[str]) -> str:
     return f"The model's parameters include {shown}{more}; fix the glob or remove it."
 
 
+def buffer_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a gradient of ``dtype`` is buffered in: fp32 for fp16 / bf16 / fp32, else ``dtype`` (float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 @dataclass
 class _Clock:
-    """The runtime state of one level: its clock, its update count and its partial gradient sums (fp32)."""
+    """The runtime state of one level: its clock, its update count and its partial gradient sums."""
 
     level: Level
     params: list[tuple[str, Tensor]]
     count: int = 0  # committed contributions since the level's last update
     updates: int = 0  # updates taken
-    buffers: dict[str, Tensor] = field(default_factory=dict)  # fp32 sums, allocated once, reused every chunk
+    buffers: dict[str, Tensor] = field(default_factory=dict)  # sums (see `buffer_dtype`), reused every chunk
     fresh: set[str] = field(default_factory=set)  # names whose buffer holds this chunk's sum
+    members: Optional[set[str]] = None  # names an optimizer holds (`LevelSet.sync`); None: all, never declared
+    joined: dict[str, int] = field(default_factory=dict)  # member -> the count when it joined the running chunk
+    active: list[tuple[str, Tensor]] = field(default_factory=list)  # the members' (name, parameter) pairs
+
+    def __post_init__(self) -> None:
+        self.active = list(self.params)
 
     @property
     def due(self) -> bool:
         return self.count + 1 >= self.level.every
 
+    @property
+    def idle(self) -> bool:
+        """No optimizer holds any of the level's parameters: it neither steps nor ticks."""
+        return self.members is not None and not self.members
+
 
 class StepPlan(NamedTuple):
     """What :meth:`LevelSet.prepare` did to the gradients of one step, kept until :meth:`LevelSet.commit`.
 
-    ``due`` lists the levels updating on this step. ``held`` maps each level that is not due to the gradients it
-    received (references, not copies), to be added to its buffers once the step is committed.
+    ``due`` lists the levels updating on this step. ``held`` maps each level that is not due to the ``(name,
+    gradient)`` pairs of its parameters (references, not copies), to be added to its buffers once the step is
+    committed. A plan with neither (a step with no gradient at all) commits nothing.
     """
 
     due: tuple[str, ...]
-    held: dict[str, list[Optional[Tensor]]]
+    held: dict[str, list[tuple[str, Optional[Tensor]]]]
     written: tuple[tuple[Tensor, Optional[Tensor]], ...]  # (param, the grad object it was left with)
 
     def is_current(self) -> bool:
@@ -240,7 +264,9 @@ class IncompatibleLevels(NamedTuple):
 
 
 class LevelSet:
-    """The bookkeeping of a set of levels over one model: clocks, fp32 gradient buffers and gradient masking.
+    """The bookkeeping of a set of levels over one model: clocks, gradient buffers and gradient masking.
+
+    Buffers are fp32 for fp16, bf16 and fp32 parameters, and in the parameter's dtype for float64 (and complex) ones.
 
     Args:
         levels: The levels (see :func:`as_levels` for the accepted forms).
@@ -286,35 +312,84 @@ class LevelSet:
         """Whether ``level`` updates on the next committed step."""
         return self._clocks[level].due
 
+    def members(self, level: str) -> list[tuple[str, Tensor]]:
+        """The ``(name, parameter)`` pairs of ``level`` that an optimizer holds (all of them until :meth:`sync`)."""
+        return self._clocks[level].active
+
+    # ------------------------------------------------------------------------------------------------ membership
+    def sync(self, held: Iterable[Tensor]) -> dict[str, tuple[list[str], list[str]]]:
+        """Declare which parameters the optimizers hold now; the engine leaves the others alone.
+
+        Call it whenever the optimizers' parameter groups change (``optimizer.add_param_group``). The first call adopts
+        the holding as it is (a resumed run keeps its saved buffers). After that, for each level:
+
+        - a parameter that joins starts with an empty buffer. If the level was inside a chunk, the parameter takes its
+          first step with the level, on the mean of the gradients it received since it joined; if none of the level's
+          parameters were held before, the level starts a new chunk (its clock starts when its parameters join);
+        - a parameter that leaves drops its partial sum;
+        - a level none of whose parameters are held neither steps nor ticks.
+
+        Args:
+            held: Every parameter of every optimizer, for example
+                ``[p for g in optimizer.param_groups for p in g["params"]]``.
+
+        Returns:
+            For each level whose holding changed (never on the first call): the names that joined and those that left.
+
+        """
+        ids = {id(p) for p in held}
+        changes: dict[str, tuple[list[str], list[str]]] = {}
+        for name, clock in self._clocks.items():
+            now = {n for n, p in clock.params if id(p) in ids}
+            before, clock.members = clock.members, now
+            clock.active = [(n, p) for n, p in clock.params if n in now]
+            for n in [n for n in clock.buffers if n not in now]:
+                clock.buffers.pop(n)
+                clock.fresh.discard(n)
+                clock.joined.pop(n, None)
+            if before is None or before == now:
+                continue
+            if not before:  # the level's clock starts when its first parameters join
+                clock.count = 0
+                clock.joined.clear()
+            elif clock.count:
+                clock.joined.update({n: clock.count for n in now - before})
+            order = [n for n, _ in clock.params]
+            changes[name] = ([n for n in order if n in now - before], [n for n in order if n in before - now])
+        return changes
+
     # ------------------------------------------------------------------------------------------------ a step
     def prepare(self, levels: Optional[Iterable[str]] = None) -> StepPlan:
         """Rewrite the gradients before an optimizer step.
 
         A level that is not due gets ``p.grad = None`` on all its parameters, so the optimizer skips them; a due level
         gets the mean (or sum) of its buffered gradients and the current one. Call it once per step, after backward
-        (and after unscaling, under a ``GradScaler``), before clipping and ``optimizer.step()``.
+        (and after unscaling, under a ``GradScaler``), before clipping and ``optimizer.step()``. Only the parameters an
+        optimizer holds (see :meth:`sync`) are touched.
 
         Args:
             levels: Restrict the step to these levels (for example those whose parameters the stepping optimizer
-                holds). ``None`` means all levels.
+                holds). ``None`` means all levels that an optimizer holds parameters of.
 
         Returns:
             The plan to pass to :meth:`commit` once the step has really happened.
 
         """
         due: list[str] = []
-        held: dict[str, list[Optional[Tensor]]] = {}
+        held: dict[str, list[tuple[str, Optional[Tensor]]]] = {}
         written: list[tuple[Tensor, Optional[Tensor]]] = []
         for name in self._clocks if levels is None else levels:
             clock = self._clocks[name]
+            if clock.idle:
+                continue
             if clock.due:
                 due.append(name)
                 if clock.level.every > 1:
                     written.extend(self._write_reduced(clock))
                 continue
             grads = []
-            for _, p in clock.params:
-                grads.append(p.grad)
+            for pname, p in clock.active:
+                grads.append((pname, p.grad))
                 p.grad = None
                 written.append((p, None))
             held[name] = grads
@@ -322,16 +397,19 @@ class LevelSet:
 
     def _write_reduced(self, clock: _Clock) -> list[tuple[Tensor, Optional[Tensor]]]:
         """Write ``reduce(buffer + grad)`` into the gradients of a due level (Eq. 31)."""
-        n = clock.count + 1
         written = []
-        for name, p in clock.params:
+        for name, p in clock.active:
+            n = clock.count + 1 - clock.joined.get(name, 0)  # the steps since the chunk began, or since it joined
             g = p.grad
             buf = clock.buffers[name] if name in clock.fresh else None
             if buf is None:
                 if g is not None and self.reduction == "mean" and n > 1:
                     g.div_(n)
             else:
-                total = buf.clone() if g is None else g.float().add_(buf) if g.dtype != torch.float32 else g.add_(buf)
+                if g is None:
+                    total = buf.clone()
+                else:
+                    total = g.add_(buf) if g.dtype == buf.dtype else g.to(buf.dtype).add_(buf)
                 if self.reduction == "mean":
                     total.div_(n)
                 if g is None:
@@ -344,24 +422,26 @@ class LevelSet:
     def commit(self, plan: StepPlan) -> None:
         """Advance the clocks after a step that really happened.
 
-        Due levels restart their chunk; the others add the held gradients to their fp32 buffers.
+        Due levels restart their chunk; the others add the held gradients to their buffers (see :func:`buffer_dtype`).
         """
         for name in plan.due:
             clock = self._clocks[name]
             clock.count = 0
             clock.updates += 1
             clock.fresh.clear()
+            clock.joined.clear()
         for name, grads in plan.held.items():
             clock = self._clocks[name]
-            for (pname, _), g in zip(clock.params, grads, strict=True):
-                if g is None:
+            for pname, g in grads:
+                if g is None or (clock.members is not None and pname not in clock.members):
                     continue
                 if pname in clock.fresh:
                     clock.buffers[pname].add_(g)
                     continue
                 buf = clock.buffers.get(pname)
-                if buf is None or buf.device != g.device:
-                    buf = clock.buffers[pname] = torch.empty_like(g, dtype=torch.float32)
+                dtype = buffer_dtype(g.dtype)
+                if buf is None or buf.device != g.device or buf.dtype != dtype:
+                    buf = clock.buffers[pname] = torch.empty_like(g, dtype=dtype)
                 buf.copy_(g)
                 clock.fresh.add(pname)
             clock.count += 1
@@ -369,7 +449,9 @@ class LevelSet:
 
     # ------------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """The clocks, update counts and partial fp32 sums, keyed by level and parameter name.
+        """The clocks, update counts and partial sums, keyed by level and parameter name.
+
+        ``joined`` holds, for a parameter that joined its level inside the running chunk, the level's count then.
 
         The result holds only tensors, strings, integers and dicts, so it loads with ``torch.load(weights_only=True)``.
         """
@@ -381,6 +463,7 @@ class LevelSet:
                     "count": c.count,
                     "updates": c.updates,
                     "buffers": {n: c.buffers[n] for n in sorted(c.fresh)},
+                    "joined": dict(sorted(c.joined.items())),
                 }
                 for name, c in self._clocks.items()
             },
@@ -389,8 +472,9 @@ class LevelSet:
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> IncompatibleLevels:
         """Restore clocks and buffers saved by :meth:`state_dict`.
 
-        Buffers are copied to the device of their parameter. A level whose period changed keeps its position: it
-        updates as soon as its count reaches the new period, on the reduction of what it holds.
+        Buffers are copied to the device of their parameter, in its buffer dtype (fp32, or float64 for a float64
+        parameter). A level whose period changed keeps its position: it updates as soon as its count reaches the new
+        period, on the reduction of what it holds.
 
         Args:
             state_dict: A state from :meth:`state_dict`.
@@ -427,8 +511,10 @@ class LevelSet:
             owned = dict(clock.params)
             clock.count, clock.updates = int(s["count"]), int(s["updates"])
             clock.fresh.clear()
+            clock.joined = {n: int(k) for n, k in s.get("joined", {}).items() if n in owned}
             for n, value in s["buffers"].items():
                 if n in owned:
-                    clock.buffers[n] = value.detach().to(device=owned[n].device, dtype=torch.float32, copy=True)
+                    p = owned[n]
+                    clock.buffers[n] = value.detach().to(device=p.device, dtype=buffer_dtype(p.dtype), copy=True)
                     clock.fresh.add(n)
         return IncompatibleLevels(missing, unexpected, changed)

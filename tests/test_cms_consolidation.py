@@ -132,6 +132,49 @@ def test_drift_follows_the_slow_levels_updates(tmp_path, order):
     assert [t for _, _, t in seen] == [0, 0, 0, 1, 1, 1, 1, 2, 2, 2]  # right after each slow update, never else
 
 
+class SkippingCMSNet(CMSNet):
+    """CMSNet whose ``training_step`` returns ``None`` (no backward, a step without gradients) on every third batch.
+
+    7 batches per epoch, batches 2 and 5 skipped: of the first 12 steps, 3, 6 and 10 carry no gradient.
+    """
+
+    def training_step(self, batch: Any, batch_idx: int) -> Optional[Tensor]:
+        if batch_idx % 3 == 2:
+            return None
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.filterwarnings("ignore:.*returned `None`")
+@pytest.mark.parametrize("boundary", ["every", "mfu"])
+def test_steps_without_gradients_do_not_advance_consolidation(tmp_path, boundary):
+    """A step without gradients neither counts towards ``every`` nor triggers a consolidation.
+
+    12 steps, 9 with gradients (1 2 4 5 7 8 9 11 12): ``every=2`` consolidates after the 2nd, 4th, 6th and 8th of them
+    (steps 2, 5, 8, 11); a trigger level of period 4 updates after the 4th and 8th (steps 5 and 11), the pair with it.
+    """
+    before, after = Snap(), Snap()
+    model = SkippingCMSNet()
+    if boundary == "every":
+        callbacks = [before, CMSConsolidation([ConsolidationPair(FAST, SLOW, alpha=0.5, every=2)]), after]
+        expected = [2, 5, 8, 11]
+    else:
+        mfu = MultiFrequencyUpdates(model.cms.levels("cms"))  # cms.level_1 every 4
+        callbacks = [mfu, before, CMSConsolidation([ConsolidationPair(FAST, SLOW, alpha=0.5)]), after]
+        expected = [5, 11]
+    cb = callbacks[-2]
+    _fit(model, callbacks, tmp_path, max_steps=12)
+    consolidated = [
+        step
+        for step, (b, a) in enumerate(zip(before.batches, after.batches, strict=True), start=1)
+        if any(not torch.equal(b[n], a[n]) for n in b)
+    ]
+    assert consolidated == expected
+    assert cb.transfers == {NAME: len(expected)}
+    assert cb.state_dict()["pairs"][NAME]["count"] == (1 if boundary == "every" else 0)  # real step 9, after 8
+    if boundary == "mfu":
+        assert mfu.num_updates["cms.level_1"] == 2
+
+
 # --------------------------------------------------------------------------------------------------- distill
 def _stream() -> TaskStreamDataModule:
     return TaskStreamDataModule(
@@ -275,11 +318,13 @@ def test_resume_mid_period_is_exact(tmp_path, config):
     assert cbs[-1].transfers == {NAME: 4 if config != "drift_levels" else 3}
 
     first = CMSNet()
-    trainer = _fit(first, _callbacks(config, first), tmp_path / "b", max_epochs=1)
+    first_cbs = _callbacks(config, first)
+    trainer = _fit(first, first_cbs, tmp_path / "b", max_epochs=1)
     ckpt = tmp_path / "mid.ckpt"
     trainer.save_checkpoint(ckpt)
     saved = torch.load(ckpt, weights_only=True)
-    state = saved["callbacks"]["CMSConsolidation"]
+    key = first_cbs[-1].state_key  # names the pairs (tests/test_state_keys.py)
+    state = saved["callbacks"][key]
     assert set(state["pairs"][NAME]["anchor"]) == {f"{FAST}.{r}" for r in RELATIVE}
     assert state["pairs"][NAME]["transfers"] == 2 if config != "drift_levels" else 1
     assert ("buffer" in state) == config.startswith("distill")
@@ -292,7 +337,7 @@ def test_resume_mid_period_is_exact(tmp_path, config):
         assert torch.equal(p, q), n
 
     # Without the callback's state the resumed run differs, so the comparison above has teeth.
-    del saved["callbacks"]["CMSConsolidation"]
+    del saved["callbacks"][key]
     torch.save(saved, tmp_path / "no_state.ckpt")
     lossy = CMSNet(seed=1)
     _fit(lossy, _callbacks(config, lossy), tmp_path / "d", max_epochs=2, ckpt_path=tmp_path / "no_state.ckpt")

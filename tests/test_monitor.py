@@ -98,6 +98,53 @@ def test_skipped_fp16_steps_are_not_updates(tmp_path):
     assert float(trainer.callback_metrics["nested/all/updates"]) == 5
 
 
+class SkippingNet(TinyNet):
+    """TinyNet whose ``training_step`` returns ``None`` (no backward, a step without gradients) on every third batch.
+
+    7 batches per epoch, batches 2 and 5 skipped: of the first 9 steps, 3 and 6 carry no gradient.
+    """
+
+    def training_step(self, batch, batch_idx):
+        if batch_idx % 3 == 2:
+            return None
+        return super().training_step(batch, batch_idx)
+
+
+class Logged(Callback):
+    """The monitor's logged values after each batch (list it after the monitor)."""
+
+    def __init__(self, *keys: str) -> None:
+        self.keys = keys
+        self.values: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.values.append({k: float(trainer.callback_metrics[k]) for k in self.keys})
+
+
+@pytest.mark.filterwarnings("ignore:.*returned `None`")
+def test_steps_without_gradients_are_not_updates(tmp_path):
+    """Without MultiFrequencyUpdates, steps 3 and 6 of 9 (no backward) are neither counted nor measured."""
+    logged = Logged("nested/all/updates", "nested/all/grad_norm", "nested/all/drift")
+    monitor = NestedLearningMonitor()
+    fit(SkippingNet(optimizer="plain_sgd"), [monitor, logged], tmp_path, max_steps=9, log_every_n_steps=1)
+    assert [v["nested/all/updates"] for v in logged.values] == [1, 2, 2, 3, 4, 4, 5, 6, 7]
+    for k in (2, 5):  # steps 3 and 6 log the values of the previous (real) update
+        assert logged.values[k] == logged.values[k - 1]
+    assert all(v["nested/all/grad_norm"] > 0 and v["nested/all/drift"] > 0 for v in logged.values)
+    assert monitor.state_dict() == {"updates": {"all": 7}}
+
+
+@pytest.mark.filterwarnings("ignore:.*returned `None`")
+def test_steps_without_gradients_follow_multi_frequency_updates(tmp_path):
+    """With MultiFrequencyUpdates the counts are its own: period 3 over real steps 1 2 4 5 7 8 9 updates at 4 and 8."""
+    mfu = MultiFrequencyUpdates([Level("slow", ["net.0.*"], every=3)])
+    logged = Logged("nested/slow/updates")
+    fit(SkippingNet(optimizer="plain_sgd"), [mfu, NestedLearningMonitor(), logged], tmp_path, max_steps=9,
+        log_every_n_steps=1)  # fmt: skip
+    assert [v["nested/slow/updates"] for v in logged.values] == [0, 0, 0, 1, 1, 1, 1, 2, 2]
+    assert mfu.num_updates == {"slow": 2}
+
+
 def test_bad_prefix():
     with pytest.raises(MisconfigurationException, match="prefix.*''"):
         NestedLearningMonitor(prefix="")

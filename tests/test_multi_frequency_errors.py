@@ -48,9 +48,9 @@ def test_parameter_in_two_levels_raises_at_setup(tmp_path):
         fit(TinyNet(), [cb], tmp_path, max_steps=1)
 
 
-def test_two_instances_refused(tmp_path):
-    """Lightning refuses two stateful callbacks with one state key when the Trainer is built: use one, with levels."""
-    cbs = [MultiFrequencyUpdates({"net.0.*": 2}), MultiFrequencyUpdates({"net.2.*": 3})]
+def test_two_identical_instances_refused(tmp_path):
+    """Lightning refuses two stateful callbacks with one state key when the Trainer is built (see test_state_keys)."""
+    cbs = [MultiFrequencyUpdates({"net.0.*": 2}), MultiFrequencyUpdates({"net.0.*": 3})]
     with pytest.raises(RuntimeError, match="more than one stateful callback of type `MultiFrequencyUpdates`"):
         fit(TinyNet(), cbs, tmp_path, max_steps=1)
 
@@ -91,8 +91,39 @@ def test_stepping_a_raw_optimizer_is_caught(tmp_path):
             self.manual_backward(self.loss(batch))
             opt.step()
 
-    with pytest.raises(RuntimeError, match="stepped without MultiFrequencyUpdates seeing its gradients.*prepare_step"):
+    with pytest.raises(
+        RuntimeError, match="about to step without MultiFrequencyUpdates seeing its gradients.*prepare_step"
+    ):
         fit(RawStep(), [MultiFrequencyUpdates({"net.0.*": 2})], tmp_path, max_steps=2)
+
+
+@pytest.mark.parametrize("with_closure", [False, True])
+def test_stepping_a_raw_optimizer_raises_before_any_parameter_moves(tmp_path, with_closure):
+    """The check runs in a torch step pre-hook (or, for ``step(closure)``, right after the closure): nothing moved."""
+
+    class RawStep(ManualTinyNet):
+        snapshot: dict = {}
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers().optimizer
+            opt.zero_grad()
+
+            def closure():
+                loss = self.loss(batch)
+                self.manual_backward(loss)
+                return loss
+
+            if not with_closure:
+                closure()
+            self.snapshot = {n: p.detach().clone() for n, p in self.named_parameters()}
+            opt.step(closure) if with_closure else opt.step()
+
+    model = RawStep(optimizer="adamw")
+    with pytest.raises(RuntimeError, match="Optimizer 0 is about to step.*call `MultiFrequencyUpdates.prepare_step"):
+        fit(model, [MultiFrequencyUpdates({"net.0.*": 2})], tmp_path, max_steps=2)
+    assert model.snapshot
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), model.snapshot[name]), f"{name} moved before the error"
 
 
 def test_raw_optimizer_step_after_prepare_step_is_exact(tmp_path):

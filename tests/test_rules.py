@@ -286,6 +286,96 @@ def test_surprise_and_warmup_functions():
     assert surprise(0, "x", {"train_loss": 100.0}) == 10.0 and surprise(0, "x", {"train_loss": 1e-4}) == 0.1
 
 
+# ------------------------------------------------------------------------------------------------ skipped batches
+class SkippingQuadratic(Quadratic):
+    """Quadratic with momentum SGD whose ``training_step`` returns ``None`` on every third batch when ``skip``.
+
+    Lightning then runs no backward but still calls the optimizer step, with no gradient: not an update.
+    """
+
+    def __init__(self, lr: float, momentum: float = 0.5, skip: bool = True) -> None:
+        super().__init__(lr)
+        self.momentum, self.skip = momentum, skip
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        if self.skip and batch_idx % 3 == 2:
+            return None
+        return super().training_step(batch, batch_idx)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return recording_sgd(self.parameters(), lr=self.lr, momentum=self.momentum)
+
+
+class SkippingGroupNet(GroupNet):
+    """GroupNet whose ``training_step`` returns ``None`` on batches 2 and 5 of every epoch (every third)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        if batch_idx % 3 == 2:
+            return None
+        return super().training_step(batch, batch_idx)
+
+
+SKIPPED = "ignore:.*returned `None`"
+
+
+@pytest.mark.filterwarnings(SKIPPED)
+def test_hypergradient_ignores_steps_without_gradients(tmp_path):
+    """10 steps of which 3 (batches 3, 6, 9) have no backward: the rule sees exactly 7 plain steps.
+
+    On the skipped steps it neither observes (its previous update and the cosine are those of the last real step)
+    nor modulates (the optimizer holds the clean values); the trajectory equals that of 7 steps without skipping.
+    """
+    runs = []
+    for skip, steps in ((True, 10), (False, 7)):
+        model = SkippingQuadratic(lr=0.05, skip=skip)
+        rule = HypergradientRule(hparams=("lr", "momentum"), hyper_lr=0.1, momentum_bounds=(0.1, 0.9))
+        fit(model, [rule], tmp_path / str(skip), max_steps=steps)
+        runs.append((model, rule, model.trainer.optimizers[0].used))
+    (skipping, rule, used), (plain, plain_rule, plain_used) = runs
+    assert [k + 1 for k, u in enumerate(used) if not u[0][2]] == [3, 6, 9]
+    assert [u for u in used if u[0][2]] == plain_used
+    assert [u[0][:2] for u in used if not u[0][2]] == [(0.05, 0.5)] * 3  # clean values: nothing modulated
+    assert rule.num_updates == plain_rule.num_updates == {"group0": 7}
+    assert rule.multipliers == plain_rule.multipliers and rule.multipliers["group0"]["lr"] != 1.0
+    assert rule.hypergradients == plain_rule.hypergradients
+    assert torch.equal(skipping.x, plain.x)
+
+
+@pytest.mark.filterwarnings(SKIPPED)
+def test_scheduled_rule_on_groups_counts_only_steps_with_gradients(tmp_path):
+    """9 steps, batches 3 and 6 without backward: each group's rule is called at its updates 0..6, never else."""
+    calls = []
+    rule = ScheduledRule(step_index)
+    rule.fn = _Recorder(step_index, calls)
+    model = SkippingGroupNet(momentum=0.0)
+    fit(model, [rule], tmp_path, max_steps=9)
+    used = model.trainer.optimizers[0].used
+    assert [k + 1 for k, u in enumerate(used) if not u[0][2]] == [3, 6]
+    assert [s for s, t in calls if t == "body"] == [s for s, t in calls if t == "head"] == list(range(7))
+    assert rule.num_updates == {"body": 7, "head": 7}
+    real = [u for u in used if u[0][2]]
+    assert [u[0][0] for u in real] == pytest.approx([0.1 * (1 + k) for k in range(7)])
+    assert [u[1][0] for u in real] == pytest.approx([0.05 * (1 + k) for k in range(7)])
+    assert [(u[0][0], u[1][0]) for u in used if not u[0][2]] == [(0.1, 0.05)] * 2  # not modulated
+    assert [g["lr"] for g in model.trainer.optimizers[0].param_groups] == [0.1, 0.05]
+
+
+@pytest.mark.filterwarnings(SKIPPED)
+def test_rule_on_a_level_follows_its_real_updates_with_skipped_batches(tmp_path):
+    """Period 3, batches 3 and 6 of 9 without backward: the level updates at its 3rd and 6th real steps (4 and 8)."""
+    calls = []
+    updates = MultiFrequencyUpdates([Level("slow", ["net.0.*"], every=3)])
+    rule = ScheduledRule(step_index, level="slow")
+    rule.fn = _Recorder(step_index, calls)
+    model = SkippingGroupNet(momentum=0.0)
+    fit(model, [updates, rule], tmp_path, max_steps=9)
+    used = model.trainer.optimizers[0].used
+    assert [k + 1 for k, u in enumerate(used) if u[0][2]] == [4, 8]
+    assert calls == [(0, "slow"), (1, "slow")]
+    assert [used[k - 1][0][0] for k in (4, 8)] == pytest.approx([0.1, 0.2])
+    assert rule.num_updates == updates.num_updates == {"slow": 2}
+
+
 # ------------------------------------------------------------------------------------------------ DDP
 class RankRule(pl.Callback):
     def __init__(self, rules):

@@ -50,6 +50,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from nl_lightning._validation import is_int
+from nl_lightning.callbacks._state import ConfiguredStateKey
 from nl_lightning.callbacks._step_hooks import StepHookCallback
 from nl_lightning.callbacks.multi_frequency import MultiFrequencyUpdates
 
@@ -70,9 +71,9 @@ class ConsolidationPair:
             name relative to the prefixes (``cms.levels.0.w1`` with ``cms.levels.1.w1``).
         mode: ``"drift"`` or ``"distill"``.
         alpha: The share of the fast level's drift that is transferred, in ``(0, 1]``.
-        every: Consolidate every ``every`` committed steps of the optimizer holding the fast level. ``None``: a drift
-            pair consolidates when a :class:`~nl_lightning.callbacks.MultiFrequencyUpdates` level holding the slow
-            parameters updates, a distill pair at the task boundaries of a task stream.
+        every: Consolidate every ``every`` committed steps (steps with gradients) of the optimizer holding the fast
+            level. ``None``: a drift pair consolidates when a :class:`~nl_lightning.callbacks.MultiFrequencyUpdates`
+            level holding the slow parameters updates, a distill pair at the task boundaries of a task stream.
         params: fnmatch globs over the relative names (``["w1", "w2"]``); ``None`` pairs every relative name.
         name: The name in logs (``cms/<name>/...``) and checkpoints; empty (default): ``"<fast>_to_<slow>"``.
 
@@ -139,13 +140,13 @@ class ConsolidationPair:
 @dataclass
 class _PairState:
     anchor: dict[str, Tensor] = field(default_factory=dict)  # fast parameter name -> its value at the last transfer
-    count: int = 0  # committed steps of the fast level's optimizer since the last transfer (pairs with `every`)
+    count: int = 0  # committed steps (with gradients) of the fast level's optimizer since the last transfer
     transfers: int = 0
     seen_updates: Optional[int] = None  # the trigger level's update count when last checked (MultiFrequencyUpdates)
     last_stage: int = 0  # the last task-stream stage consolidated (distill pairs without `every`)
 
 
-class CMSConsolidation(StepHookCallback):
+class CMSConsolidation(ConfiguredStateKey, StepHookCallback):
     r"""Consolidate fast CMS levels into slow ones, per pair of levels (Eq. 30-31, NL NeurIPS).
 
     **drift** pairs, at each boundary, move the slow level by ``alpha`` times the fast level's change since the
@@ -159,7 +160,8 @@ class CMSConsolidation(StepHookCallback):
     parameter's ``.grad``, are left as they were.
 
     Boundaries: with ``every``, every ``every`` committed steps of the optimizer holding the fast level (steps a
-    ``GradScaler`` skipped do not count). Otherwise a drift pair consolidates right after each update of the
+    ``GradScaler`` skipped do not count, nor do steps without gradients, after a ``training_step`` that returned
+    ``None``). Otherwise a drift pair consolidates right after each update of the
     :class:`~nl_lightning.callbacks.MultiFrequencyUpdates` level holding all its slow parameters, and a distill pair at
     the end of each task of a :class:`~nl_lightning.data.TaskStreamDataModule`. Consolidation runs in place under
     ``torch.no_grad()`` after the optimizer step, in ``on_train_batch_end`` (task boundaries: ``on_train_epoch_end``).
@@ -170,7 +172,9 @@ class CMSConsolidation(StepHookCallback):
     just been emptied. Under DDP every rank transfers the same drift; distillation averages its gradients over the
     ranks' buffers, so ranks stay identical. Logged: ``cms/<pair>/transfers``, ``cms/<pair>/drift_norm``
     (:math:`\lVert\Delta\rVert`) and, for distill pairs, ``cms/<pair>/distill_loss_before`` / ``..._after``.
-    Anchors, clocks and the buffer are checkpointed by parameter name. DeepSpeed, FSDP and ModelParallel are refused.
+    Anchors, clocks and the buffer are checkpointed by parameter name, under a key that names each pair's name, mode,
+    fast and slow prefixes, so several instances keep their own state (a checkpoint written with the former key, the
+    class name, still loads). DeepSpeed, FSDP and ModelParallel are refused.
 
     Args:
         pairs: :class:`ConsolidationPair` objects or dicts of their fields (``fast``, ``slow``, ``mode``, ``alpha``,
@@ -231,6 +235,11 @@ class CMSConsolidation(StepHookCallback):
         self._loaded: Optional[dict[str, Any]] = None
         self._buffer: Optional[Tensor] = None
         self._buffer_pos = self._buffer_filled = 0
+
+    @override
+    def state_key_fields(self) -> dict[str, Any]:
+        """``{pair name: "mode:fast->slow"}`` (not ``alpha`` or ``every``, which a resumed run may change)."""
+        return {"pairs": {p.name: f"{p.mode}:{p.fast}->{p.slow}" for p in self._pairs}}
 
     @property
     def pairs(self) -> tuple[ConsolidationPair, ...]:
@@ -340,6 +349,9 @@ class CMSConsolidation(StepHookCallback):
     # ------------------------------------------------------------------------------------------------ boundaries
     @override
     def on_optimizer_step_done(self, index: int, optimizer: Optimizer) -> None:
+        """Count the step for the ``every`` pairs of ``optimizer``, unless it carried no gradient (no backward)."""
+        if not self.step_has_gradients(index):
+            return
         for name in self._pairs_of[index]:
             self._state[name].count += 1
 

@@ -38,6 +38,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor
 from typing_extensions import override
 
+from nl_lightning.callbacks._state import ConfiguredStateKey
 from nl_lightning.metrics import AccuracyMatrix
 
 __all__ = ["ContinualEvaluation"]
@@ -45,7 +46,7 @@ __all__ = ["ContinualEvaluation"]
 _METRICS = ("acc", "bwt", "fwt", "forgetting", "learning_accuracy", "aia")
 
 
-class ContinualEvaluation(Callback):
+class ContinualEvaluation(ConfiguredStateKey, Callback):
     r"""Fill the accuracy matrix of a task stream and report the continual-learning metrics.
 
     Before training (the untrained row ``b``) and at the end of each task it evaluates the model on the ``split`` of
@@ -59,7 +60,9 @@ class ContinualEvaluation(Callback):
     Predictions are ``argmax`` of ``pl_module(x)``; in the task-incremental scenario the logits of other tasks'
     classes are masked first. Evaluation runs in eval mode under ``torch.inference_mode`` and the Trainer's precision
     context; under DDP each rank evaluates a share of every task and the counts are summed across ranks. The matrix
-    is saved in checkpoints, so a resumed stream keeps its earlier rows.
+    is saved in checkpoints, so a resumed stream keeps its earlier rows. Its checkpoint key names ``split`` and
+    ``filename``, so a ``"test"`` and a ``"val"`` instance (with their own file names) keep their own matrices; a
+    checkpoint written with the former key (the class name) still loads.
 
     Args:
         split: The split the matrix is measured on: ``"test"`` (default) or ``"val"``.
@@ -69,7 +72,8 @@ class ContinualEvaluation(Callback):
         log_images: Write the heatmap and the Markdown table when a TensorBoard logger is attached.
 
     Raises:
-        MisconfigurationException: If ``split`` is unknown, or (at ``setup``) the data module is not a task stream.
+        MisconfigurationException: If ``split`` is unknown, or (at ``setup``) the data module is not a task stream or
+            another ``ContinualEvaluation`` writes the same ``filename``.
 
     Example::
 
@@ -98,6 +102,11 @@ class ContinualEvaluation(Callback):
         self._start = time.monotonic()
         self.json_path: Optional[Path] = None
 
+    @override
+    def state_key_fields(self) -> dict[str, Any]:
+        """``split`` and ``filename``."""
+        return {"split": self._split, "filename": self._filename}
+
     @property
     def matrix(self) -> AccuracyMatrix:
         """The :class:`~nl_lightning.metrics.AccuracyMatrix` (available from ``setup``)."""
@@ -109,6 +118,13 @@ class ContinualEvaluation(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        same_file = [cb for cb in trainer.callbacks if isinstance(cb, ContinualEvaluation) and cb is not self
+                     and cb._filename == self._filename]  # fmt: skip
+        if same_file:
+            raise MisconfigurationException(
+                f"Two ContinualEvaluation callbacks write {self._filename!r}; give each its own `filename`, for example"
+                f" ContinualEvaluation(split={self._split!r}, filename='continual_metrics_{self._split}.json')."
+            )
         dm = trainer.datamodule
         if not all(hasattr(dm, name) for name in ("num_tasks", "stage_at_epoch_end", "eval_dataloader")):
             raise MisconfigurationException(

@@ -35,6 +35,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from nl_lightning._validation import is_int
+from nl_lightning.callbacks._state import ConfiguredStateKey
 
 __all__ = ["ElasticWeightConsolidation"]
 
@@ -49,7 +50,7 @@ def default_loss(pl_module: pl.LightningModule, batch: Sequence[Tensor]) -> Tens
     return F.cross_entropy(pl_module(batch[0]), batch[1])
 
 
-class ElasticWeightConsolidation(Callback):
+class ElasticWeightConsolidation(ConfiguredStateKey, Callback):
     r"""Online EWC for any LightningModule: a quadratic penalty that keeps important weights near their old values.
 
     At the end of every task of a :class:`~nl_lightning.data.TaskStreamDataModule` it estimates the diagonal
@@ -59,7 +60,9 @@ class ElasticWeightConsolidation(Callback):
     :math:`\lambda F (\theta - \theta^*)` to each parameter's gradient right after backward, which is exactly what
     adding :math:`\frac{\lambda}{2}\sum F(\theta - \theta^*)^2` to the loss would do (scaled for a ``GradScaler`` and
     for gradient accumulation). The penalty is logged as ``ewc/penalty``. Fisher and anchor are checkpointed by
-    parameter name. Outside a task stream, call :meth:`consolidate` yourself at a task boundary.
+    parameter name, under a key that names ``ewc_lambda``, ``fisher_samples`` and ``gamma`` (a lone instance whose
+    configuration changed still restores its state, with a warning; so does a checkpoint written with the former key,
+    the class name). Outside a task stream, call :meth:`consolidate` yourself at a task boundary.
 
     Args:
         ewc_lambda: The penalty strength :math:`\lambda \ge 0`.
@@ -96,6 +99,11 @@ class ElasticWeightConsolidation(Callback):
         self._fisher: dict[str, Tensor] = {}
         self._anchor: dict[str, Tensor] = {}
         self.tasks_consolidated = 0
+
+    @override
+    def state_key_fields(self) -> dict[str, Any]:
+        """``ewc_lambda``, ``fisher_samples`` and ``gamma``."""
+        return {"ewc_lambda": self.ewc_lambda, "fisher_samples": self.fisher_samples, "gamma": self.gamma}
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -34,6 +34,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from nl_lightning.callbacks._state import ConfiguredStateKey
 from nl_lightning.callbacks._step_hooks import StepHookCallback
 from nl_lightning.callbacks.multi_frequency import MultiFrequencyUpdates
 from nl_lightning.callbacks.self_modifying import SelfModifyingRule
@@ -58,14 +59,16 @@ class _Watch:
     histograms: dict[str, Tensor] = field(default_factory=dict)
 
 
-class NestedLearningMonitor(StepHookCallback):
+class NestedLearningMonitor(ConfiguredStateKey, StepHookCallback):
     r"""Log, per level, the number of updates, the gradient norm at update, the drift and the effective learning rate.
 
-    With a :class:`~nl_lightning.callbacks.MultiFrequencyUpdates` callback in the Trainer the levels are its levels;
-    without one, each optimizer's parameters form a level (``all``, or ``optimizer_<i>`` with several optimizers).
+    With :class:`~nl_lightning.callbacks.MultiFrequencyUpdates` callbacks in the Trainer the levels are their levels
+    (a level whose parameters join an optimizer late is watched from its first update on); without one, each
+    optimizer's parameters form a level (``all``, or ``optimizer_<i>`` with several optimizers).
     For every level it logs, with ``self.log`` at the Trainer's logging steps (``log_every_n_steps``):
 
-    - ``nested/<level>/updates``: updates taken so far (committed optimizer steps of the level);
+    - ``nested/<level>/updates``: updates taken so far (committed optimizer steps of the level; a step without
+      gradients, after a ``training_step`` that returned ``None``, is none);
     - ``nested/<level>/grad_norm``: L2 norm of the gradient the optimizer used at the level's latest update (the chunk
       mean for a slow level), before clipping;
     - ``nested/<level>/drift`` and ``drift_rel``: ``||theta_after - theta_before||`` of that update, absolute and
@@ -78,7 +81,8 @@ class NestedLearningMonitor(StepHookCallback):
     latest update and a fast one costs a measurement only at logging steps. With a
     :class:`~lightning.pytorch.loggers.TensorBoardLogger` it also writes histograms of the gradient
     (``nested/<level>/grad``) and of the update (``nested/<level>/update``) of each measured update. It works with any
-    logger, or none (the values are in ``trainer.callback_metrics``).
+    logger, or none (the values are in ``trainer.callback_metrics``). Its checkpoint key names ``prefix``, so monitors
+    with different prefixes keep their own counts.
 
     Args:
         log_histograms: Write TensorBoard histograms when a TensorBoard logger is attached.
@@ -102,9 +106,15 @@ class NestedLearningMonitor(StepHookCallback):
         super().__init__()
         self._log_histograms = log_histograms
         self._prefix = prefix
-        self._mfu: Optional[MultiFrequencyUpdates] = None
+        self._mfus: list[MultiFrequencyUpdates] = []
         self._watches: list[dict[str, _Watch]] = []  # per optimizer index: its levels
+        self._levels: dict[str, tuple[int, list[tuple[str, Tensor]]]] = {}  # every MultiFrequencyUpdates level
         self._loaded_updates: dict[str, int] = {}
+
+    @override
+    def state_key_fields(self) -> dict[str, Any]:
+        """``prefix``."""
+        return {"prefix": self._prefix}
 
     @property
     def watches(self) -> dict[str, _Watch]:
@@ -113,8 +123,7 @@ class NestedLearningMonitor(StepHookCallback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        found = [cb for cb in trainer.callbacks if isinstance(cb, MultiFrequencyUpdates)]
-        self._mfu = found[0] if found else None
+        self._mfus = [cb for cb in trainer.callbacks if isinstance(cb, MultiFrequencyUpdates)]
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -122,12 +131,12 @@ class NestedLearningMonitor(StepHookCallback):
         names = {id(p): n for n, p in pl_module.named_parameters()}
         owner = {id(p): i for i, opt in enumerate(optimizers) for g in opt.param_groups for p in g["params"]}
         self._watches = [{} for _ in optimizers]
-        if self._mfu is not None:
-            for lvl in self._mfu.levels:
-                params = self._mfu.book.params(lvl.name)
+        self._levels = {lvl.name: (lvl.every, mfu.book.params(lvl.name)) for mfu in self._mfus for lvl in mfu.levels}
+        if self._mfus:
+            for name, (every, params) in self._levels.items():
                 where = {owner[id(p)] for _, p in params if id(p) in owner}
                 for i in where:
-                    self._watches[i][lvl.name] = _Watch(lvl.name, lvl.every, params)
+                    self._watches[i][name] = _Watch(name, every, params)
         else:
             for i, opt in enumerate(optimizers):
                 name = "all" if len(optimizers) == 1 else f"optimizer_{i}"
@@ -146,12 +155,19 @@ class NestedLearningMonitor(StepHookCallback):
                 rule.prepare(trainer, pl_module, optimizer)
         i = self.optimizer_index(optimizer)
         watches = self._watches[i]
-        due = self._mfu.prepare_step(optimizer).due if self._mfu is not None else tuple(watches)
+        if not self.step_has_gradients(i):
+            due: tuple[str, ...] = ()  # no backward (`training_step` returned None): the step updates no level
+        elif self._mfus:
+            due = tuple(name for mfu in self._mfus for name in mfu.prepare_step(optimizer).due)
+        else:
+            due = tuple(watches)
         step = _logging_step(trainer)
         interval = max(trainer.log_every_n_steps, 1)
         next_log = math.ceil(step / interval) * interval
         for name in due:
             w = watches.get(name)
+            if w is None and name in self._levels:  # its parameters joined this optimizer after train start
+                w = watches[name] = _Watch(name, *self._levels[name])
             # Measure the level's last update at or before the next logging step.
             if w is not None and (step == next_log or step + w.every > next_log):
                 self._measure_before(w, optimizer, trainer)
@@ -168,9 +184,13 @@ class NestedLearningMonitor(StepHookCallback):
 
     @override
     def on_optimizer_step_done(self, i: int, optimizer: Optimizer) -> None:
-        """The step really happened (a torch step post-hook): measure the drift of the levels measured before it."""
+        """Count the real step (a torch step post-hook) and measure the drift of the levels measured before it.
+
+        Without ``MultiFrequencyUpdates`` every level of the optimizer counts the step, if it carried gradients.
+        """
+        counts = not self._mfus and self.step_has_gradients(i)
         for w in self._watches[i].values():
-            if self._mfu is None:
+            if counts:
                 w.updates += 1
             if not w.pending or w.snapshot is None:
                 continue
@@ -198,7 +218,7 @@ class NestedLearningMonitor(StepHookCallback):
             self._write_histograms(trainer, histograms)
         if not trainer._logger_connector.should_update_logs:
             return
-        updates = self._mfu.num_updates if self._mfu is not None else {}
+        updates = {name: n for mfu in self._mfus for name, n in mfu.num_updates.items()}
         metrics: dict[str, float] = {}
         for w in self.watches.values():
             metrics[f"{self._prefix}/{w.name}/updates"] = float(updates.get(w.name, w.updates))
@@ -222,7 +242,7 @@ class NestedLearningMonitor(StepHookCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        if self._mfu is not None:
+        if self._mfus:
             return {}  # MultiFrequencyUpdates checkpoints the clocks
         return {"updates": {w.name: w.updates for w in self.watches.values()}}
 
@@ -231,7 +251,7 @@ class NestedLearningMonitor(StepHookCallback):
         self._loaded_updates = dict(state_dict.get("updates", {}))
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "_watches": []}
+        return {**super().__getstate__(), "_watches": [], "_levels": {}}
 
 
 def _params_of(optimizer: Optimizer) -> list[Tensor]:

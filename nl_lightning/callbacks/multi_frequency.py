@@ -17,12 +17,15 @@ Multi-Frequency Updates
 
 Update groups of parameters at different frequencies, the optimizer-step axis of the Continuum Memory System
 (Eq. 31, NL NeurIPS): a level with period ``C`` takes one optimizer step per ``C`` committed steps, on the mean (or
-sum) of the ``C`` gradients it received, and is invisible to the optimizer in between.
+sum) of the ``C`` gradients it received, and is invisible to the optimizer in between. A step with no backward (a
+``training_step`` that returned ``None``) is not committed; parameters that join an optimizer late
+(``BackboneFinetuning``) start their level's clock when they join; stepping an optimizer behind the callback's back
+raises before anything moves.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
@@ -32,21 +35,23 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from nl_lightning.callbacks._state import ConfiguredStateKey
 from nl_lightning.callbacks._step_hooks import StepHookCallback
 from nl_lightning.levels import Level, LevelSet, StepPlan, as_levels
 
 __all__ = ["MultiFrequencyUpdates"]
 
 
-class MultiFrequencyUpdates(StepHookCallback):
+class MultiFrequencyUpdates(ConfiguredStateKey, StepHookCallback):
     r"""Give groups of parameters their own update period: the optimizer-step axis of Eq. 31 (NL NeurIPS).
 
     For every parameter ``p`` of a level with period ``C``:
 
-    - ``p`` takes exactly one optimizer step per ``C`` *committed* optimizer steps (a step a ``GradScaler`` skipped is
-      not committed and contributes nothing);
+    - ``p`` takes exactly one optimizer step per ``C`` *committed* optimizer steps. A step a ``GradScaler`` skipped
+      is not committed and contributes nothing; nor is a step without any gradient (a ``training_step`` that returned
+      ``None``, so Lightning ran no backward): it ticks no clock;
     - that step uses the mean (``reduction="mean"``) or the sum (``"sum"``, as printed in Eq. 31) of the ``C``
-      gradients ``p`` received since its previous step, kept in fp32 buffers;
+      gradients ``p`` received since its previous step, kept in fp32 buffers (float64 for float64 parameters);
     - on the other steps ``p``'s value and its optimizer state (moments, step count, momentum, weight decay) are
       untouched: the optimizer never sees a gradient for ``p``;
     - clocks and partial buffers are saved in checkpoints, keyed by parameter name, so a run resumed in the middle of a
@@ -55,16 +60,29 @@ class MultiFrequencyUpdates(StepHookCallback):
     Parameters matched by no level are updated on every step, as usual. Clocks count committed optimizer steps, never
     ``global_step``: with ``accumulate_grad_batches=k`` a period ``C`` spans ``C * k`` batches.
 
+    **Parameters that join late.** The callback follows the optimizers' parameter groups at every step, so parameters
+    added with ``optimizer.add_param_group`` (as :class:`~lightning.pytorch.callbacks.BackboneFinetuning` does when it
+    unfreezes a backbone) are masked like the others. A level whose parameters are in no optimizer neither steps nor
+    ticks; its clock starts, with empty buffers, when its first parameters join, so it first updates ``C`` committed
+    steps later. A parameter that joins a level in the middle of a chunk takes its first step with the level, on the
+    mean of the gradients it received since it joined. ``num_updates`` counts each level's updates.
+
     It composes with gradient clipping (off-step gradients are unclipped while they wait; the chunk mean joins the
-    global norm on the update step), 32-true / bf16-mixed / 16-mixed, several optimizers (a level must live in one
-    optimizer), manual optimization, DDP and ``torch.compile``. DeepSpeed, FSDP and ModelParallel are refused, and so
-    is a fused optimizer under a ``GradScaler`` (it unscales inside ``step()``, out of this callback's reach).
+    global norm on the update step), 32-true / bf16-mixed / 16-mixed / 64-true, several optimizers (a level must live
+    in one optimizer), manual optimization, DDP and ``torch.compile``. DeepSpeed, FSDP and ModelParallel are refused,
+    and so is a fused optimizer under a ``GradScaler`` (it unscales inside ``step()``, out of this callback's reach).
+
+    **Several instances.** The checkpoint key names the levels and their globs (not their periods, so a resumed run
+    may change a period), so differently configured instances each save and restore their own state; two instances
+    with the same levels are refused by Lightning, and instances sharing a parameter or a level name are refused at
+    train start. A checkpoint written with the former key (the class name) still loads.
 
     **Manual optimization.** ``opt.step()`` on the optimizer returned by ``self.optimizers()`` needs nothing more:
     Lightning calls ``on_before_optimizer_step`` inside it. If you read or clip gradients *before* ``opt.step()``
-    (for example with ``self.clip_gradients``), call :meth:`prepare_step` first, so that you act on the gradients the
-    optimizer will see. Stepping the raw ``torch.optim.Optimizer`` bypasses the hook and raises a ``RuntimeError``
-    unless :meth:`prepare_step` was called.
+    (for example with ``self.clip_gradients``), call :meth:`prepare_step` first (on every instance), so that you act
+    on the gradients the optimizer will see. Stepping the raw ``torch.optim.Optimizer`` bypasses the hook: unless
+    :meth:`prepare_step` was called, a torch step pre-hook raises a ``RuntimeError`` before any parameter moves (for
+    ``step(closure)``, right after the closure ran).
 
     Args:
         levels: A list of :class:`~nl_lightning.Level` (in YAML, dicts with ``name``, ``params``, ``every``), or a
@@ -74,8 +92,11 @@ class MultiFrequencyUpdates(StepHookCallback):
     Raises:
         MisconfigurationException: On an empty or malformed ``levels``, duplicate level names, a non-string glob,
             ``every < 1`` or an unknown ``reduction`` (at construction); on a glob that matches no parameter, a
-            parameter claimed by two levels, a level spread over two optimizers, an unsupported strategy, or a fused
-            optimizer under a ``GradScaler`` (at ``setup`` / train start).
+            parameter claimed by two levels (of this or another instance), a level name used by two instances, an
+            unsupported strategy, or a fused optimizer under a ``GradScaler`` (at ``setup`` / train start); on a level
+            spread over two optimizers (at train start, or at the step where added parameter groups spread it).
+        RuntimeError: When an optimizer is about to step on gradients the callback has not prepared (a raw
+            ``torch.optim.Optimizer`` stepped without :meth:`prepare_step`), before any parameter moves.
 
     Example::
 
@@ -107,6 +128,12 @@ class MultiFrequencyUpdates(StepHookCallback):
         self._loaded_state: Optional[dict[str, Any]] = None
         self._levels_of: list[list[str]] = []  # per optimizer index: the levels whose parameters it holds
         self._plans: dict[int, StepPlan] = {}  # per optimizer index: the prepared step awaiting its commit
+        self._groups_seen: Optional[tuple[Any, ...]] = None  # the optimizers' parameter groups `_levels_of` reflects
+
+    @override
+    def state_key_fields(self) -> dict[str, Any]:
+        """The levels' names and globs (not their periods: a resumed run may change a period)."""
+        return {"levels": {lvl.name: list(lvl.params) for lvl in self._levels}}
 
     @property
     def levels(self) -> tuple[Level, ...]:
@@ -164,7 +191,8 @@ class MultiFrequencyUpdates(StepHookCallback):
                 if names:
                     rank_zero_warn(f"MultiFrequencyUpdates resumed with level state {what}: {names}.")
             self._loaded_state = None
-        self._levels_of = self._map_levels_to_optimizers(book, trainer.optimizers)
+        self._check_other_instances(trainer)
+        self._follow_param_groups(trainer.optimizers, force=True)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         for opt in trainer.optimizers:
             if scaler is not None and getattr(opt, "_step_supports_amp_scaling", False):
@@ -176,8 +204,39 @@ class MultiFrequencyUpdates(StepHookCallback):
         self._plans.clear()
         self.attach_step_hooks(trainer)
 
+    def _check_other_instances(self, trainer: pl.Trainer) -> None:
+        """Refuse a parameter or a level name shared with another ``MultiFrequencyUpdates`` of the Trainer."""
+        book = self.book
+        mine = {id(p): (lvl.name, n) for lvl in book.levels for n, p in book.params(lvl.name)}
+        for other in trainer.callbacks:
+            if other is self or not isinstance(other, MultiFrequencyUpdates) or other._book is None:
+                continue
+            clash = sorted({lvl.name for lvl in self._levels} & {lvl.name for lvl in other.levels})
+            if clash:
+                raise MisconfigurationException(
+                    f"The level name {clash[0]!r} is used by two MultiFrequencyUpdates callbacks; level names name"
+                    " logs, rule targets and checkpoint entries, so they must be unique across callbacks. Rename one."
+                )
+            for lvl in other.book.levels:
+                for n, p in other.book.params(lvl.name):
+                    if id(p) in mine:
+                        raise MisconfigurationException(
+                            f"Parameter {n!r} is in level {mine[id(p)][0]!r} of one MultiFrequencyUpdates callback and"
+                            f" in level {lvl.name!r} of another; a parameter may belong to one level only. Narrow one"
+                            " of the globs."
+                        )
+
+    def _follow_param_groups(self, optimizers: list[Optimizer], force: bool = False) -> None:
+        """Re-resolve which levels each optimizer holds if its parameter groups changed (``add_param_group``)."""
+        seen = tuple(tuple((id(g["params"]), len(g["params"])) for g in opt.param_groups) for opt in optimizers)
+        if not force and seen == self._groups_seen:
+            return
+        self._levels_of = self._map_levels_to_optimizers(self.book, optimizers, warn=force)
+        self.book.sync(p for opt in optimizers for g in opt.param_groups for p in g["params"])
+        self._groups_seen = seen
+
     @staticmethod
-    def _map_levels_to_optimizers(book: LevelSet, optimizers: list[Optimizer]) -> list[list[str]]:
+    def _map_levels_to_optimizers(book: LevelSet, optimizers: list[Optimizer], warn: bool) -> list[list[str]]:
         holder = {id(p): i for i, opt in enumerate(optimizers) for g in opt.param_groups for p in g["params"]}
         levels_of: list[list[str]] = [[] for _ in optimizers]
         for lvl in book.levels:
@@ -187,9 +246,13 @@ class MultiFrequencyUpdates(StepHookCallback):
                     f"Level {lvl.name!r} has parameters in optimizers {sorted(where - {None})}; a level's clock counts"
                     " the steps of one optimizer. Split it into one level per optimizer."
                 )
-            if None in where:
+            if None in where and warn:
                 orphans = [n for n, p in book.params(lvl.name) if id(p) not in holder]
-                rank_zero_warn(f"Level {lvl.name!r}: parameters {orphans[:5]} are in no optimizer and never update.")
+                rank_zero_warn(
+                    f"Level {lvl.name!r}: parameters {orphans[:5]} are in no optimizer. They stay untouched until an"
+                    " optimizer holds them (for example once `BackboneFinetuning` adds them); a level whose parameters"
+                    " are all outside the optimizers starts its clock when they join."
+                )
             for i in where - {None}:
                 levels_of[i].append(lvl.name)
         return levels_of
@@ -200,7 +263,10 @@ class MultiFrequencyUpdates(StepHookCallback):
 
         ``on_before_optimizer_step`` calls it, so you need it only in manual optimization when you read or clip
         gradients before ``opt.step()``, or step a raw ``torch.optim.Optimizer``. It is idempotent: until the step
-        happens, or a new backward replaces the gradients, further calls return the same plan.
+        happens, or a new backward replaces the gradients, further calls return the same plan. It first catches up
+        with parameter groups added since the previous step. If no backward reached the optimizer's parameters since
+        its last step and none of them has a gradient (a ``training_step`` that returned ``None``), the plan is empty:
+        nothing is masked and the step ticks no clock.
 
         Args:
             optimizer: The optimizer about to step (a ``LightningOptimizer`` is unwrapped).
@@ -213,9 +279,15 @@ class MultiFrequencyUpdates(StepHookCallback):
 
         """
         i = self.optimizer_index(optimizer)
+        self._follow_param_groups(self._optimizers)
         plan = self._plans.get(i)
         if plan is None or not plan.is_current():
-            plan = self._plans[i] = self.book.prepare(self._levels_of[i])
+            if not self.step_has_gradients(i):  # no backward and no gradient: the plan commits nothing
+                params = [p for g in self._optimizers[i].param_groups for p in g["params"]]
+                plan = StepPlan((), {}, tuple((p, None) for p in params))
+            else:
+                plan = self.book.prepare(self._levels_of[i])
+            self._plans[i] = plan
         return plan
 
     @override
@@ -224,12 +296,54 @@ class MultiFrequencyUpdates(StepHookCallback):
     ) -> None:
         self.prepare_step(optimizer)
 
+    def _has_slow_level(self, i: int) -> bool:
+        return any(lvl.every > 1 for lvl in self.book.levels if lvl.name in self._levels_of[i])
+
+    def _refuse_unprepared(self, i: int) -> None:
+        raise RuntimeError(
+            f"Optimizer {i} is about to step without MultiFrequencyUpdates seeing its gradients, which would move its"
+            " slow levels off their schedule (no parameter has moved yet). In manual optimization step the optimizer"
+            " returned by `self.optimizers()`, or call `MultiFrequencyUpdates.prepare_step(opt)` after the last"
+            " backward and before `opt.step()`."
+        )
+
+    @override
+    def on_optimizer_step_start(
+        self, index: int, optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Optional[tuple[tuple[Any, ...], dict[str, Any]]]:
+        """Refuse, before any parameter moves, a step whose gradients this callback has not prepared.
+
+        With a ``closure`` (Lightning's own steps pass one that runs ``on_before_optimizer_step``) the check runs
+        right after the closure, still before the update.
+        """
+        self._follow_param_groups(self._optimizers)
+        plan = self._plans.get(index)
+        if (plan is not None and plan.is_current()) or not self._has_slow_level(index):
+            return None
+        closure = kwargs.get("closure", args[0] if args else None)
+        if not callable(closure):
+            self._refuse_unprepared(index)
+        checked = self._checked_closure(index, closure)
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": checked}
+        return (checked, *args[1:]), kwargs
+
+    def _checked_closure(self, index: int, closure: Callable[[], Any]) -> Callable[[], Any]:
+        def checked() -> Any:
+            result = closure()
+            plan = self._plans.get(index)
+            if plan is None or not plan.is_current():
+                self._refuse_unprepared(index)
+            return result
+
+        return checked
+
     @override
     def on_optimizer_step_done(self, i: int, optimizer: Optimizer) -> None:
         """The step really happened (a torch step post-hook): commit its plan."""
         plan = self._plans.pop(i, None)
         if plan is None:
-            if any(lvl.every > 1 for lvl in self.book.levels if lvl.name in self._levels_of[i]):
+            if self._has_slow_level(i):  # the pre-hook refuses such a step: only reachable if it was bypassed
                 raise RuntimeError(
                     f"Optimizer {i} stepped without MultiFrequencyUpdates seeing its gradients, so its slow levels"
                     " just moved off their schedule. In manual optimization step the optimizer returned by"
@@ -270,4 +384,4 @@ class MultiFrequencyUpdates(StepHookCallback):
         self._loaded_state = state_dict
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "_plans": {}}
+        return {**super().__getstate__(), "_plans": {}, "_groups_seen": None}

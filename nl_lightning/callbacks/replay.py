@@ -32,6 +32,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from nl_lightning._validation import is_int
+from nl_lightning.callbacks._state import ConfiguredStateKey
 
 __all__ = ["ExperienceReplay", "Reservoir"]
 
@@ -98,7 +99,7 @@ class Reservoir:
         self.generator.set_state(state["generator"])
 
 
-class ExperienceReplay(Callback):
+class ExperienceReplay(ConfiguredStateKey, Callback):
     """Mix a uniform sample of past training data into every batch, for any LightningModule.
 
     A :class:`Reservoir` of ``buffer_size`` samples keeps a uniform sample of all training samples seen so far
@@ -107,7 +108,8 @@ class ExperienceReplay(Callback):
     ``training_step`` sees new and old data together; after the batch, its new samples are offered to the reservoir.
     Batches must be lists of tensors sharing the batch dimension (what a ``DataLoader`` yields for tuple samples),
     or dicts of such tensors. Under DDP each rank keeps its own reservoir of its own shard. The buffer is
-    checkpointed.
+    checkpointed under a key that names ``buffer_size``, ``replay_batch_size`` and ``seed`` (a checkpoint written with
+    the former key, the class name, still loads).
 
     Args:
         buffer_size: Samples kept (``>= 1``).
@@ -136,6 +138,11 @@ class ExperienceReplay(Callback):
         self.reservoir = Reservoir(buffer_size, seed or 0)
         self._loaded: Optional[dict[str, Any]] = None
         self._num_new = 0
+
+    @override
+    def state_key_fields(self) -> dict[str, Any]:
+        """``buffer_size``, ``replay_batch_size`` and ``seed``."""
+        return {"buffer_size": self.buffer_size, "replay_batch_size": self.replay_batch_size, "seed": self.seed}
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -52,7 +52,8 @@ RuleFn = Callable[..., Union[float, Mapping[str, float]]]
 class ScheduledRule(SelfModifyingRule):
     """Multiply hyper-parameters by the output of a user function of the step, the target and the logged metrics.
 
-    Before each real step of each target, the rule calls::
+    Before each real step of each target (not one a ``GradScaler`` skips, nor one without gradients after a
+    ``training_step`` that returned ``None``), the rule calls::
 
         fn(step=..., target=..., metrics=..., **kwargs) -> float | dict[str, float]
 

@@ -27,7 +27,8 @@ per hyper-parameter of each target (a parameter group, or a level of
 
 So an LR scheduler keeps stepping its own clean value (the effective learning rate is *schedule x rule*), and
 checkpoints hold the clean values while the multipliers live in the callback's state. A step a ``GradScaler`` skips
-is neither observed nor modulated (lightning-notes Sec. 6).
+is neither observed nor modulated (lightning-notes Sec. 6), and neither is a step without gradients (a
+``training_step`` that returned ``None``, after which Lightning still calls the optimizer step): it counts no update.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from nl_lightning.callbacks._state import ConfiguredStateKey
 from nl_lightning.callbacks._step_hooks import StepHookCallback
 from nl_lightning.callbacks.multi_frequency import MultiFrequencyUpdates
 
@@ -95,7 +97,7 @@ def has_hparam(group: dict[str, Any], hparam: str) -> bool:
     return hparam in group or (hparam == "momentum" and "betas" in group)
 
 
-class SelfModifyingRule(StepHookCallback):
+class SelfModifyingRule(ConfiguredStateKey, StepHookCallback):
     r"""Base class of the rules that modify an optimizer's hyper-parameters online, around each real step.
 
     A subclass implements :meth:`update_multipliers`, which reads the step's (final) gradients or any other signal and
@@ -103,13 +105,14 @@ class SelfModifyingRule(StepHookCallback):
     ``effective = value * multiplier`` before the step and restores ``value`` after it, logs every effective value as
     ``<log_prefix>/<target>/<hparam>`` (and its multiplier as ``..._multiplier``) at the Trainer's logging steps,
     checkpoints the multipliers (plus :meth:`extra_state`) and refuses two rules on one hyper-parameter of one group.
+    The checkpoint key names ``hparams``, ``level`` and ``groups``, so rules on different targets keep their own state.
 
     Args:
         hparams: The group entries to modulate: ``"lr"``, ``"momentum"`` (``betas[0]`` for the Adam family) and/or
             ``"weight_decay"``.
-        level: The name of a :class:`~nl_lightning.callbacks.MultiFrequencyUpdates` level to target: the level's
-            parameters must form whole parameter groups of one optimizer, and the rule acts on the level's update
-            steps only. ``None`` targets parameter groups.
+        level: The name of a :class:`~nl_lightning.callbacks.MultiFrequencyUpdates` level (of any instance) to
+            target: the level's parameters must form whole parameter groups of one optimizer, and the rule acts on the
+            level's update steps only. ``None`` targets parameter groups.
         groups: With ``level=None``, the groups to target: indices into the first optimizer's ``param_groups``,
             ``"i/j"`` strings (optimizer ``i``, group ``j``) or group ``"name"`` entries. ``None``: every group of
             every optimizer.
@@ -154,7 +157,8 @@ class SelfModifyingRule(StepHookCallback):
         self.targets: list[RuleTarget] = []
         self.multipliers: dict[str, dict[str, float]] = {}
         self.num_updates: dict[str, int] = {}
-        self._mfu: Optional[MultiFrequencyUpdates] = None
+        self._mfu: Optional[MultiFrequencyUpdates] = None  # the instance that defines `level` (or the first one)
+        self._known_levels: list[str] = []
         self._saved: dict[int, list[tuple[dict[str, Any], str, float]]] = {}  # optimizer -> (group, hparam, value)
         self._applied: dict[int, list[RuleTarget]] = {}  # optimizer -> targets modulated on the pending step
         self._loaded_state: Optional[dict[str, Any]] = None
@@ -179,15 +183,18 @@ class SelfModifyingRule(StepHookCallback):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`extra_state` returned (called at train start, once targets are resolved)."""
 
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(hparams=list(self.hparams_to_modify), level=self.level, groups=self.groups)
+    @override
+    def state_key_fields(self) -> dict[str, Any]:
+        """``hparams``, ``level`` and ``groups``."""
+        return {"hparams": list(self.hparams_to_modify), "level": self.level, "groups": self.groups}
 
     # ------------------------------------------------------------------------------------------------ set-up
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         mfus = [cb for cb in trainer.callbacks if isinstance(cb, MultiFrequencyUpdates)]
-        self._mfu = mfus[0] if mfus else None
+        owners = [cb for cb in mfus if self.level in {lvl.name for lvl in cb.levels}]
+        self._mfu = owners[0] if owners else mfus[0] if mfus else None
+        self._known_levels = [lvl.name for cb in mfus for lvl in cb.levels]
         self.targets = self._resolve_targets(trainer, pl_module)
         self._check_no_overlap(trainer)
         for t in self.targets:
@@ -251,7 +258,7 @@ class SelfModifyingRule(StepHookCallback):
             raise MisconfigurationException(
                 f"{cls}(level={self.level!r}) needs a MultiFrequencyUpdates callback in the Trainer that defines it."
             )
-        known = [lvl.name for lvl in self._mfu.levels]
+        known = self._known_levels
         if self.level not in known:
             raise MisconfigurationException(f"{cls}: level {self.level!r} is not one of the levels {known}.")
         params = self._mfu.book.params(self.level)
@@ -310,7 +317,9 @@ class SelfModifyingRule(StepHookCallback):
         """Update the multipliers and write the effective values for the coming step of ``optimizer``.
 
         ``on_before_optimizer_step`` calls it; it is idempotent until the step happens, so another callback that
-        must read the effective values (``NestedLearningMonitor``) may call it first.
+        must read the effective values (``NestedLearningMonitor``) may call it first. A step that a ``GradScaler``
+        will skip, or that carries no gradient (:meth:`step_has_gradients`), is left alone: no multiplier moves, no
+        value is written and no update is counted.
         """
         i = self.optimizer_index(optimizer)
         if i in self._applied:
@@ -322,6 +331,8 @@ class SelfModifyingRule(StepHookCallback):
         due = self._mfu.prepare_step(optimizer).due if self._mfu is not None else ()
         if getattr(trainer.precision_plugin, "scaler", None) is not None and not _grads_finite(targets):
             return  # the GradScaler will skip this step: neither observe nor modulate it
+        if not self.step_has_gradients(i):
+            return  # a step without gradients (no backward) updates nothing: neither observe nor modulate it
         opt = trainer.optimizers[i]
         saved = self._saved.setdefault(i, [])
         for t in targets:
