@@ -7,6 +7,7 @@ from nl_lightning.models.hope import HopeBlock, HopeBlockState, HopeModule, Hope
 from nl_lightning.models.lm import CausalLM
 from nl_lightning.models.neural_memory import NeuralMemory, NeuralMemoryState
 from nl_lightning.models.self_modifying_titans import SelfModifyingState, SelfModifyingTitans
+from nl_lightning.models.task_loss_cms import TaskLossContext
 from nl_lightning.models.titans import TitansMAL, TitansState
 from nl_lightning.models.to_cms import CMSAdapter, cms_levels, to_cms
 from nl_lightning.models.transformer import KVCache, TransformerPP
@@ -28,6 +29,7 @@ __all__ = [
     "NeuralMemoryState",
     "SelfModifyingState",
     "SelfModifyingTitans",
+    "TaskLossContext",
     "TitansMAL",
     "TitansState",
     "TransformerPP",

@@ -197,7 +197,10 @@ class CMSLevel(nn.Module):
     def _write_pass(self, x: Tensor, state: FastWeights, differentiable: bool) -> tuple[Tensor, FastWeights]:
         """Read and write along ``x`` ``(B, S, D)`` chunk by chunk; returns the reads ``(B, S, D)`` and the state."""
         if self.value is None:
-            raise RuntimeError("This CMSLevel was built static (in_context=False): it has no value projection.")
+            raise RuntimeError(
+                "This CMSLevel has no value projection (built static, in_context=False, or for writes driven by an"
+                " outside signal, value_projection=False), so it cannot write with its local objective."
+            )
         lengths = piece_lengths(x.shape[1], state.count, self.chunk_size)
         keys = self.norm(x).to(x.dtype)  # (B, S, D): norm and targets are per token, so computed for the whole input
         values = keys @ self.value.to(x.dtype).T  # (B, S, D): v = W_v k, with its graph (both kinds of writes use it)
@@ -252,11 +255,43 @@ class CMSLevel(nn.Module):
         y, z, a = mlp_forward(k, *state.weights, self.activation)
         state = state.add_pending(mlp_grads(k, z, a, y - v, state.w2, self.activation)).advance(k.shape[1])
         if state.count == self.chunk_size:
-            if self.retention == 1.0:
-                state = state.write(self._scale())
-            else:
-                state = state.write(self._scale(), self.retention, self._initial(k.dtype))
+            state = self.close_chunk(state)
         return y, z, a, state
+
+    def close_chunk(self, state: FastWeights) -> FastWeights:
+        """The write that closes a chunk (Eq. 31): ``W <- lerp(W_0, W, ρ) - s P`` with the level's step ``s`` and
+        retention ``ρ``, ``P`` the pending sums; it keeps the graph of its inputs (wrap it in ``torch.no_grad()`` for
+        a first-order write).
+
+        Args:
+            state: The level's fast weights with the chunk's pending gradient sums.
+
+        Returns:
+            The written weights, with no pending sums and ``count = 0``.
+
+        """
+        if self.retention == 1.0:
+            return state.write(self._scale())
+        return state.write(self._scale(), self.retention, self._initial(state.w1.dtype))
+
+    def read(self, h: Tensor, weights: tuple[Tensor, ...]) -> Tensor:
+        """``h + MLP(Norm(h))`` (the MLP alone without ``residual``) read with the given weights, with their graph.
+
+        Args:
+            h: The input ``(B, n, D)``.
+            weights: ``(w1 (B, H, D), b1 (B, H), w2 (B, D, H), b2 (B, D))`` per sample, in the inner dtype (fp32, or
+                fp64 for a float64 input); the computation runs in it with autocast disabled.
+
+        Returns:
+            The output ``(B, n, D)`` in ``h``'s dtype.
+
+        """
+        inner = weights[0].dtype
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            x = h.to(inner)
+            y = mlp_forward(self.norm(x).to(inner), *weights, self.activation)[0]  # (B, n, D)
+            out = x + y if self.residual else y
+        return out.to(h.dtype)
 
     def _scale(self) -> float:
         """``s``, the step of a write on its pending gradient sums (Eq. 31 with the mean or the sum)."""
@@ -332,6 +367,10 @@ class ContinuumMemory(nn.Module):
         retention: Share of their distance from the initial weights that each level's fast weights keep at every
             write, in ``(0, 1]`` (one value or one per level; see :class:`CMSLevel`). 1 (default): Eq. 31 as printed,
             with no pull back, so the fast weights can wander arbitrarily far over a long stream.
+        value_projection: Give each token-axis level its value projection ``W_v`` (the targets of the local
+            objective). ``False`` builds levels without it, for writes driven by an outside signal (Hope's
+            ``cms_write_signal="task_loss"``, :mod:`nl_lightning.models.task_loss_cms`): their own write pass then
+            raises, and reads with ``write=False`` work as usual.
 
     Raises:
         ValueError: On an empty ``chunk_sizes``, a chunk size below 1, per-level lists of the wrong length, or an
@@ -360,6 +399,7 @@ class ContinuumMemory(nn.Module):
         reduction: Literal["mean", "sum"] = "mean",
         differentiable_writes: bool = True,
         retention: Union[float, Sequence[float]] = 1.0,
+        value_projection: bool = True,
     ) -> None:
         super().__init__()
         chunk_sizes = list(chunk_sizes)
@@ -382,7 +422,8 @@ class ContinuumMemory(nn.Module):
             strict=True,
         )
         blocks = [
-            CMSLevel(dim, h, c, act, nm, res, lr, reduction, in_context, rho) for h, act, nm, res, lr, c, rho in specs
+            CMSLevel(dim, h, c, act, nm, res, lr, reduction, in_context and value_projection, rho)
+            for h, act, nm, res, lr, c, rho in specs
         ]
         # Registered under "levels" so that parameters read "levels.<i>.w1" (globs like "*.cms.levels.2.*"), while
         # `levels()` stays the method of the contract; `add_module` would refuse the name of an existing attribute.

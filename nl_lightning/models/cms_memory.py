@@ -314,7 +314,8 @@ class FastWeights:
         w1, b1, w2, b2: The fast weights, ``(B, H, D)``, ``(B, H)``, ``(B, D, H)``, ``(B, D)``, fp32 (fp64 for a
             float64 input).
         pending: Summed gradients of the tokens read so far in the current chunk (``None`` when none).
-        count: Tokens read so far in the current chunk (``0 <= count < chunk_size`` between calls).
+        count: Tokens read so far in the current chunk (``0 <= count < chunk_size`` between calls; ``chunk_size`` in
+            a state whose write is due, with task-loss writes, :mod:`nl_lightning.models.task_loss_cms`).
         initial_share: ``c`` such that, under first-order writes, the weights depend on the learned initial weights
             ``w0`` as ``c * w0`` plus a constant: 1 for a fresh state, 0 after :meth:`detach`, ``ρ c + 1 - ρ`` after
             a write with retention ``ρ``. It lets a first-order pass route the retention's gradient exactly (see

@@ -42,6 +42,13 @@ earlier token of the stream (or, with ``window``, to the ``window`` tokens endin
 boundaries fall; without a window the cache grows with the stream, so bounded memory needs a window. Each CMS
 write keeps ``cms_retention`` (default :data:`DEFAULT_CMS_RETENTION`) of the fast weights' distance from the learned
 initial weights, so that streaming far past the training length stays near the states the model was trained on.
+
+``cms_write_signal="task_loss"`` [ours, the "local surprise signal" reading of Eq. 31 in the manner of dynamic
+evaluation] writes the CMS with the gradient of the model's own next-token cross-entropy instead of the local
+objective: the pending sum of a level's chunk is the sum over its positions ``t`` of
+:math:`\nabla_W \mathrm{CE}(\mathrm{logits}_t, x_{t+1})`, each through position ``t``'s own forward at the chunk's
+anchor weights, and the write that closes a chunk is applied when the next chunk's first token arrives (it is the
+target of the chunk's last position); see :mod:`nl_lightning.models.task_loss_cms`.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
+import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -58,11 +66,13 @@ from nl_lightning.models.cms import ContinuumMemory
 from nl_lightning.models.cms_memory import CMSState
 from nl_lightning.models.lm import BlockStackLM
 from nl_lightning.models.self_modifying_titans import SelfModifyingState, SelfModifyingTitans
+from nl_lightning.models.task_loss_cms import TaskLossContext, task_loss_forward
 from nl_lightning.models.transformer import CausalSelfAttention, KVCache, RMSNorm
 
 __all__ = ["DEFAULT_CMS_RETENTION", "HopeBlock", "HopeBlockState", "HopeModule", "HopeState"]
 
 Variant = Literal["titans", "attention"]
+WriteSignal = Literal["target", "task_loss"]
 
 #: Retention of the CMS fast weights per write in Hope [ours]; see :class:`~nl_lightning.models.cms.CMSLevel`.
 DEFAULT_CMS_RETENTION = 0.8
@@ -92,6 +102,28 @@ class HopeBlockState:
         titans, attention = _maybe(self.titans, "select", index), _maybe(self.attention, "select", index)
         return HopeBlockState(titans, self.cms.select(index), attention)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors, lists, ints and ``None`` only (loads with ``torch.load(weights_only=True)``); detached."""
+        titans, attention = _maybe(self.titans, "state_dict"), _maybe(self.attention, "state_dict")
+        return {"titans": titans, "cms": self.cms.state_dict(), "attention": attention}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> HopeBlockState:
+        """Inverse of :meth:`state_dict`."""
+        titans = None if state["titans"] is None else SelfModifyingState.from_state_dict(state["titans"])
+        attention = None if state["attention"] is None else KVCache.from_state_dict(state["attention"])
+        return cls(titans, CMSState.from_state_dict(state["cms"]), attention)
+
+
+def _check_write_signal(signal: Any, variant: str) -> None:
+    if signal not in ("target", "task_loss"):
+        raise ValueError(f"`cms_write_signal` must be 'target' or 'task_loss', got {signal!r}.")
+    if signal == "task_loss" and variant != "titans":
+        raise ValueError(
+            "`cms_write_signal='task_loss'` needs the self-modifying Titans variant (variant='titans'), got"
+            f" variant={variant!r}."
+        )
+
 
 def _maybe(state: Any, method: str, *args: Any) -> Any:
     """``state.method(*args)``, or ``None`` for a missing state."""
@@ -100,16 +132,37 @@ def _maybe(state: Any, method: str, *args: Any) -> Any:
 
 @dataclass
 class HopeState:
-    """The memory of a :class:`HopeModule`: one :class:`HopeBlockState` per block. Pass it back to continue a stream."""
+    """The memory of a :class:`HopeModule`: one :class:`HopeBlockState` per block. Pass it back to continue a stream.
+
+    Attributes:
+        blocks: The blocks' states.
+        deferred: With ``cms_write_signal="task_loss"``, the context of the last position read, whose loss term (and
+            the CMS writes that wait for it, the levels whose ``count`` equals their chunk size) the next call adds
+            with its first token as the target; ``None`` otherwise. It holds values only: :meth:`detach` keeps it,
+            :meth:`select` indexes its batch and :meth:`state_dict` stores it.
+
+    """
 
     blocks: list[HopeBlockState]
+    deferred: Optional[TaskLossContext] = None
 
     def detach(self) -> HopeState:
         """Stop gradients here (truncated backpropagation); also usable outside the inference mode that made it."""
-        return HopeState([b.detach() for b in self.blocks])
+        return HopeState([b.detach() for b in self.blocks], _maybe(self.deferred, "detach"))
 
     def select(self, index: Tensor) -> HopeState:
-        return HopeState([b.select(index) for b in self.blocks])
+        """The states of some samples of the batch."""
+        return HopeState([b.select(index) for b in self.blocks], _maybe(self.deferred, "select", index))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors, lists, ints and ``None`` only (loads with ``torch.load(weights_only=True)``); detached."""
+        return {"blocks": [b.state_dict() for b in self.blocks], "deferred": _maybe(self.deferred, "state_dict")}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> HopeState:
+        """Inverse of :meth:`state_dict`."""
+        deferred = None if state["deferred"] is None else TaskLossContext.from_state_dict(state["deferred"])
+        return cls([HopeBlockState.from_state_dict(b) for b in state["blocks"]], deferred)
 
 
 class HopeBlock(nn.Module):
@@ -129,9 +182,15 @@ class HopeBlock(nn.Module):
             every write (one value or one per level, in ``(0, 1]``; see
             :class:`~nl_lightning.models.cms.CMSLevel`). Below 1 keeps a long stream's fast weights near the state
             the model was trained to read; 1 is Eq. 31 as printed.
+        cms_write_signal: What writes the CMS on the token axis: ``"target"`` (default), the gradient of each level's
+            local objective ``0.5 ||MLP(k_t) - W_v k_t||^2``; ``"task_loss"``, the gradient of the model's next-token
+            loss (:mod:`nl_lightning.models.task_loss_cms`), which only the :class:`HopeModule` holding the block
+            computes: the CMS levels are built without value projections, and the block's own :meth:`forward` then
+            reads only (``write=False``).
 
     Raises:
-        ValueError: On an unknown ``variant`` (and the sub-modules' own errors).
+        ValueError: On an unknown ``variant`` or ``cms_write_signal``, ``"task_loss"`` with the attention variant
+            (and the sub-modules' own errors).
 
     Example::
 
@@ -153,11 +212,13 @@ class HopeBlock(nn.Module):
         window: Optional[int] = None,
         titans_kwargs: Optional[dict[str, Any]] = None,
         cms_retention: Union[float, Sequence[float]] = DEFAULT_CMS_RETENTION,
+        cms_write_signal: WriteSignal = "target",
     ) -> None:
         super().__init__()
         if variant not in ("titans", "attention"):
             raise ValueError(f"`variant` must be 'titans' (Hope) or 'attention' (Hope-Attention), got {variant!r}.")
-        self.variant = variant
+        _check_write_signal(cms_write_signal, variant)
+        self.variant, self.cms_write_signal = variant, cms_write_signal
         self.norm = RMSNorm(dim)
         if variant == "titans":
             self.mixer: nn.Module = SelfModifyingTitans(dim, heads, chunk_size, **(titans_kwargs or {}))
@@ -171,6 +232,7 @@ class HopeBlock(nn.Module):
             in_context=True,
             differentiable_writes=False,
             retention=cms_retention,
+            value_projection=cms_write_signal == "target",
             **cms_kwargs,
         )
 
@@ -188,7 +250,16 @@ class HopeBlock(nn.Module):
         Returns:
             The new residual stream ``(B, T, D)`` and the block's state after ``x``.
 
+        Raises:
+            RuntimeError: If ``write`` and the CMS is written by the task loss (``cms_write_signal="task_loss"``):
+                :class:`HopeModule` drives those writes.
+
         """
+        if write and self.cms_write_signal == "task_loss" and x.shape[1] > 0:
+            raise RuntimeError(
+                "This HopeBlock's CMS is written by the model's next-token loss (cms_write_signal='task_loss'): run it"
+                " inside HopeModule, or call it with write=False to read only."
+            )
         titans_state = None if state is None else state.titans
         cache = None if state is None else state.attention
         if self.variant == "titans":
@@ -235,11 +306,18 @@ class HopeModule(BlockStackLM):
         cms_retention: Share of their distance from the learned initial weights that the CMS fast weights keep at
             every write (see :class:`HopeBlock`); 1 is Eq. 31 as printed, under which the bits per byte of a stream
             far longer than the training sequences climb towards chance.
+        cms_write_signal: ``"target"`` (default): each CMS level writes with the gradient of its local objective;
+            ``"task_loss"``: with the gradient of the model's next-token cross-entropy, the target of position ``t``
+            being input token ``t + 1`` (so ``forward`` needs no extra argument), each position's term through its
+            own forward at the chunk's anchor weights, the write that closes a chunk applied when the next token
+            arrives (:mod:`nl_lightning.models.task_loss_cms`). Streaming stays exact: the state carries the last
+            position's open term (:attr:`HopeState.deferred`). Titans variant only.
         **lm_kwargs: :class:`~nl_lightning.models.lm.CausalLM` arguments (``lr``, ``segment_len``,
             ``memorize_at_eval``, ...).
 
     Raises:
-        ValueError: On sizes below 1, an unknown variant, or a bad sub-module / CausalLM argument.
+        ValueError: On sizes below 1, an unknown variant or ``cms_write_signal``, ``"task_loss"`` with the attention
+            variant, or a bad sub-module / CausalLM argument.
 
     Example::
 
@@ -267,12 +345,14 @@ class HopeModule(BlockStackLM):
         titans_kwargs: Optional[dict[str, Any]] = None,
         tie_embeddings: bool = True,
         cms_retention: Union[float, Sequence[float]] = DEFAULT_CMS_RETENTION,
+        cms_write_signal: WriteSignal = "target",
         **lm_kwargs: Any,
     ) -> None:
         super().__init__(vocab_size, **lm_kwargs)
         for name, value in (("dim", dim), ("depth", depth), ("heads", heads)):
             check_int(name, value)
-        self.dim, self.variant = dim, variant
+        _check_write_signal(cms_write_signal, variant)
+        self.dim, self.variant, self.cms_write_signal = dim, variant, cms_write_signal
         blocks = [
             HopeBlock(
                 dim,
@@ -285,10 +365,40 @@ class HopeModule(BlockStackLM):
                 window,
                 titans_kwargs,
                 cms_retention,
+                cms_write_signal,
             )
             for _ in range(depth)
         ]
         self.build(dim, blocks, tie_embeddings)
+
+    @override
+    def forward(self, tokens: Tensor, state: Optional[HopeState] = None, write: bool = True) -> tuple[Tensor, Any]:
+        """Continue a stream by ``tokens``.
+
+        With ``cms_write_signal="task_loss"`` and ``write``, the CMS writes with the task loss
+        (:func:`~nl_lightning.models.task_loss_cms.task_loss_forward`; under ``torch.no_grad`` or inference mode the
+        logits carry no graph). ``write=False`` reads the memories as the target mode does and keeps the state's open
+        term (:attr:`HopeState.deferred`) and due writes for a later call.
+
+        Args:
+            tokens: The next tokens ``(B, T)``.
+            state: The state after the previous tokens (``None``: a new sequence).
+            write: Let the memories write.
+
+        Returns:
+            The logits ``(B, T, vocab_size)`` and the :class:`HopeState` after the tokens.
+
+        """
+        if self.cms_write_signal == "target":
+            return super().forward(tokens, state, write=write)
+        deferred = None if state is None else state.deferred
+        if not write or tokens.shape[1] == 0:
+            logits, new = super().forward(tokens, state, write=False)
+            return logits, HopeState(new.blocks, deferred)
+        logits, blocks, last = task_loss_forward(self, tokens, None if state is None else state.blocks, deferred)
+        if not torch.is_grad_enabled():
+            logits = logits.detach()
+        return logits, HopeState([HopeBlockState(t, c) for t, c in blocks], last)
 
     @override
     def state_stats(self) -> dict[str, float]:
