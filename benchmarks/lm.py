@@ -8,7 +8,8 @@ Models (tiny sizes of the CPU recipes ``nl_lightning/recipes/text_*.yaml``; widt
 ------------------------------------------------------------------------------------------------
 - ``hope``: ``HopeModule(dim=64, depth=2, heads=4, chunk_size=16, cms_chunk_sizes=[16, 64])``, self-modifying Titans
   then a CMS (the parameter reference), with the default ``cms_retention`` (``DEFAULT_CMS_RETENTION``);
-- ``hope_attention``: the same with ``variant="attention"`` (softmax attention within a segment, then the CMS);
+- ``hope_attention``: the same with ``variant="attention"`` (causal softmax attention whose key/value cache is carried
+  across segments, then the CMS);
 - ``transformer``: ``TransformerPP(dim=64, depth=3, heads=4, mlp_mult=2.0)``. The recipe's ``mlp_mult`` (8/3) gives
   about 22 % more parameters than Hope, so the SwiGLU width is lowered to 128 to match;
 - ``titans``: ``TitansMAL(dim=64, depth=2, heads=4, window=64, chunk_size=16, mlp_mult=1.5)`` (MAL, memory depth 2);
@@ -16,7 +17,15 @@ Models (tiny sizes of the CPU recipes ``nl_lightning/recipes/text_*.yaml``; widt
 - ``hope_rho1`` (an ablation, in parts 1 and 3 only): ``hope`` with ``cms_retention=1.0``, the CMS writes of Eq. 31 as
   printed, with no pull back towards the learned initial weights;
 - ``hope_chunk64`` (an ablation, in part 1 only): ``hope`` with ``chunk_size=64`` for the self-modifying Titans, the
-  throughput setting of paper-notes §4 (the same parameters; ``benchmarks/memory_speed.py`` times its step).
+  throughput setting of paper-notes §4 (the same parameters; ``benchmarks/memory_speed.py`` times its step);
+- ``hope_value_frozen`` (an ablation, in part 1 only): ``hope`` with the CMS ``value`` projections frozen at their
+  initialisation (the identity), so that every CMS write pulls its level towards autoencoding its normalised input:
+  the targets of the first-order writes without the gradient with respect to the target projection;
+- ``hope_cms_second_order`` (an ablation, in part 1 only): ``hope`` with ``differentiable_writes=True`` in every CMS,
+  so that the outer loss backpropagates through the writes (second order) instead of the first-order path;
+- ``hope_task_loss`` (an ablation, in part 1 only): ``hope`` with ``cms_write_signal="task_loss"``: the CMS writes
+  follow the gradient of the model's own next-token loss (dynamic-evaluation style) instead of a learned target; its
+  CMS levels have no value projection, so it has fewer parameters.
 
 The exact parameter counts (all distinct parameters, embeddings tied with the head) and their difference from Hope's
 are in the JSON and the report; the script warns when one is more than 5 % off. All models: AdamW, lr 3e-3, weight
@@ -129,15 +138,27 @@ from torch import Tensor
 import nl_lightning
 from nl_lightning.data.synthetic import MQARDataModule, NeedleDataModule
 from nl_lightning.data.text import TextDataModule, load_corpus
+from nl_lightning.models.cms import ContinuumMemory
 from nl_lightning.models.hope import DEFAULT_CMS_RETENTION, HopeModule
 from nl_lightning.models.lm import CausalLM
 from nl_lightning.models.titans import TitansMAL
 from nl_lightning.models.transformer import TransformerPP
 
 PARTS = ("bpc", "recall", "streaming")
-MODELS = ("hope", "hope_attention", "transformer", "titans", "hope_rho1", "hope_chunk64")
-STATEFUL = ("hope", "hope_attention", "titans", "hope_rho1", "hope_chunk64")
-ABLATIONS = ("hope_rho1", "hope_chunk64")  # not in the recall part; hope_chunk64 not streamed either
+MODELS = (
+    "hope",
+    "hope_attention",
+    "transformer",
+    "titans",
+    "hope_rho1",
+    "hope_chunk64",
+    "hope_value_frozen",
+    "hope_cms_second_order",
+    "hope_task_loss",
+)
+STATEFUL = tuple(name for name in MODELS if name != "transformer")
+# not in the recall part; only hope_rho1 of them is streamed
+ABLATIONS = ("hope_rho1", "hope_chunk64", "hope_value_frozen", "hope_cms_second_order", "hope_task_loss")
 # glibc raises its mmap threshold each time a large block is freed, after which freed blocks stay in the heap and
 # count in the RSS; pinning it (which turns that off) makes the peak RSS of a probe follow the live bytes.
 MALLOC_MMAP_THRESHOLD = "131072"
@@ -161,6 +182,31 @@ ARCH: dict[str, tuple[type[CausalLM], dict[str, Any], str]] = {
         {"dim": 64, "depth": 2, "heads": 4, "chunk_size": 64, "cms_chunk_sizes": [16, 64]},
         f"HopeModule(dim=64, depth=2, heads=4, chunk_size=64, cms_chunk_sizes=[16, 64]) (cms_retention"
         f" {DEFAULT_CMS_RETENTION}; ablation: the self-modifying Titans' throughput chunk size)",
+    ),
+    "hope_value_frozen": (
+        HopeModule,
+        {"dim": 64, "depth": 2, "heads": 4, "chunk_size": 16, "cms_chunk_sizes": [16, 64]},
+        "HopeModule(dim=64, depth=2, heads=4, chunk_size=16, cms_chunk_sizes=[16, 64]) with every CMS `value`"
+        " frozen at its initialisation (ablation: write targets that do not train)",
+    ),
+    "hope_cms_second_order": (
+        HopeModule,
+        {"dim": 64, "depth": 2, "heads": 4, "chunk_size": 16, "cms_chunk_sizes": [16, 64]},
+        "HopeModule(dim=64, depth=2, heads=4, chunk_size=16, cms_chunk_sizes=[16, 64]) with"
+        " `differentiable_writes=True` in every CMS (ablation: backpropagation through the CMS writes)",
+    ),
+    "hope_task_loss": (
+        HopeModule,
+        {
+            "dim": 64,
+            "depth": 2,
+            "heads": 4,
+            "chunk_size": 16,
+            "cms_chunk_sizes": [16, 64],
+            "cms_write_signal": "task_loss",
+        },
+        "HopeModule(dim=64, depth=2, heads=4, chunk_size=16, cms_chunk_sizes=[16, 64], cms_write_signal='task_loss')"
+        " (ablation: CMS writes driven by the next-token loss)",
     ),
     "hope_attention": (
         HopeModule,
@@ -219,11 +265,30 @@ def log(message: str) -> None:
     print(f"[lm] {message}", file=sys.stderr, flush=True)
 
 
+def _freeze_cms_values(model: CausalLM) -> None:
+    for param_name, param in model.named_parameters():
+        if param_name.endswith(".value"):
+            param.requires_grad_(False)  # CausalLM.param_groups leaves it out of the optimizer
+
+
+def _cms_second_order(model: CausalLM) -> None:
+    for module in model.modules():
+        if isinstance(module, ContinuumMemory):
+            module.differentiable_writes = True
+
+
+#: Changes applied to a model after it is built (the ablations that are not constructor arguments).
+AFTER_BUILD: dict[str, Callable[[CausalLM], None]] = {
+    "hope_value_frozen": _freeze_cms_values,
+    "hope_cms_second_order": _cms_second_order,
+}
+
+
 def build(name: str, vocab_size: int, segment_len: Optional[int], steps: int) -> CausalLM:
     """One of :data:`MODELS` at the tiny size, with the shared optimizer settings and a cosine decay to ``steps``."""
     cls, kwargs, _ = ARCH[name]
     warmup = min(OPTIM["warmup_steps"], max(1, steps // 10))
-    return cls(
+    model = cls(
         vocab_size=vocab_size,
         segment_len=segment_len,
         lr=OPTIM["lr"],
@@ -231,13 +296,20 @@ def build(name: str, vocab_size: int, segment_len: Optional[int], steps: int) ->
         max_steps_schedule=max(steps, warmup + 1),
         **kwargs,
     )
+    if name in AFTER_BUILD:
+        AFTER_BUILD[name](model)
+    return model
 
 
 def parameter_counts(vocab_size: int) -> dict[str, dict[str, Any]]:
     counts = {}
     for name in MODELS:
         model = build(name, vocab_size, None, 10)
-        counts[name] = {"total": model.num_parameters(), "non_embedding": model.num_parameters(non_embedding=True)}
+        counts[name] = {
+            "total": model.num_parameters(),
+            "non_embedding": model.num_parameters(non_embedding=True),
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        }
     ref = counts["hope"]["total"]
     for c in counts.values():
         c["vs_hope"] = c["total"] / ref - 1
@@ -724,16 +796,17 @@ def bpc_markdown(part: dict[str, Any]) -> list[str]:
         " models only). Mean ± std over seeds " + " ".join(map(str, s["seeds"])) + ". Time: the fit alone, 1 thread"
         " on a shared 2-core machine.",
         "",
-        "| model | params (non-emb.) | vs Hope | val bpc | val bpc, memorize off | final train bpc | train tokens |"
-        " fit s | tokens/s | ms/step (median) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | params (non-emb.) | trainable | vs Hope | val bpc | val bpc, memorize off | final train bpc |"
+        " train tokens | fit s | tokens/s | ms/step (median) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, block in part["models"].items():
         agg, p = block["aggregate"], part["parameters"][name]
         flag = f" ({agg['diverged']} diverged)" if agg["diverged"] else ""
         off = cell(agg["val_bpc_memorize_off"], ".4f", "non-finite") if name in STATEFUL else "n/a (stateless)"
         lines.append(
-            f"| {name}{flag} | {p['total']:,} ({p['non_embedding']:,}) | {p['vs_hope']:+.1%} |"
+            f"| {name}{flag} | {p['total']:,} ({p['non_embedding']:,}) | {p.get('trainable', p['total']):,} |"
+            f" {p['vs_hope']:+.1%} |"
             f" {cell(agg['val_bpc'], '.4f')} | {off} | {cell(agg['final_train_bpc'], '.3f')} |"
             f" {agg['train_tokens']:,} | {cell(agg['fit_s'], '.0f')} | {cell(agg['tokens_per_s'], '.0f')} |"
             f" {cell(agg['median_step_ms'], '.0f')} |"
@@ -988,6 +1061,7 @@ def source_hashes() -> dict[str, dict[str, str]]:
         "models/self_modifying_titans.py",
         "models/cms.py",
         "models/cms_memory.py",
+        "models/task_loss_cms.py",
         "data/text.py",
         "data/synthetic.py",
     ]
