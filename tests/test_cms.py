@@ -27,7 +27,7 @@ def reference(
 
     ``create_graph``: the writes are differentiable (second order). ``first_order``: the reads keep the fast weights'
     graph to the parameters; each token's gradient is taken at a detached anchor and a detached input, so the writes
-    keep only the graph of their targets ``v = W_v k``. ``cut_at``: a segment boundary before that token (first
+    keep only the graph of their targets ``v = W_v k`` to the value projection ``W_v`` (not to the key ``k``). ``cut_at``: a segment boundary before that token (first
     order): the fast weights lose the graph of the targets written before it and the pending sums all their graph
     (first order across calls), or, with ``detach``, the fast weights lose every graph. Returns the output and, per
     level, the final fast weights of every sample.
@@ -53,7 +53,7 @@ def reference(
                 read = fast[2] @ ACT[blk.activation](fast[0] @ k + fast[1]) + fast[3] if first_order else y
                 rows.append(h[b, t] + read if blk.residual else read)
                 if blk.inner_lr > 0:
-                    loss = 0.5 * (y - value @ k).pow(2).sum()
+                    loss = 0.5 * (y - value @ k_in).pow(2).sum()
                     grads = torch.autograd.grad(loss, anchor, create_graph=create_graph or first_order)
                     pending = [p + g for p, g in zip(pending, grads, strict=True)]
                 count += 1
@@ -282,7 +282,7 @@ def test_first_order_meta_gradients_match_the_reference(retention, detach, activ
 def chunk_reference(blk, x: torch.Tensor, carried: Optional[tuple] = None) -> tuple[torch.Tensor, tuple]:
     """One first-order level, chunk by chunk with plain autograd: the reads ``y = MLP(k, W_j)`` keep their whole graph,
     each write's pending gradient is formed from detached ``k``, ``z``, ``a``, ``y`` and anchor ``W2`` with only the
-    targets ``v = W_v k`` carrying their graph (``error = y.detach() - v``), and the weights
+    targets ``v = W_v k`` carrying their graph, to ``W_v`` (``error = y.detach() - v``), and the weights
     ``W_j = lerp(W_0, W_{j-1}, rho) - s pending_j`` keep theirs. ``carried``: ``(weights, pending, count)`` handed on
     by the previous call, whose weights have lost the graph of the targets written in it and whose pending sums have
     lost all graph (first order across calls). Returns the output and what this call hands on."""
@@ -290,7 +290,7 @@ def chunk_reference(blk, x: torch.Tensor, carried: Optional[tuple] = None) -> tu
     scale = blk.inner_lr / (blk.chunk_size if blk.reduction == "mean" else 1)
     initial = (blk.w1, blk.b1, blk.w2, blk.b2)
     keys = blk.norm(x)  # (B, S, D)
-    values = keys @ blk.value.T  # (B, S, D)
+    values = keys.detach() @ blk.value.T  # (B, S, D): the targets' graph reaches W_v only
     weights, pending, count = carried or ([w.expand(x.shape[0], *w.shape) for w in initial], None, 0)
     plain, reads, t = weights, [], 0
     while t < x.shape[1]:

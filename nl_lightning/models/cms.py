@@ -203,7 +203,8 @@ class CMSLevel(nn.Module):
             )
         lengths = piece_lengths(x.shape[1], state.count, self.chunk_size)
         keys = self.norm(x).to(x.dtype)  # (B, S, D): norm and targets are per token, so computed for the whole input
-        values = keys @ self.value.to(x.dtype).T  # (B, S, D): v = W_v k, with its graph (both kinds of writes use it)
+        # v = W_v k (B, S, D); first-order writes take the targets' gradient to W_v only, not to the keys
+        values = (keys if differentiable else keys.detach()) @ self.value.to(x.dtype).T
         if not differentiable:
             return self._first_order(keys, values, lengths, state)
         ys = []
@@ -328,8 +329,8 @@ class ContinuumMemory(nn.Module):
     With ``differentiable_writes=False`` a write ``w <- w0 + ρ (w - w0) - s g`` (``s = inner_lr / C`` for the mean,
     ``inner_lr`` for the sum) is first order. The gradient keeps every read's dependence on its keys and on the
     weights it reads: the state the call started from, the initial weights (the share the retention routed to them)
-    and the earlier writes of the call. It keeps every write's dependence on its targets ``v_t = W_v k_t``, so on the
-    value projections and, through them, on the keys: the pending sums ``g_w2 = Σ_t (y_t - v_t) a_t^T``,
+    and the earlier writes of the call. It keeps every write's dependence on its targets ``v_t = W_v k_t`` through the
+    value projections ``W_v`` (the keys count as constants there, as everywhere else in the writes): the pending sums ``g_w2 = Σ_t (y_t - v_t) a_t^T``,
     ``g_b2 = Σ_t (y_t - v_t)``, ``g_w1 = Σ_t dz_t k_t^T``, ``g_b1 = Σ_t dz_t`` with
     ``dz_t = act'(z_t) * (W2^T (y_t - v_t))`` are linear in ``v_t`` at a fixed anchor, so with ``A = dL/dW_j`` the
     gradient of the weights ``W_j`` that the write of ``t``'s chunk produces, summed over every later read of the call
@@ -342,7 +343,7 @@ class ContinuumMemory(nn.Module):
 
     (``z_t``, ``a_t``: the hidden pre-activation and activation of ``k_t`` at the anchor ``W_1, b_1, W_2``). It drops
     the rest of the writes' dependence (second order): through the anchor weights, and through ``k_t``, ``z_t``,
-    ``a_t`` and ``y_t`` inside the pending sums, so the keys reach the writes only through ``v_t``. It is first order
+    ``a_t`` and ``y_t`` inside the pending sums, and through ``k_t`` inside ``v_t``. It is first order
     across calls too: the state a call returns keeps the dependence of
     its weights on the initial weights and on the state the call started from, not on the targets written in the
     call, and its pending sums carry no graph, so tokens whose chunk is written in a later call give their targets no

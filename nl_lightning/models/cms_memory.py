@@ -175,26 +175,44 @@ def _target_grads(
 
 def _value_grads(
     pieces: list[ReadPiece],
-    per_piece: list[tuple[Tensor, ...]],
     keys: tuple[Tensor, ...],
     acts: tuple[Tensor, ...],
+    grads: tuple[Tensor, ...],
+    g_z: list[Tensor],
     activation: str,
     rule: WriteRule,
-) -> Tensor:
-    """The targets' gradient ``(B, S, D)`` by a reverse scan over the pieces: ``after`` is ``dL/dW`` of the weights read
-    after the current piece (within this call), the gradient ``A`` of the write the piece closes; the weights read
-    before that write get ``G_q + ρ A`` (``G_q`` the piece's own reads, ``per_piece[q]``). The tokens of a chunk whose
-    write falls in a later call get no gradient."""
+    route: list[float],
+) -> tuple[Tensor, list[Tensor], list[Optional[Tensor]]]:
+    """The targets' gradient ``(B, S, D)`` by a reverse scan over the pieces, with the weights' gradients on the way.
+
+    ``after`` is ``dL/dW`` of the weights read after the current piece (within this call), the gradient ``A`` of the
+    write the piece closes; the weights read before that write get ``G_q + ρ A`` (``G_q`` the piece's own per-sample
+    weight gradients, formed one piece at a time so that memory does not grow with the number of pieces). The tokens of
+    a chunk whose write falls in a later call get no gradient.
+
+    Returns:
+        The targets' gradient, the gradients of the weights the pass started from (``sum_q G_q``), and those of the
+        initial weights (``sum_q route_q G_q`` summed over the batch; ``None`` where no piece routes to them).
+
+    """
     after: Optional[tuple[Tensor, ...]] = None
+    total: Optional[list[Tensor]] = None
+    routed: list[Optional[Tensor]] = [None] * 4
     out = []
-    for piece, grads, k, a in zip(reversed(pieces), reversed(per_piece), reversed(keys), reversed(acts), strict=True):
+    for q in reversed(range(len(pieces))):
+        piece, k, a = pieces[q], keys[q], acts[q]
+        own = _weight_grads(k, a, grads[q], g_z[q])  # G_q: (B, H, D), (B, H), (B, D, H), (B, D)
+        total = list(own) if total is None else [t + g for t, g in zip(total, own, strict=True)]
+        if route[q]:
+            routed = [route[q] * g.sum(0) + (0 if r is None else r) for g, r in zip(own, routed, strict=True)]
         if piece.writes and after is not None:
             out.append(_target_grads(after, k, a, piece.z, piece.w2, activation, rule.scale))
-            after = tuple(g + rule.retention * w for g, w in zip(grads, after, strict=True))
+            after = tuple(g + rule.retention * w for g, w in zip(own, after, strict=True))
         else:  # no write in this call after this piece (only the last piece), or no reads after the write
             out.append(torch.zeros_like(k))
-            after = grads if after is None else tuple(g + w for g, w in zip(grads, after, strict=True))
-    return torch.cat(out[::-1], dim=1)
+            after = own if after is None else tuple(g + w for g, w in zip(own, after, strict=True))
+    assert total is not None
+    return torch.cat(out[::-1], dim=1), total, routed
 
 
 class _FirstOrderReads(torch.autograd.Function):
@@ -222,15 +240,13 @@ class _FirstOrderReads(torch.autograd.Function):
         if needs[0]:
             out[0] = torch.cat([gz @ p.w1 for gz, p in zip(g_z, pieces, strict=True)], dim=1)  # (B, S, D)
         route = [p.share - ctx.share for p in pieces]  # the initial weights' extra share, per piece (write routes)
-        if needs[10]:  # the targets: every piece's per-sample weight gradients, for the reverse scan
+        if needs[10]:  # the targets: every piece's per-sample weight gradients, in a reverse scan
             ks, acts = keys.split(lengths, dim=1), a.split(lengths, dim=1)
-            per_piece = [_weight_grads(*args) for args in zip(ks, acts, grads, g_z, strict=True)]
-            out[10] = _value_grads(pieces, per_piece, ks, acts, ctx.activation, ctx.rule)
+            out[10], total, routed = _value_grads(pieces, ks, acts, grads, g_z, ctx.activation, ctx.rule, route)
             if any(needs[1:5]):
-                out[1:5] = [sum(gs) for gs in zip(*per_piece, strict=True)]
+                out[1:5] = total
             if any(needs[5:9]) and any(route):
-                per_weight = zip(*per_piece, strict=True)  # 4 tuples, one gradient per piece each
-                out[5:9] = [sum(r * g.sum(0) for r, g in zip(route, gs, strict=True)) for gs in per_weight]
+                out[5:9] = routed
             return (None,) * 5 + tuple(out)
         # the fast weights' gradients of every token: rank-1 per token, one GEMM over all tokens
         gz = torch.cat(g_z, dim=1)  # (B, S, H)
