@@ -6,8 +6,11 @@ paper. The sha256 of each model and data source file is recorded in the JSON.
 
 Models (tiny sizes of the CPU recipes ``nl_lightning/recipes/text_*.yaml``; width 64, 4 heads)
 ------------------------------------------------------------------------------------------------
-- ``hope``: ``HopeModule(dim=64, depth=2, heads=4, chunk_size=16, cms_chunk_sizes=[16, 64])``, self-modifying Titans
-  then a CMS (the parameter reference), with the default ``cms_retention`` (``DEFAULT_CMS_RETENTION``);
+- ``hope``: ``HopeModule(dim=64, depth=2, heads=4, chunk_size=16, cms_chunk_sizes=[16, 64], cms_hidden_mult=2.5)``,
+  self-modifying Titans then a CMS (the parameter reference), with the defaults otherwise: ``cms_retention``
+  ``DEFAULT_CMS_RETENTION`` and CMS writes driven by the task loss (``cms_write_signal="task_loss"``). The task-loss
+  writes need no value projection, so the CMS is wider than the recipe's (hidden 160 instead of 128) to keep the
+  parameters of the other models;
 - ``hope_attention``: the same with ``variant="attention"`` (causal softmax attention whose key/value cache is carried
   across segments, then the CMS);
 - ``transformer``: ``TransformerPP(dim=64, depth=3, heads=4, mlp_mult=2.0)``. The recipe's ``mlp_mult`` (8/3) gives
@@ -18,14 +21,13 @@ Models (tiny sizes of the CPU recipes ``nl_lightning/recipes/text_*.yaml``; widt
   printed, with no pull back towards the learned initial weights;
 - ``hope_chunk64`` (an ablation, in part 1 only): ``hope`` with ``chunk_size=64`` for the self-modifying Titans, the
   throughput setting of paper-notes §4 (the same parameters; ``benchmarks/memory_speed.py`` times its step);
-- ``hope_value_frozen`` (an ablation, in part 1 only): ``hope`` with the CMS ``value`` projections frozen at their
-  initialisation (the identity), so that every CMS write pulls its level towards autoencoding its normalised input:
-  the targets of the first-order writes without the gradient with respect to the target projection;
-- ``hope_cms_second_order`` (an ablation, in part 1 only): ``hope`` with ``differentiable_writes=True`` in every CMS,
-  so that the outer loss backpropagates through the writes (second order) instead of the first-order path;
-- ``hope_task_loss`` (an ablation, in part 1 only): ``hope`` with ``cms_write_signal="task_loss"``: the CMS writes
-  follow the gradient of the model's own next-token loss (dynamic-evaluation style) instead of a learned target; its
-  CMS levels have no value projection, so it has fewer parameters.
+- the CMS write signals (ablations, in part 1 only), each ``hope`` with ``cms_write_signal="target"`` (every CMS level
+  writes towards a learned target ``W_v k``): ``hope_target`` (first-order writes, the value projections learning
+  through the targets), ``hope_value_frozen`` (the value projections frozen at their initialisation, the identity, so
+  that every write pulls its level towards autoencoding its normalised input: the target writes without the target
+  gradient) and ``hope_cms_second_order`` (``differentiable_writes=True`` in every CMS: the outer loss backpropagates
+  through the writes), all with the recipe's CMS width (hidden 128) and so the same parameters as ``hope``. ``hope``
+  itself is the fourth signal, the task loss.
 
 The exact parameter counts (all distinct parameters, embeddings tied with the head) and their difference from Hope's
 are in the JSON and the report; the script warns when one is more than 5 % off. All models: AdamW, lr 3e-3, weight
@@ -152,61 +154,58 @@ MODELS = (
     "titans",
     "hope_rho1",
     "hope_chunk64",
+    "hope_target",
     "hope_value_frozen",
     "hope_cms_second_order",
-    "hope_task_loss",
 )
 STATEFUL = tuple(name for name in MODELS if name != "transformer")
 # not in the recall part; only hope_rho1 of them is streamed
-ABLATIONS = ("hope_rho1", "hope_chunk64", "hope_value_frozen", "hope_cms_second_order", "hope_task_loss")
+ABLATIONS = ("hope_rho1", "hope_chunk64", "hope_target", "hope_value_frozen", "hope_cms_second_order")
 # glibc raises its mmap threshold each time a large block is freed, after which freed blocks stay in the heap and
 # count in the RSS; pinning it (which turns that off) makes the peak RSS of a probe follow the live bytes.
 MALLOC_MMAP_THRESHOLD = "131072"
 BLOCK = 4096  # tokens per block of the streaming curves and the first/last bpc
 
+HOPE: dict[str, Any] = {"dim": 64, "depth": 2, "heads": 4, "chunk_size": 16, "cms_chunk_sizes": [16, 64]}
+# the task-loss writes need no value projection (4 x 64 x 64 parameters in the target modes): a wider CMS (hidden 160
+# instead of 128) spends them, so that every Hope variant has about the baselines' parameters
+HOPE_TASK_LOSS: dict[str, Any] = {**HOPE, "cms_hidden_mult": 2.5}
 ARCH: dict[str, tuple[type[CausalLM], dict[str, Any], str]] = {
     "hope": (
         HopeModule,
-        {"dim": 64, "depth": 2, "heads": 4, "chunk_size": 16, "cms_chunk_sizes": [16, 64]},
-        f"HopeModule(dim=64, depth=2, heads=4, chunk_size=16, cms_chunk_sizes=[16, 64]) (cms_retention"
-        f" {DEFAULT_CMS_RETENTION}, the default)",
+        HOPE_TASK_LOSS,
+        f"HopeModule(dim=64, depth=2, heads=4, chunk_size=16, cms_chunk_sizes=[16, 64], cms_hidden_mult=2.5) (the"
+        f" defaults otherwise: cms_retention {DEFAULT_CMS_RETENTION}, cms_write_signal 'task_loss')",
     ),
     "hope_rho1": (
         HopeModule,
-        {"dim": 64, "depth": 2, "heads": 4, "chunk_size": 16, "cms_chunk_sizes": [16, 64], "cms_retention": 1.0},
-        "HopeModule(dim=64, depth=2, heads=4, chunk_size=16, cms_chunk_sizes=[16, 64], cms_retention=1.0)"
-        " (ablation: the CMS writes of Eq. 31 as printed)",
+        {**HOPE_TASK_LOSS, "cms_retention": 1.0},
+        "HopeModule(dim=64, depth=2, heads=4, chunk_size=16, cms_chunk_sizes=[16, 64], cms_hidden_mult=2.5,"
+        " cms_retention=1.0) (ablation: the CMS writes of Eq. 31 as printed)",
     ),
     "hope_chunk64": (
         HopeModule,
-        {"dim": 64, "depth": 2, "heads": 4, "chunk_size": 64, "cms_chunk_sizes": [16, 64]},
-        f"HopeModule(dim=64, depth=2, heads=4, chunk_size=64, cms_chunk_sizes=[16, 64]) (cms_retention"
-        f" {DEFAULT_CMS_RETENTION}; ablation: the self-modifying Titans' throughput chunk size)",
+        {**HOPE_TASK_LOSS, "chunk_size": 64},
+        "HopeModule(dim=64, depth=2, heads=4, chunk_size=64, cms_chunk_sizes=[16, 64], cms_hidden_mult=2.5)"
+        " (ablation: the self-modifying Titans' throughput chunk size)",
+    ),
+    "hope_target": (
+        HopeModule,
+        {**HOPE, "cms_write_signal": "target"},
+        "HopeModule(dim=64, depth=2, heads=4, chunk_size=16, cms_chunk_sizes=[16, 64], cms_write_signal='target')"
+        " (ablation: CMS writes towards a learned target, first order)",
     ),
     "hope_value_frozen": (
         HopeModule,
-        {"dim": 64, "depth": 2, "heads": 4, "chunk_size": 16, "cms_chunk_sizes": [16, 64]},
-        "HopeModule(dim=64, depth=2, heads=4, chunk_size=16, cms_chunk_sizes=[16, 64]) with every CMS `value`"
-        " frozen at its initialisation (ablation: write targets that do not train)",
+        {**HOPE, "cms_write_signal": "target"},
+        "HopeModule(..., cms_write_signal='target') with every CMS `value` frozen at its initialisation (ablation:"
+        " write targets that do not train)",
     ),
     "hope_cms_second_order": (
         HopeModule,
-        {"dim": 64, "depth": 2, "heads": 4, "chunk_size": 16, "cms_chunk_sizes": [16, 64]},
-        "HopeModule(dim=64, depth=2, heads=4, chunk_size=16, cms_chunk_sizes=[16, 64]) with"
-        " `differentiable_writes=True` in every CMS (ablation: backpropagation through the CMS writes)",
-    ),
-    "hope_task_loss": (
-        HopeModule,
-        {
-            "dim": 64,
-            "depth": 2,
-            "heads": 4,
-            "chunk_size": 16,
-            "cms_chunk_sizes": [16, 64],
-            "cms_write_signal": "task_loss",
-        },
-        "HopeModule(dim=64, depth=2, heads=4, chunk_size=16, cms_chunk_sizes=[16, 64], cms_write_signal='task_loss')"
-        " (ablation: CMS writes driven by the next-token loss)",
+        {**HOPE, "cms_write_signal": "target"},
+        "HopeModule(..., cms_write_signal='target') with `differentiable_writes=True` in every CMS (ablation:"
+        " backpropagation through the CMS writes)",
     ),
     "hope_attention": (
         HopeModule,

@@ -20,7 +20,8 @@ TINY = dict(vocab_size=VOCAB, dim=16, depth=2, heads=2, segment_len=SEGMENT)
 CMS = dict(cms_chunk_sizes=[2, 4, 8])  # the slowest level writes twice in each segment, with reads after each write
 
 MODELS: dict[str, Callable[[], CausalLM]] = {
-    "hope": lambda: HopeModule(**TINY, chunk_size=4, **CMS),
+    "hope": lambda: HopeModule(**TINY, chunk_size=4, **CMS),  # CMS written by the task loss (the default)
+    "hope_target": lambda: HopeModule(**TINY, chunk_size=4, cms_write_signal="target", **CMS),  # value projections
     "hope_attention": lambda: HopeModule(**TINY, variant="attention", window=8, **CMS),
     "titans_mal": lambda: TitansMAL(**TINY, window=8, chunk_size=4),
     "transformer_pp": lambda: TransformerPP(**TINY),

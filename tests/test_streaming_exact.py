@@ -40,6 +40,12 @@ MEMORIES: dict[str, Callable[[], nn.Module]] = {
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "hope_chunk4_cms_4_8": lambda **kw: HopeModule(**LM, chunk_size=4, cms_chunk_sizes=[4, 8], **kw),
     "hope_chunk3_cms_5_7": lambda **kw: HopeModule(**LM, chunk_size=3, cms_chunk_sizes=[5, 7], **kw),
+    "hope_target_chunk4_cms_4_8": lambda **kw: HopeModule(
+        **LM, chunk_size=4, cms_chunk_sizes=[4, 8], cms_write_signal="target", **kw
+    ),
+    "hope_target_chunk3_cms_5_7": lambda **kw: HopeModule(
+        **LM, chunk_size=3, cms_chunk_sizes=[5, 7], cms_write_signal="target", **kw
+    ),
     "hope_attention": lambda **kw: HopeModule(**LM, variant="attention", cms_chunk_sizes=[4, 8], **kw),
     "hope_attention_window5": lambda **kw: HopeModule(
         **LM, variant="attention", window=5, cms_chunk_sizes=[5, 7], **kw

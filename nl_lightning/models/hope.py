@@ -43,12 +43,12 @@ boundaries fall; without a window the cache grows with the stream, so bounded me
 write keeps ``cms_retention`` (default :data:`DEFAULT_CMS_RETENTION`) of the fast weights' distance from the learned
 initial weights, so that streaming far past the training length stays near the states the model was trained on.
 
-``cms_write_signal="task_loss"`` [ours, the "local surprise signal" reading of Eq. 31 in the manner of dynamic
-evaluation] writes the CMS with the gradient of the model's own next-token cross-entropy instead of the local
-objective: the pending sum of a level's chunk is the sum over its positions ``t`` of
+``cms_write_signal="task_loss"`` (:class:`HopeModule`'s default for Hope) [ours, the "local surprise signal" reading of
+Eq. 31 in the manner of dynamic evaluation] writes the CMS with the gradient of the model's own next-token cross-entropy
+instead of the local objective: the pending sum of a level's chunk is the sum over its positions ``t`` of
 :math:`\nabla_W \mathrm{CE}(\mathrm{logits}_t, x_{t+1})`, each through position ``t``'s own forward at the chunk's
-anchor weights, and the write that closes a chunk is applied when the next chunk's first token arrives (it is the
-target of the chunk's last position); see :mod:`nl_lightning.models.task_loss_cms`.
+anchor weights, and the write that closes a chunk is applied when the next chunk's first token arrives (it is the target
+of the chunk's last position); see :mod:`nl_lightning.models.task_loss_cms`.
 """
 
 from __future__ import annotations
@@ -306,12 +306,18 @@ class HopeModule(BlockStackLM):
         cms_retention: Share of their distance from the learned initial weights that the CMS fast weights keep at
             every write (see :class:`HopeBlock`); 1 is Eq. 31 as printed, under which the bits per byte of a stream
             far longer than the training sequences climb towards chance.
-        cms_write_signal: ``"target"`` (default): each CMS level writes with the gradient of its local objective;
-            ``"task_loss"``: with the gradient of the model's next-token cross-entropy, the target of position ``t``
-            being input token ``t + 1`` (so ``forward`` needs no extra argument), each position's term through its
-            own forward at the chunk's anchor weights, the write that closes a chunk applied when the next token
-            arrives (:mod:`nl_lightning.models.task_loss_cms`). Streaming stays exact: the state carries the last
-            position's open term (:attr:`HopeState.deferred`). Titans variant only.
+        cms_write_signal: What drives the CMS token-axis writes. ``"task_loss"``: the gradient of the model's
+            next-token cross-entropy, the target of position ``t`` being input token ``t + 1`` (so ``forward`` needs
+            no extra argument), each position's term through its own forward at the chunk's anchor weights, the write
+            that closes a chunk applied when the next token arrives (:mod:`nl_lightning.models.task_loss_cms`);
+            streaming stays exact, the state carrying the last position's open term (:attr:`HopeState.deferred`).
+            Titans variant only. ``"target"``: the gradient of each level's local objective towards a learned target
+            ``W_v k`` (first order, the value projections learning through the targets). ``None`` (default):
+            ``"task_loss"`` for Hope, ``"target"`` for Hope-Attention. We chose ``"task_loss"`` for Hope because it
+            gave the lowest held-out bits per byte of the write signals compared in ``benchmarks/lm.py`` (part 1,
+            three seeds: learned target, target projection frozen, second-order writes, task loss; the figures are in
+            ``benchmarks/results/lm.md``), at the price of a training step about twice as long and an inference pass
+            several times as long as ``"target"``: take ``"target"`` where speed matters more.
         **lm_kwargs: :class:`~nl_lightning.models.lm.CausalLM` arguments (``lr``, ``segment_len``,
             ``memorize_at_eval``, ...).
 
@@ -345,12 +351,14 @@ class HopeModule(BlockStackLM):
         titans_kwargs: Optional[dict[str, Any]] = None,
         tie_embeddings: bool = True,
         cms_retention: Union[float, Sequence[float]] = DEFAULT_CMS_RETENTION,
-        cms_write_signal: WriteSignal = "target",
+        cms_write_signal: Optional[WriteSignal] = None,
         **lm_kwargs: Any,
     ) -> None:
         super().__init__(vocab_size, **lm_kwargs)
         for name, value in (("dim", dim), ("depth", depth), ("heads", heads)):
             check_int(name, value)
+        if cms_write_signal is None:
+            cms_write_signal = "task_loss" if variant == "titans" else "target"
         _check_write_signal(cms_write_signal, variant)
         self.dim, self.variant, self.cms_write_signal = dim, variant, cms_write_signal
         blocks = [
