@@ -49,9 +49,11 @@ memory writing). Interleaved rounds as in part 1. Two sizes:
   ``TransformerPP(dim=256, depth=4, heads=4)`` (same width and depth, fewer parameters) and ``transformer`` =
   ``TransformerPP(dim=256, depth=6, heads=4, mlp_mult=3.0)`` (parameters matched within 1 %).
 
-At both sizes ``hope_chunk64`` is ``hope`` with ``chunk_size=64`` for the self-modifying Titans (paper-notes §4: 16 as
-in the paper's Fig. 3 by default, 64 for throughput; the same parameters), to show what the coarser chunks buy; the CMS
-is unchanged. ``benchmarks/lm.py`` reports what they cost in bits per byte.
+``hope`` is ``HopeModule``'s default, whose CMS writes follow the task loss (``cms_write_signal="task_loss"``). At both
+sizes ``hope_target`` is ``hope`` with ``cms_write_signal="target"`` (the CMS writes towards a learned target, first
+order), and ``hope_chunk64`` is ``hope`` with ``chunk_size=64`` for the self-modifying Titans (paper-notes §4: 16 as in
+the paper's Fig. 3 by default, 64 for throughput; the same parameters), to show what the coarser chunks buy; the CMS is
+unchanged. ``benchmarks/lm.py`` reports what they cost in bits per byte.
 
 Reported: median ms and tokens/s per model and mode, and the ratio of each Hope variant's time to each Transformer++'s
 (the target stated by the issue: Hope's step at most 2x the Transformer++ step).
@@ -402,6 +404,13 @@ SIZES: dict[str, dict[str, Any]] = {
                 {"dim": 64, "depth": 2, "heads": 4, "chunk_size": 16, "cms_chunk_sizes": [16, 64]},
                 "HopeModule(dim=64, depth=2, heads=4, chunk_size=16, cms_chunk_sizes=[16, 64])",
             ),
+            "hope_target": (
+                HopeModule,
+                {"dim": 64, "depth": 2, "heads": 4, "chunk_size": 16, "cms_chunk_sizes": [16, 64]}
+                | {"cms_write_signal": "target"},
+                "HopeModule(dim=64, depth=2, heads=4, chunk_size=16, cms_chunk_sizes=[16, 64],"
+                " cms_write_signal='target')",
+            ),
             "hope_chunk64": (
                 HopeModule,
                 {"dim": 64, "depth": 2, "heads": 4, "chunk_size": 64, "cms_chunk_sizes": [16, 64]},
@@ -423,6 +432,13 @@ SIZES: dict[str, dict[str, Any]] = {
                 HopeModule,
                 {"dim": 256, "depth": 4, "heads": 4, "chunk_size": 16, "cms_chunk_sizes": [16, 256, 2048]},
                 "HopeModule(dim=256, depth=4, heads=4, chunk_size=16, cms_chunk_sizes=[16, 256, 2048])",
+            ),
+            "hope_target": (
+                HopeModule,
+                {"dim": 256, "depth": 4, "heads": 4, "chunk_size": 16, "cms_chunk_sizes": [16, 256, 2048]}
+                | {"cms_write_signal": "target"},
+                "HopeModule(dim=256, depth=4, heads=4, chunk_size=16, cms_chunk_sizes=[16, 256, 2048],"
+                " cms_write_signal='target')",
             ),
             "hope_chunk64": (
                 HopeModule,
