@@ -704,8 +704,9 @@ def held_out_stream(name: str, weights: Optional[str], segment: int) -> dict[str
     dm.setup("validate")
     data = dm.corpus[dm.split_index :].long()
     tokens, targets = data[:-1].unsqueeze(0), data[1:].unsqueeze(0)  # (1, L)
+    model = trained(name, weights)  # outside inference mode: the task-loss writes need autograd on the parameters
     with torch.inference_mode():
-        nll = stream_nll(trained(name, weights), tokens, targets, segment)
+        nll = stream_nll(model, tokens, targets, segment)
     return {
         "model": name,
         "tokens": int(tokens.shape[1]),

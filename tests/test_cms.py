@@ -27,10 +27,10 @@ def reference(
 
     ``create_graph``: the writes are differentiable (second order). ``first_order``: the reads keep the fast weights'
     graph to the parameters; each token's gradient is taken at a detached anchor and a detached input, so the writes
-    keep only the graph of their targets ``v = W_v k`` to the value projection ``W_v`` (not to the key ``k``). ``cut_at``: a segment boundary before that token (first
-    order): the fast weights lose the graph of the targets written before it and the pending sums all their graph
-    (first order across calls), or, with ``detach``, the fast weights lose every graph. Returns the output and, per
-    level, the final fast weights of every sample.
+    keep only the graph of their targets ``v = W_v k`` to the value projection ``W_v`` (not to the key ``k``).
+    ``cut_at``: a segment boundary before that token (first order): the fast weights lose the graph of the targets
+    written before it and the pending sums all their graph (first order across calls), or, with ``detach``, the fast
+    weights lose every graph. Returns the output and, per level, the final fast weights of every sample.
     """
     h = x.double()
     finals = []

@@ -334,3 +334,22 @@ def test_errors() -> None:
         block(torch.randn(1, 5, DIM))
     y, _ = block(torch.randn(1, 5, DIM), write=False)
     assert y.shape == (1, 5, DIM)
+
+
+def test_streaming_under_inference_mode_carries_the_state_and_refuses_inference_parameters():
+    """A stream read segment by segment under ``torch.inference_mode()`` (the state made there, carried across calls)
+    equals one pass; a model built inside inference mode is refused with a message that names the fix."""
+    torch.manual_seed(0)
+    model = HopeModule(vocab_size=32, dim=16, depth=2, heads=2, chunk_size=4, cms_chunk_sizes=[4, 8]).eval()
+    tokens = torch.randint(0, 32, (1, 23))
+    with torch.inference_mode():
+        full, _ = model(tokens)
+        state, pieces = None, []
+        for start in range(0, 23, 5):
+            logits, state = model(tokens[:, start : start + 5], state)
+            pieces.append(logits)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+    with torch.inference_mode():
+        built_inside = HopeModule(vocab_size=32, dim=16, depth=1, heads=2, chunk_size=4, cms_chunk_sizes=[4])
+        with pytest.raises(RuntimeError, match="created under torch.inference_mode"):
+            built_inside(tokens)

@@ -330,9 +330,10 @@ class ContinuumMemory(nn.Module):
     ``inner_lr`` for the sum) is first order. The gradient keeps every read's dependence on its keys and on the
     weights it reads: the state the call started from, the initial weights (the share the retention routed to them)
     and the earlier writes of the call. It keeps every write's dependence on its targets ``v_t = W_v k_t`` through the
-    value projections ``W_v`` (the keys count as constants there, as everywhere else in the writes): the pending sums ``g_w2 = Σ_t (y_t - v_t) a_t^T``,
-    ``g_b2 = Σ_t (y_t - v_t)``, ``g_w1 = Σ_t dz_t k_t^T``, ``g_b1 = Σ_t dz_t`` with
-    ``dz_t = act'(z_t) * (W2^T (y_t - v_t))`` are linear in ``v_t`` at a fixed anchor, so with ``A = dL/dW_j`` the
+    value projections ``W_v`` (the keys count as constants there, as everywhere else in the writes): the pending
+    sums ``g_w2 = Σ_t (y_t - v_t) a_t^T``, ``g_b2 = Σ_t (y_t - v_t)``, ``g_w1 = Σ_t dz_t k_t^T``,
+    ``g_b1 = Σ_t dz_t`` with ``dz_t = act'(z_t) * (W2^T (y_t - v_t))``
+    are linear in ``v_t`` at a fixed anchor, so with ``A = dL/dW_j`` the
     gradient of the weights ``W_j`` that the write of ``t``'s chunk produces, summed over every later read of the call
     (each later write scaling it by ``ρ``),
 

@@ -299,6 +299,19 @@ def _step(
     return model.head(model.norm(h)), TaskLossContext(embedded, conv, anchors)
 
 
+def _check_parameters(model: nn.Module) -> None:
+    """Refuse parameters made under ``torch.inference_mode``: the inner gradients need autograd, which cannot save
+    them."""
+    inference = [name for name, p in model.named_parameters() if p.is_inference()]
+    if inference:
+        raise RuntimeError(
+            f"The CMS writes of this HopeModule follow the task loss (cms_write_signal='task_loss'), whose gradients"
+            f" need autograd, but parameters such as {inference[0]!r} were created under torch.inference_mode()"
+            " (inference tensors cannot be saved for backward). Build or load the model outside"
+            " torch.inference_mode(), then read under it, or use cms_write_signal='target'."
+        )
+
+
 def task_loss_forward(
     model: nn.Module, tokens: Tensor, blocks: Optional[Sequence[Any]], deferred: Optional[TaskLossContext]
 ) -> tuple[Tensor, list[tuple[SelfModifyingState, CMSState]], TaskLossContext]:
@@ -318,6 +331,7 @@ def task_loss_forward(
         chunk ends at the last token keeps ``count == C``: its write is due), and the context of the last position.
 
     """
+    _check_parameters(model)
     batch, length = tokens.shape
     h = model.embed(tokens)  # (B, T, D)
     states = list(blocks) if blocks is not None else [None] * len(model.blocks)
