@@ -103,6 +103,11 @@ Running it
         --markdown benchmarks/results/lm.md          # all parts, ~28 min with 1 thread
     python benchmarks/lm.py --quick                    # smoke run, about a minute
     python benchmarks/lm.py --parts bpc,streaming --seeds 0 1 2
+    # the bpc part of different models side by side (one core each), then one report:
+    OMP_NUM_THREADS=1 python benchmarks/lm.py --parts bpc --models hope titans hope_value_frozen --out A.json &
+    OMP_NUM_THREADS=1 python benchmarks/lm.py --parts bpc --models hope_attention transformer hope_target \\
+        hope_cms_second_order --out B.json
+    python benchmarks/lm.py --merge A.json B.json --out benchmarks/results/lm.json --markdown benchmarks/results/lm.md
 
 Output: ``--out PATH`` writes the JSON (all numbers, settings, versions, thread count, date) and prints the Markdown
 report to stdout; without ``--out`` the JSON goes to stdout. ``--markdown PATH`` also writes the report. Progress goes
@@ -1030,14 +1035,15 @@ def reading(report: dict[str, Any]) -> list[str]:
 
 def markdown(report: dict[str, Any]) -> str:
     env = report["environment"]
-    lines = [
-        "# Hope vs Hope-Attention vs Transformer++ vs Titans (tiny CPU sizes)",
-        "",
-        f"Command: `{report['command']}`  ",
-        f"{report['timestamp']}; nl_lightning {env['nl_lightning']}, torch {env['torch']}, lightning "
-        f"{env['lightning']}, Python {env['python']}, {env['cpu_count']} CPU core(s), {report['threads']} torch "
-        f"thread(s); total {report['wall_s']:.0f} s.",
-    ]
+    runs = report.get("merged_from") or [report]
+    lines = ["# Hope vs Hope-Attention vs Transformer++ vs Titans (tiny CPU sizes)", ""]
+    if "merged_from" in report:
+        lines.append(f"Pooled with `--merge` from {len(runs)} runs of the same sources, side by side:  ")
+    lines += [f"Command: `{r['command']}` ({r['timestamp']}, {r['wall_s']:.0f} s)  " for r in runs]
+    lines.append(
+        f"nl_lightning {env['nl_lightning']}, torch {env['torch']}, lightning {env['lightning']}, Python"
+        f" {env['python']}, {env['cpu_count']} CPU core(s), {report['threads']} torch thread(s) per run."
+    )
     builders = {"bpc": bpc_markdown, "recall": recall_markdown, "streaming": streaming_markdown}
     for number, (name, part) in enumerate(report["parts"].items(), 1):
         body = builders[name](part)
@@ -1110,6 +1116,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         action="store_true",
         help="smoke run: 10-step runs, seed 0, small evaluation sets, short streams of Hope",
     )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="pool the reports of runs of the same code (e.g. bpc runs of different"
+        " models side by side) into one report, written like a run's",
+    )
     parser.add_argument("--_stream-probe", dest="stream_probe", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.stream_probe is not None:
@@ -1137,8 +1150,37 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+def merge_reports(paths: Sequence[str]) -> dict[str, Any]:
+    """One report from several of this script's JSON reports run on the same sources, e.g. the ``bpc`` part of
+    different models run side by side in separate processes: their ``bpc`` models are pooled (the settings must agree);
+    any other part may come from one report only. Raises ``ValueError`` on disagreeing sources or settings."""
+    reports = [json.loads(Path(path).read_text()) for path in paths]
+    merged = {key: value for key, value in reports[0].items() if key not in ("parts", "part_seconds", "wall_s")}
+    merged["merged_from"] = [
+        {"path": path, "command": r["command"], "timestamp": r["timestamp"], "wall_s": r["wall_s"]}
+        for path, r in zip(paths, reports, strict=True)
+    ]
+    merged.update(parts={}, part_seconds={})
+    for path, report in zip(paths, reports, strict=True):
+        if report["environment"]["sources"] != merged["environment"]["sources"]:
+            raise ValueError(f"{path} was measured on other sources than {paths[0]}; merge runs of the same code only.")
+        for name, part in report["parts"].items():
+            seconds = report["part_seconds"].get(name, 0.0)
+            if name not in merged["parts"]:
+                merged["parts"][name], merged["part_seconds"][name] = part, seconds
+            elif name == "bpc" and part["setting"] == merged["parts"]["bpc"]["setting"]:
+                merged["parts"]["bpc"]["models"].update(part["models"])
+                merged["parts"]["bpc"]["parameters"].update(part["parameters"])
+                merged["part_seconds"]["bpc"] += seconds
+            else:
+                raise ValueError(f"Part {name!r} of {path} cannot be merged (only bpc parts with equal settings).")
+    return merged
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.merge:
+        return emit(merge_reports(args.merge), time.perf_counter(), markdown, args.out, args.markdown, log)
     if args.stream_probe is not None:
         with contextlib.redirect_stdout(sys.stderr):
             result = stream_probe(json.loads(args.stream_probe))
