@@ -20,7 +20,7 @@ Models (tiny sizes of the CPU recipes ``nl_lightning/recipes/text_*.yaml``; widt
 - ``hope_rho1`` (an ablation, in parts 1 and 3 only): ``hope`` with ``cms_retention=1.0``, the CMS writes of Eq. 31 as
   printed, with no pull back towards the learned initial weights;
 - ``hope_chunk64`` (an ablation, in part 1 only): ``hope`` with ``chunk_size=64`` for the self-modifying Titans, the
-  throughput setting of paper-notes §4 (the same parameters; ``benchmarks/memory_speed.py`` times its step);
+  throughput setting we use [ours] (the same parameters; ``benchmarks/memory_speed.py`` times its step);
 - the CMS write signals (ablations, in part 1 only), each ``hope`` with ``cms_write_signal="target"`` (every CMS level
   writes towards a learned target ``W_v k``): ``hope_target`` (first-order writes, the value projections learning
   through the targets), ``hope_value_frozen`` (the value projections frozen at their initialisation, the identity, so

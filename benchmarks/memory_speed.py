@@ -51,7 +51,7 @@ memory writing). Interleaved rounds as in part 1. Two sizes:
 
 ``hope`` is ``HopeModule``'s default, whose CMS writes follow the task loss (``cms_write_signal="task_loss"``). At both
 sizes ``hope_target`` is ``hope`` with ``cms_write_signal="target"`` (the CMS writes towards a learned target, first
-order), and ``hope_chunk64`` is ``hope`` with ``chunk_size=64`` for the self-modifying Titans (paper-notes §4: 16 as in
+order), and ``hope_chunk64`` is ``hope`` with ``chunk_size=64`` for the self-modifying Titans ([ours]: 16 as in
 the paper's Fig. 3 by default, 64 for throughput; the same parameters), to show what the coarser chunks buy; the CMS is
 unchanged. ``benchmarks/lm.py`` reports what they cost in bits per byte.
 

@@ -113,6 +113,8 @@ def fit(
     tmp_path: Any,
     ckpt_path: Optional[str] = None,
     datamodule: Optional[pl.LightningDataModule] = None,
+    train_dataloaders: Any = None,
+    val_dataloaders: Any = None,
     **trainer_kwargs: Any,
 ) -> Trainer:
     kwargs: dict[str, Any] = dict(
@@ -126,7 +128,7 @@ def fit(
     )
     kwargs.update(trainer_kwargs)
     trainer = Trainer(callbacks=list(callbacks), **kwargs)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    trainer.fit(model, train_dataloaders, val_dataloaders, datamodule=datamodule, ckpt_path=ckpt_path)
     return trainer
 
 

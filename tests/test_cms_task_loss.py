@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Trainer
+from helpers import fit
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -297,17 +297,16 @@ def test_every_parameter_gets_a_gradient_and_lightning_trains_and_validates(tmp_
     assert not bad, f"no, non-finite or all-zero gradient: {bad}"
     model.zero_grad()
     loader = DataLoader(TensorDataset(*_batch(batch=8, seed=1)), batch_size=4)
-    trainer = Trainer(
+    trainer = fit(
+        model,
+        [],
+        tmp_path,
+        train_dataloaders=loader,
+        val_dataloaders=loader,
         max_steps=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
         limit_val_batches=1,
         num_sanity_val_steps=0,
     )
-    trainer.fit(model, train_dataloaders=loader, val_dataloaders=loader)
     assert trainer.global_step == 3 and torch.isfinite(trainer.callback_metrics["train_loss"])
     results = trainer.validate(model, dataloaders=loader, verbose=False)
     assert torch.isfinite(torch.tensor(results[0]["val_loss"]))

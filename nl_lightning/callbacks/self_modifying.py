@@ -27,7 +27,7 @@ per hyper-parameter of each target (a parameter group, or a level of
 
 So an LR scheduler keeps stepping its own clean value (the effective learning rate is *schedule x rule*), and
 checkpoints hold the clean values while the multipliers live in the callback's state. A step a ``GradScaler`` skips
-is neither observed nor modulated (lightning-notes Sec. 6), and neither is a step without gradients (a
+is neither observed nor modulated (the torch post-hook does not run for it), and neither is a step without gradients (a
 ``training_step`` that returned ``None``, after which Lightning still calls the optimizer step): it counts no update.
 """
 
