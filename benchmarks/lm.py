@@ -108,6 +108,14 @@ Running it
     OMP_NUM_THREADS=1 python benchmarks/lm.py --parts bpc --models hope_attention transformer hope_target \\
         hope_cms_second_order --out B.json
     python benchmarks/lm.py --merge A.json B.json --out benchmarks/results/lm.json --markdown benchmarks/results/lm.md
+    # then recall, and the streaming part with the first seed's weights trained again, side by side, added to it
+    # (the repeated bpc runs must equal the pooled ones, or the merge refuses):
+    OMP_NUM_THREADS=1 python benchmarks/lm.py --parts recall --models hope hope_attention transformer titans \
+        --out R.json &
+    OMP_NUM_THREADS=1 python benchmarks/lm.py --parts bpc streaming --seeds 0 \
+        --models hope hope_attention transformer titans --out S.json
+    python benchmarks/lm.py --merge benchmarks/results/lm.json R.json S.json --out benchmarks/results/lm.json \
+        --markdown benchmarks/results/lm.md
 
 Output: ``--out PATH`` writes the JSON (all numbers, settings, versions, thread count, date) and prints the Markdown
 report to stdout; without ``--out`` the JSON goes to stdout. ``--markdown PATH`` also writes the report. Progress goes
@@ -863,6 +871,7 @@ def recall_markdown(part: dict[str, Any]) -> list[str]:
 
 def streaming_markdown(part: dict[str, Any]) -> list[str]:
     s = part["setting"]
+    shown = {r["model"] for r in part["rows"]}  # the weights of the models streamed here
     lines = [
         "## 3. Streaming inference: peak memory against length",
         "",
@@ -872,7 +881,7 @@ def streaming_markdown(part: dict[str, Any]) -> list[str]:
         " before it (after the model and a warm-up). bpc over the first / last 4K tokens: training bytes, a check that"
         " nothing diverges along the stream, not a held-out score (the transformer was trained on 128-token segments,"
         " so every longer position is out of its training range). Weights: "
-        + ", ".join(f"{n} {w}" for n, w in s["weights"].items())
+        + ", ".join(f"{n} {w}" for n, w in s["weights"].items() if n in shown)
         + ".",
         "",
         "| model | mode | tokens | peak increase MiB | ru_maxrss increase MiB | s | tokens/s | bpc first 4K |"
@@ -1040,6 +1049,11 @@ def markdown(report: dict[str, Any]) -> str:
     if "merged_from" in report:
         lines.append(f"Pooled with `--merge` from {len(runs)} runs of the same sources, side by side:  ")
     lines += [f"Command: `{r['command']}` ({r['timestamp']}, {r['wall_s']:.0f} s)  " for r in runs]
+    for entry in report.get("reproduced_runs", []):
+        lines.append(
+            f"Repeated in `{entry['path']}` (not pooled twice), with validation figures equal to the pooled runs':"
+            f" {', '.join(entry['runs'])}.  "
+        )
     lines.append(
         f"nl_lightning {env['nl_lightning']}, torch {env['torch']}, lightning {env['lightning']}, Python"
         f" {env['python']}, {env['cpu_count']} CPU core(s), {report['threads']} torch thread(s) per run."
@@ -1153,13 +1167,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def merge_reports(paths: Sequence[str]) -> dict[str, Any]:
     """One report from several of this script's JSON reports run on the same sources, e.g. the ``bpc`` part of
     different models run side by side in separate processes: their ``bpc`` models are pooled (the settings must agree);
-    any other part may come from one report only. Raises ``ValueError`` on disagreeing sources or settings."""
+    a ``bpc`` part of other seeds only (run again for the weights the ``streaming`` part loads) must repeat pooled runs
+    exactly and is recorded as ``reproduced_runs``; any other part may come from one report only. Raises
+    ``ValueError`` on disagreeing sources, settings or figures."""
     reports = [json.loads(Path(path).read_text()) for path in paths]
     merged = {key: value for key, value in reports[0].items() if key not in ("parts", "part_seconds", "wall_s")}
-    merged["merged_from"] = [
-        {"path": path, "command": r["command"], "timestamp": r["timestamp"], "wall_s": r["wall_s"]}
+    merged["merged_from"] = [  # a merged report passes on the runs it was merged from
+        entry
         for path, r in zip(paths, reports, strict=True)
+        for entry in r.get("merged_from")
+        or [{"path": path, "command": r["command"], "timestamp": r["timestamp"], "wall_s": r["wall_s"]}]
     ]
+    merged.pop("reproduced_runs", None)
     merged.update(parts={}, part_seconds={})
     for path, report in zip(paths, reports, strict=True):
         if report["environment"]["sources"] != merged["environment"]["sources"]:
@@ -1172,9 +1191,36 @@ def merge_reports(paths: Sequence[str]) -> dict[str, Any]:
                 merged["parts"]["bpc"]["models"].update(part["models"])
                 merged["parts"]["bpc"]["parameters"].update(part["parameters"])
                 merged["part_seconds"]["bpc"] += seconds
+            elif name == "bpc":
+                reproduced = _check_reproduced(part, merged["parts"]["bpc"], path)
+                merged.setdefault("reproduced_runs", []).append({"path": path, "runs": reproduced})
             else:
                 raise ValueError(f"Part {name!r} of {path} cannot be merged (only bpc parts with equal settings).")
+        if report.get("reproduced_runs"):
+            merged.setdefault("reproduced_runs", []).extend(report["reproduced_runs"])
     return merged
+
+
+def _check_reproduced(part: dict[str, Any], pooled: dict[str, Any], path: str) -> list[str]:
+    """A bpc part run again only for what another part needs (e.g. seed 0's weights for the streaming part): each of
+    its runs must repeat a pooled run of the same model and seed, with the same validation figures; they are not
+    pooled twice. Returns the ``model/seed`` names checked; raises ``ValueError`` where one differs or is missing."""
+    settings = {k: v for k, v in part["setting"].items() if k != "seeds"}
+    if settings != {k: v for k, v in pooled["setting"].items() if k != "seeds"}:
+        raise ValueError(f"The bpc part of {path} has other settings than the pooled one; it cannot be merged.")
+    checked = []
+    for model, entry in part["models"].items():
+        runs = {r["seed"]: r for r in pooled["models"].get(model, {}).get("runs", [])}
+        for run in entry["runs"]:
+            want = runs.get(run["seed"])
+            keys = ("val_memorize_on", "val_memorize_off")
+            if want is None or any(run[k] != want[k] for k in keys) or run["diverged"] != want["diverged"]:
+                raise ValueError(
+                    f"{path}: bpc {model} seed {run['seed']} does not repeat the pooled run (figures differ or the"
+                    " pooled report lacks it); merge runs of the same code only."
+                )
+            checked.append(f"{model}/seed{run['seed']}")
+    return checked
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
