@@ -36,6 +36,10 @@ engine with :meth:`LevelSet.sync`, and it leaves alone the parameters no optimiz
 when its first parameters join; a parameter that joins a level in the middle of a chunk takes its first step with the
 level, on the mean of the gradients it received since it joined.
 
+Level globs match a parameter's full name, the name without the ``_orig_mod`` segments of ``torch.compile``, and the
+name relative to a wrapped model (``root``); a tied weight is one tensor, matched through any of its names, that
+follows one level (:class:`ParameterNames`, :attr:`LevelSet.tied`).
+
 This module is plain PyTorch (no Lightning import), so the same engine works in a hand-written loop::
 
     book = LevelSet([Level("slow", ["backbone.*"], every=8)], model.named_parameters())
@@ -63,7 +67,17 @@ from torch import Tensor
 
 from nl_lightning._validation import is_int
 
-__all__ = ["IncompatibleLevels", "Level", "LevelSet", "StepPlan", "buffer_dtype", "resolve_levels"]
+__all__ = [
+    "IncompatibleLevels",
+    "Level",
+    "LevelSet",
+    "ParameterNames",
+    "StepPlan",
+    "TiedParameter",
+    "buffer_dtype",
+    "resolve_levels",
+    "strip_compile_prefix",
+]
 
 Reduction = Literal["mean", "sum"]
 _REDUCTIONS = ("mean", "sum")
@@ -76,7 +90,8 @@ class Level:
     Args:
         name: A unique name, used in logs (``nested/<name>/...``) and checkpoints.
         params: fnmatch globs over the model's ``named_parameters()`` names, for example ``"backbone.*"`` or
-            ``"*.cms.levels.2.*"``. A single string is taken as one glob.
+            ``"*.cms.levels.2.*"``. A single string is taken as one glob. ``torch.compile``'s ``_orig_mod`` segments
+            may be left out, and names may be relative to a wrapped model (see :class:`ParameterNames`).
         every: The level's period ``C >= 1``. Parameters matched by no level behave as period 1.
 
     Raises:
@@ -157,46 +172,170 @@ def _level_from_dict(spec: Any) -> Level:
     raise ValueError(f"Each entry of `levels` must be a Level (or a dict name/params/every), got {spec!r}.")
 
 
+class TiedParameter(NamedTuple):
+    """A tensor of a level that the model holds under several names (tied weights, such as GPT-2's ``lm_head`` and
+    ``wte``): it follows ``level``'s period under every one of them."""
+
+    level: str  # the level whose period the tensor follows
+    names: tuple[str, ...]  # every name of the tensor, the one ``named_parameters()`` gives first
+    matched: tuple[str, ...]  # the names the level's globs matched
+
+
+_COMPILE_SEGMENT = "_orig_mod"
+
+
+def strip_compile_prefix(name: str) -> str:
+    """``name`` without its ``_orig_mod`` segments, the wrapper ``torch.compile`` inserts (``"a._orig_mod.b"`` ->
+    ``"a.b"``)."""
+    if _COMPILE_SEGMENT not in name:
+        return name
+    return ".".join(part for part in name.split(".") if part != _COMPILE_SEGMENT)
+
+
+class ParameterNames:
+    """The parameters of a model, one entry per tensor, with every name a glob may match.
+
+    A glob matches a parameter if it matches (fnmatch, ``*`` also matches dots) one of its names:
+
+    - its full name, as in ``model.named_parameters()``;
+    - that name with every ``_orig_mod`` segment removed (the wrapper ``torch.compile`` inserts), so globs are the
+      same with and without compilation;
+    - that name relative to ``root``, a sub-module (for a LightningModule that wraps a model, the attribute holding
+      it; see :class:`~nl_lightning.callbacks.MultiFrequencyUpdates`), so ``"model.layers.1.*"`` selects
+      ``"hf_model.model.layers.1.*"`` when ``root="hf_model"``.
+
+    A tensor reachable under several names (tied weights) is one entry, named as ``named_parameters()`` names it (the
+    first name met); a glob matching any of its names selects it.
+
+    Args:
+        named_parameters: ``(name, parameter)`` pairs; pass ``model.named_parameters(remove_duplicate=False)`` so
+            that the aliases of tied weights are known (with the default ``remove_duplicate=True`` only the first
+            name of a tied tensor can be matched).
+        root: The dotted name of the sub-module that relative names start from; ``None``: no relative names.
+
+    Raises:
+        ValueError: If ``root`` is neither ``None`` nor a non-empty string.
+
+    Example::
+
+        index = ParameterNames(module.named_parameters(remove_duplicate=False), root="hf_model")
+        index.match("model.layers.1.*")  # [("hf_model.model.layers.1.self_attn.q_proj.weight", p), ...]
+
+    """
+
+    def __init__(self, named_parameters: Iterable[tuple[str, Tensor]], root: Optional[str] = None) -> None:
+        if root is not None and (not isinstance(root, str) or not root):
+            raise ValueError(f"`root` must be None or a module name such as 'hf_model', got {root!r}.")
+        self.root = root
+        prefix = None if root is None else strip_compile_prefix(root) + "."
+        where: dict[int, int] = {}
+        self.params: list[Tensor] = []
+        self.aliases: list[list[str]] = []  # per tensor: its names, the first being its name
+        self.forms: list[list[tuple[str, tuple[str, ...]]]] = []  # per tensor: (alias, the names a glob may match)
+        for name, p in named_parameters:
+            i = where.get(id(p))
+            if i is None:
+                i = where[id(p)] = len(self.params)
+                self.params.append(p)
+                self.aliases.append([])
+                self.forms.append([])
+            if name in self.aliases[i]:
+                continue
+            self.aliases[i].append(name)
+            plain = strip_compile_prefix(name)
+            forms = [name] + ([plain] if plain != name else [])
+            if prefix is not None and plain.startswith(prefix):
+                forms.append(plain[len(prefix) :])
+            self.forms[i].append((name, tuple(forms)))
+
+    @property
+    def names(self) -> list[str]:
+        """The name of each tensor (the first name ``named_parameters()`` gives it), in the model's order."""
+        return [aliases[0] for aliases in self.aliases]
+
+    def match_indices(self, glob: str) -> list[tuple[int, tuple[str, ...]]]:
+        """The tensors ``glob`` matches, as ``(index, the aliases it matched)``, in the model's order."""
+        out = []
+        for i, forms in enumerate(self.forms):
+            hit = tuple(alias for alias, names in forms if any(fnmatch.fnmatch(n, glob) for n in names))
+            if hit:
+                out.append((i, hit))
+        return out
+
+    def match(self, glob: str) -> list[tuple[str, Tensor]]:
+        """The ``(name, parameter)`` pairs ``glob`` matches (each tensor once, under its name), in the model's order."""
+        return [(self.aliases[i][0], self.params[i]) for i, _ in self.match_indices(glob)]
+
+    def display_names(self) -> list[str]:
+        """Each name as a user would write it in a glob: relative to ``root`` when under it, without ``_orig_mod``."""
+        return [names[-1] for forms in self.forms for _, names in forms]
+
+    def hint(self, glob: str) -> str:
+        """A sentence listing the names closest to ``glob``, for an error message about a glob that matches nothing."""
+        return _name_hint(glob, self.display_names())
+
+
 def resolve_levels(
-    levels: Sequence[Level], named_parameters: Iterable[tuple[str, Tensor]]
+    levels: Sequence[Level], named_parameters: Iterable[tuple[str, Tensor]], root: Optional[str] = None
 ) -> dict[str, list[tuple[str, Tensor]]]:
-    """Match every level's globs against the parameter names.
+    """Match every level's globs against the parameter names (see :class:`ParameterNames` for what a glob matches).
 
     Args:
         levels: The levels, with unique names.
-        named_parameters: ``(name, parameter)`` pairs, typically ``model.named_parameters()``.
+        named_parameters: ``(name, parameter)`` pairs, typically ``model.named_parameters()``; with
+            ``remove_duplicate=False`` a glob may name any alias of a tied weight.
+        root: The sub-module relative names start from (``None``: full names only).
 
     Returns:
-        For each level name, its ``(name, parameter)`` pairs in the model's order.
+        For each level name, its ``(name, parameter)`` pairs in the model's order, each tensor once under the name
+        ``named_parameters()`` gives it.
 
     Raises:
-        ValueError: If a glob matches no parameter, or a parameter is matched by two levels.
+        ValueError: If a glob matches no parameter, or a parameter (under one name, or a tied tensor under two) is
+            matched by two levels.
 
     """
-    named = list(named_parameters)
-    names = [n for n, _ in named]
-    owner: dict[str, tuple[str, str]] = {}  # parameter name -> (level name, glob)
+    return _resolve(levels, ParameterNames(named_parameters, root))[0]
+
+
+def _resolve(
+    levels: Sequence[Level], index: ParameterNames
+) -> tuple[dict[str, list[tuple[str, Tensor]]], list[TiedParameter]]:
+    owner: dict[int, tuple[str, str, tuple[str, ...]]] = {}  # tensor index -> (level name, glob, aliases matched)
+    named: dict[int, set[str]] = {}  # tensor index -> the aliases its level's globs matched
     for lvl in levels:
         for glob in lvl.params:
-            hits = fnmatch.filter(names, glob)
+            hits = index.match_indices(glob)
             if not hits:
                 raise ValueError(
-                    f"Level {lvl.name!r}: the glob {glob!r} matches no parameter of the model."
-                    f" {_name_hint(glob, names)}"
+                    f"Level {lvl.name!r}: the glob {glob!r} matches no parameter of the model. {index.hint(glob)}"
                 )
-            for n in hits:
-                prev = owner.get(n)
+            for i, aliases in hits:
+                prev = owner.get(i)
                 if prev is not None and prev[0] != lvl.name:
+                    shared = [a for a in aliases if a in named[i]]
+                    if shared:
+                        raise ValueError(
+                            f"Parameter {shared[0]!r} is matched by level {prev[0]!r} (glob {prev[1]!r}) and by level"
+                            f" {lvl.name!r} (glob {glob!r}); a parameter may belong to one level only. Narrow one of"
+                            " the globs."
+                        )
                     raise ValueError(
-                        f"Parameter {n!r} is matched by level {prev[0]!r} (glob {prev[1]!r}) and by level {lvl.name!r}"
-                        f" (glob {glob!r}); a parameter may belong to one level only. Narrow one of the globs."
+                        f"Parameters {prev[2][0]!r} (level {prev[0]!r}, glob {prev[1]!r}) and {aliases[0]!r} (level"
+                        f" {lvl.name!r}, glob {glob!r}) are one tensor (tied weights), which can follow one period"
+                        " only. Put its names in one level, or narrow one of the globs."
                     )
-                owner.setdefault(n, (lvl.name, glob))
+                owner.setdefault(i, (lvl.name, glob, aliases))
+                named.setdefault(i, set()).update(aliases)
     out: dict[str, list[tuple[str, Tensor]]] = {lvl.name: [] for lvl in levels}
-    for n, p in named:
-        if n in owner:
-            out[owner[n][0]].append((n, p))
-    return out
+    tied: list[TiedParameter] = []
+    for i, p in enumerate(index.params):
+        if i in owner:
+            level, aliases = owner[i][0], index.aliases[i]
+            out[level].append((aliases[0], p))
+            if len(aliases) > 1:
+                tied.append(TiedParameter(level, tuple(aliases), tuple(a for a in aliases if a in named[i])))
+    return out, tied
 
 
 def _name_hint(glob: str, names: list[str]) -> str:
@@ -268,15 +407,22 @@ class LevelSet:
 
     Buffers are fp32 for fp16, bf16 and fp32 parameters, and in the parameter's dtype for float64 (and complex) ones.
 
+    Globs match full names, names without ``torch.compile``'s ``_orig_mod`` segments, and names relative to ``root``
+    (see :class:`ParameterNames`). A tensor is one entry under the name ``named_parameters()`` gives it (clocks and
+    checkpoints use that name); given ``named_parameters(remove_duplicate=False)``, a glob may name any alias of a
+    tied weight, and :attr:`tied` lists the levelled tensors that have several names.
+
     Args:
         levels: The levels (see :func:`as_levels` for the accepted forms).
-        named_parameters: ``(name, parameter)`` pairs of the model, typically ``model.named_parameters()``.
+        named_parameters: ``(name, parameter)`` pairs of the model, typically ``model.named_parameters()``, or
+            ``model.named_parameters(remove_duplicate=False)`` to let globs name the aliases of tied weights.
         reduction: ``"mean"`` (default) steps on the mean of the ``C`` gradients of a chunk; ``"sum"`` on their sum,
             as printed in Eq. 31.
+        root: The dotted name of a sub-module that globs may also be written relative to (``None``: none).
 
     Raises:
-        ValueError: On an invalid level, an unknown reduction, a glob that matches nothing or a parameter claimed by
-            two levels.
+        ValueError: On an invalid level, an unknown reduction, a glob that matches nothing, a parameter claimed by
+            two levels, or a tied tensor claimed by two levels through different names.
 
     """
 
@@ -285,12 +431,15 @@ class LevelSet:
         levels: Sequence[Level] | Mapping[str, int],
         named_parameters: Iterable[tuple[str, Tensor]],
         reduction: Reduction = "mean",
+        root: Optional[str] = None,
     ) -> None:
         if reduction not in _REDUCTIONS:
             raise ValueError(f"`reduction` must be one of {_REDUCTIONS}, got {reduction!r}.")
         self.levels = as_levels(levels)
         self.reduction = reduction
-        matched = resolve_levels(self.levels, named_parameters)
+        matched, tied = _resolve(self.levels, ParameterNames(named_parameters, root))
+        #: The levelled tensors that the model holds under several names, and the level each follows.
+        self.tied: list[TiedParameter] = tied
         self._clocks = {lvl.name: _Clock(lvl, matched[lvl.name]) for lvl in self.levels}
 
     # ------------------------------------------------------------------------------------------------ queries

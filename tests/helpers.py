@@ -213,3 +213,15 @@ def max_abs_diff(a: nn.Module, b: nn.Module) -> float:
 
 def clone(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
+
+
+class Compiled(nn.Module):
+    """Stands for ``torch.compile(module)`` in name tests: the wrapped module is the child ``_orig_mod`` (as in
+    torch's ``OptimizedModule``), without compiling anything."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self._orig_mod = module
+
+    def forward(self, *args, **kwargs):
+        return self._orig_mod(*args, **kwargs)

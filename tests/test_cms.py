@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 from typing import Optional
 
 import pytest
@@ -12,7 +13,25 @@ import torch.nn.functional as F
 from nl_lightning import LevelSet
 from nl_lightning.models import CMSState, ContinuumMemory
 
-ACT = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu, "tanh": torch.tanh}
+_ELEMENTWISE = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
+    "gelu_new": lambda z: 0.5 * z * (1 + torch.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z**3))),
+    "silu": F.silu,
+    "relu": F.relu,
+    "tanh": torch.tanh,
+}
+
+
+def _gated(act):
+    def glu(z):  # z (..., 2H): the gate's units, then the up projection's
+        gate, up = z.chunk(2, dim=-1)
+        return act(gate) * up
+
+    return glu
+
+
+ACT = {**_ELEMENTWISE, **{f"glu_{name}": _gated(act) for name, act in _ELEMENTWISE.items()}}
 
 
 def reference(
@@ -77,12 +96,14 @@ def make(chunk_sizes=(3, 5), **kwargs) -> ContinuumMemory:
     return ContinuumMemory(6, list(chunk_sizes), hidden_mult=2.0, in_context=True, **kwargs)
 
 
-@pytest.mark.parametrize("activation", ["gelu", "silu", "relu", "tanh"])
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "gelu_new", "silu", "relu", "tanh"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_chunk_parallel_equals_token_by_token(activation, reduction):
-    """Sequence 13 over chunks 3 and 5: full chunks, a trailing partial chunk, two levels feeding each other."""
+def test_chunk_parallel_equals_token_by_token(activation, reduction, gated):
+    """Sequence 13 over chunks 3 and 5: full chunks, a trailing partial chunk, two levels feeding each other; plain and
+    gated (SwiGLU-style) levels."""
     lrs = [0.5, 0.2] if reduction == "mean" else [0.1, 0.04]  # a sum of C gradients takes smaller steps
-    cms = make(activation=activation, reduction=reduction, inner_lr=lrs)
+    cms = make(activation=activation, reduction=reduction, inner_lr=lrs, gated=gated)
     with torch.no_grad():  # a non-identity value projection, so the targets are not the inputs
         for blk in cms.blocks:
             blk.value.add_(0.3 * torch.randn_like(blk.value))
@@ -96,7 +117,7 @@ def test_chunk_parallel_equals_token_by_token(activation, reduction):
                 assert torch.allclose(got[b].double(), want, atol=1e-5)
     assert [lvl.count for lvl in state.levels] == [13 % 3, 13 % 5]
     # the writes matter: the same module with inner_lr = 0 reads differently after the first chunk
-    frozen = make(activation=activation, reduction=reduction, inner_lr=0.0)
+    frozen = make(activation=activation, reduction=reduction, inner_lr=0.0, gated=gated)
     frozen.load_state_dict(cms.state_dict())
     read = frozen(x)[0]
     assert torch.allclose(read[:, :3], y[:, :3], atol=1e-6) and not torch.allclose(read[:, 3:], y[:, 3:], atol=1e-3)
@@ -252,7 +273,16 @@ def test_gradients_through_writes_match_autograd_of_the_reference(retention):
 
 @pytest.mark.parametrize(
     ("retention", "detach", "activation"),
-    [(1.0, True, "gelu"), (1.0, False, "silu"), (0.6, True, "relu"), (0.6, False, "gelu"), (0.6, True, "tanh")],
+    [
+        (1.0, True, "gelu"),
+        (1.0, False, "silu"),
+        (0.6, True, "relu"),
+        (0.6, False, "gelu"),
+        (0.6, True, "tanh"),
+        (1.0, False, "glu_silu"),
+        (0.6, True, "glu_gelu_tanh"),
+        (0.6, False, "gelu_new"),
+    ],
 )
 def test_first_order_meta_gradients_match_the_reference(retention, detach, activation):
     """differentiable_writes=False over two segments (the state detached between them, or not; the second starts
@@ -302,9 +332,8 @@ def chunk_reference(blk, x: torch.Tensor, carried: Optional[tuple] = None) -> tu
         y = a @ w2.mT + b2[:, None]  # (B, n, D)
         reads.append(y)
         z_leaf = z.detach().requires_grad_()
-        slope = torch.autograd.grad(act(z_leaf).sum(), z_leaf)[0]  # act'(z), elementwise
         error = y.detach() - v
-        dz = slope * (error @ w2.detach())  # (B, n, H)
+        dz = torch.autograd.grad(act(z_leaf), z_leaf, error @ w2.detach(), create_graph=True)[0]  # (B, n, H)
         grads = (dz.mT @ k.detach(), dz.sum(1), error.mT @ a.detach(), error.sum(1))
         pending = grads if pending is None else tuple(p + g for p, g in zip(pending, grads, strict=True))
         count, t = count + n, t + n
@@ -335,6 +364,9 @@ def chunk_reference_chain(cms: ContinuumMemory, x: torch.Tensor, carried: Option
         ([3, 5], 7, 8, "relu", True),  # 15 tokens: both end on a write
         ([4, 16], 6, 26, "tanh", False),  # 32 tokens: the slow level writes twice
         ([4, 16], 6, 31, "gelu", True),
+        ([3, 5], 7, 6, "glu_silu", False),  # gated levels (SwiGLU)
+        ([4, 16], 6, 31, "glu_gelu", True),  # GeGLU
+        ([3, 5], 7, 8, "gelu_new", False),
     ],
 )
 def test_first_order_gradients_equal_autograd_of_a_chunk_reference(

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import TinyNet, fit
-from lightning.pytorch import Callback
+from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch.demos import Transformer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from nl_lightning import Level
 from nl_lightning.callbacks import MultiFrequencyUpdates, NestedLearningMonitor
+from nl_lightning.models import ContinuumMemory, to_cms
 
 LEVELS = [Level("slow", ["net.0.*"], every=3), Level("mid", ["net.2.weight"], every=2)]
 
@@ -148,3 +154,116 @@ def test_steps_without_gradients_follow_multi_frequency_updates(tmp_path):
 def test_bad_prefix():
     with pytest.raises(MisconfigurationException, match="prefix.*''"):
         NestedLearningMonitor(prefix="")
+
+
+# ------------------------------------------------------------------------------------------------ non-finite CMS states
+VOCAB = 20
+
+
+class DemoLM(LightningModule):
+    """Lightning's demo transformer with its encoder and decoder FFNs converted to token-axis CMS chains."""
+
+    def __init__(self, inner_lr: float, check_finite: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = Transformer(vocab_size=VOCAB, ninp=16, nhead=2, nhid=32, nlayers=1, dropout=0.0)
+        layers = ["transformer.encoder.layers.*", "transformer.decoder.layers.*"]
+        to_cms(self.model, layers, [2, 4], inner_lr=inner_lr, check_finite=check_finite)
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        return F.nll_loss(self.model(x[:, :-1], x[:, :-1]), x[:, 1:].reshape(-1))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def train_dataloader(self):
+        tokens = torch.randint(0, VOCAB, (16, 17), generator=torch.Generator().manual_seed(0))
+        return DataLoader(TensorDataset(tokens), batch_size=4)
+
+
+class RawCMS(LightningModule):
+    """A ContinuumMemory used directly (no CMSAdapter, so no finite check of its own), as Hope uses it."""
+
+    def __init__(self, inner_lr: float) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.cms = ContinuumMemory(dim=8, chunk_sizes=[2, 4], in_context=True, inner_lr=inner_lr)
+        self.head = nn.Linear(8, 1)
+
+    def training_step(self, batch, batch_idx):
+        y, _ = self.cms(batch[0])
+        return self.head(y).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(10 * torch.randn(16, 12, 8, generator=torch.Generator().manual_seed(0))), 4)
+
+
+CMS_NAMES = ["model.transformer.encoder.layers.0.ffn.cms", "model.transformer.decoder.layers.0.ffn.cms"]
+
+
+def nonfinite_warnings(caught) -> list[str]:
+    return [str(w.message) for w in caught if "hold NaN or inf" in str(w.message)]
+
+
+def test_reports_nonfinite_states_of_a_converted_transformer(tmp_path):
+    """inner_lr=0.5 makes the writes of the converted demo transformer diverge (its adapters' check is off here)."""
+    model = DemoLM(inner_lr=0.5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = fit(model, [NestedLearningMonitor()], tmp_path, max_steps=3, log_every_n_steps=1)
+    assert float(trainer.callback_metrics["nested/nonfinite_states"]) == 2
+    messages = nonfinite_warnings(caught)
+    assert len(messages) == 1  # the first time only
+    assert all(name in messages[0] for name in CMS_NAMES)
+    cms = [m for m in model.modules() if isinstance(m, ContinuumMemory)]
+    assert len(cms) == 2 and all(not m._forward_hooks for m in cms)  # removed in teardown
+
+
+def test_healthy_states_report_zero_and_no_warning(tmp_path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = fit(DemoLM(inner_lr=0.01), [NestedLearningMonitor()], tmp_path, max_steps=3, log_every_n_steps=1)
+    assert float(trainer.callback_metrics["nested/nonfinite_states"]) == 0
+    assert nonfinite_warnings(caught) == []
+
+
+def test_reports_a_continuum_memory_used_directly(tmp_path):
+    with pytest.warns(RuntimeWarning, match=r"states of \['cms'\] hold NaN or inf"):
+        trainer = fit(RawCMS(inner_lr=1e4), [NestedLearningMonitor()], tmp_path, max_steps=2, log_every_n_steps=1)
+    assert float(trainer.callback_metrics["nested/nonfinite_states"]) == 1
+    trainer = fit(RawCMS(inner_lr=1e-3), [NestedLearningMonitor()], tmp_path, max_steps=2, log_every_n_steps=1)
+    assert float(trainer.callback_metrics["nested/nonfinite_states"]) == 0
+
+
+def test_names_the_diverged_modules_when_the_adapter_raises(tmp_path):
+    """With the adapters' own check on, the step raises FloatingPointError; the monitor still names the modules."""
+    with pytest.raises(FloatingPointError), pytest.warns(RuntimeWarning, match="encoder.layers.0.ffn.cms"):
+        fit(DemoLM(inner_lr=0.5, check_finite=True), [NestedLearningMonitor()], tmp_path, max_steps=2,
+            log_every_n_steps=1)  # fmt: skip
+
+
+class ChecksSeen(Callback):
+    """Whether the monitor checked the states in each batch (list it before the monitor)."""
+
+    def __init__(self, monitor: NestedLearningMonitor) -> None:
+        self.monitor = monitor
+        self.seen: list[bool] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seen.append(bool(self.monitor._state_checks))
+
+
+def test_states_are_checked_on_logging_steps_only(tmp_path):
+    monitor = NestedLearningMonitor()
+    spy = ChecksSeen(monitor)
+    fit(DemoLM(inner_lr=0.01), [spy, monitor], tmp_path, max_steps=4, log_every_n_steps=2)
+    assert spy.seen == [False, True, False, True]
+
+
+def test_models_without_token_axis_cms_log_no_state_metric(tmp_path):
+    trainer = fit(TinyNet(), [NestedLearningMonitor()], tmp_path, max_steps=3, log_every_n_steps=1)
+    assert "nested/nonfinite_states" not in trainer.callback_metrics

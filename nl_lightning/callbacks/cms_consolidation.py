@@ -52,7 +52,8 @@ from typing_extensions import override
 from nl_lightning._validation import is_int
 from nl_lightning.callbacks._state import ConfiguredStateKey
 from nl_lightning.callbacks._step_hooks import StepHookCallback
-from nl_lightning.callbacks.multi_frequency import MultiFrequencyUpdates
+from nl_lightning.callbacks.multi_frequency import MultiFrequencyUpdates, parameter_root
+from nl_lightning.levels import strip_compile_prefix
 
 __all__ = ["CMSConsolidation", "ConsolidationPair"]
 
@@ -66,7 +67,9 @@ class ConsolidationPair:
     """A fast level whose knowledge :class:`CMSConsolidation` moves into a slow level.
 
     Args:
-        fast: Module-name prefix of the fast level, for example ``"cms.levels.0"``.
+        fast: Module-name prefix of the fast level, for example ``"cms.levels.0"``. Like level globs, a prefix may
+            leave out ``torch.compile``'s ``_orig_mod`` and a wrapping module's parameter root (``HFCausalLM``:
+            ``"model.layers.0.mlp.cms.levels.1"``, see :func:`~nl_lightning.callbacks.multi_frequency.parameter_root`).
         slow: Module-name prefix of the slow level, for example ``"cms.levels.1"``. Parameters are paired by their
             name relative to the prefixes (``cms.levels.0.w1`` with ``cms.levels.1.w1``).
         mode: ``"drift"`` or ``"distill"``.
@@ -262,7 +265,8 @@ class CMSConsolidation(ConfiguredStateKey, StepHookCallback):
                 " that the callback edits in place. Use strategy='ddp' (or a single device)."
             )
         named = dict(pl_module.named_parameters())
-        self._matches = {p.name: _match(p, named) for p in self._pairs}
+        root = parameter_root(pl_module)
+        self._matches = {p.name: _match(p, named, root) for p in self._pairs}
         owner: dict[str, str] = {}
         for pair in self._pairs:
             for _, fast_name, _, _, _ in self._matches[pair.name]:
@@ -561,11 +565,26 @@ class CMSConsolidation(ConfiguredStateKey, StepHookCallback):
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def _match(pair: ConsolidationPair, named: Mapping[str, Tensor]) -> list[_Match]:
-    """Pair the parameters under ``pair.fast`` and ``pair.slow`` by relative name (``MisconfigurationException``)."""
+def _forms(name: str, root: Optional[str]) -> list[str]:
+    """The names a prefix may be written against: the full name, without ``torch.compile``'s ``_orig_mod``
+    segments, and relative to the module's parameter root (as for level globs, see ``MultiFrequencyUpdates``)."""
+    plain = strip_compile_prefix(name)
+    forms = [name, plain]
+    if root is not None and plain.startswith(strip_compile_prefix(root) + "."):
+        forms.append(plain[len(strip_compile_prefix(root)) + 1 :])
+    return forms
+
+
+def _match(pair: ConsolidationPair, named: Mapping[str, Tensor], root: Optional[str] = None) -> list[_Match]:
+    """Pair the parameters under ``pair.fast`` and ``pair.slow`` by relative name (``MisconfigurationException``);
+    the prefixes may leave out ``_orig_mod`` segments and the module's parameter root."""
     sides = []
     for prefix in (pair.fast, pair.slow):
-        under = {n[len(prefix) + 1 :]: n for n in named if n.startswith(prefix + ".")}
+        under = {}
+        for n in named:
+            form = next((f for f in _forms(n, root) if f.startswith(prefix + ".")), None)
+            if form is not None:
+                under.setdefault(form[len(prefix) + 1 :], n)
         if not under:
             tops = sorted({n.rsplit(".", 1)[0] for n in named})[:8]
             raise MisconfigurationException(

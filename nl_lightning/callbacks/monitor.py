@@ -16,7 +16,8 @@ Nested Learning Monitor
 ^^^^^^^^^^^^^^^^^^^^^^^
 
 Watch each level of a nested learner: how often it updated, how large its gradient was when it did, how far the
-update moved it and at which learning rate.
+update moved it and at which learning rate; and whether the token-axis states of its Continuum Memory Systems stayed
+finite.
 """
 
 from __future__ import annotations
@@ -29,15 +30,17 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from torch import Tensor
+from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
+from torch import Tensor, nn
 from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from nl_lightning.callbacks._state import ConfiguredStateKey
 from nl_lightning.callbacks._step_hooks import StepHookCallback
 from nl_lightning.callbacks.multi_frequency import MultiFrequencyUpdates
 from nl_lightning.callbacks.self_modifying import SelfModifyingRule
+from nl_lightning.models.cms import CMSState, ContinuumMemory
 
 __all__ = ["NestedLearningMonitor"]
 
@@ -77,6 +80,14 @@ class NestedLearningMonitor(ConfiguredStateKey, StepHookCallback):
     - ``nested/<level>/lr``: the learning rate of the level's parameter group at that update, as the optimizer used
       it (after any :class:`~nl_lightning.callbacks.SelfModifyingRule`).
 
+    With token-axis Continuum Memory Systems in the model (:class:`~nl_lightning.models.ContinuumMemory` with
+    ``in_context=True``, as in Hope or in FFNs converted by :func:`~nl_lightning.models.to_cms`) it also logs
+
+    - ``nested/nonfinite_states``: how many of them returned fast weights or pending gradient sums holding NaN or inf
+      in a training step, a forward hook checking each one's returned state (one ``isfinite().all()`` per tensor) at
+      logging steps only. The first time a module reports, a warning names it (an ``inner_lr`` too large for the
+      activations' scale makes the writes diverge: lower it, or set ``retention < 1``).
+
     A level is measured at its last update at or before each logging step, so a slow level reports the values of its
     latest update and a fast one costs a measurement only at logging steps. With a
     :class:`~lightning.pytorch.loggers.TensorBoardLogger` it also writes histograms of the gradient
@@ -110,6 +121,10 @@ class NestedLearningMonitor(ConfiguredStateKey, StepHookCallback):
         self._watches: list[dict[str, _Watch]] = []  # per optimizer index: its levels
         self._levels: dict[str, tuple[int, list[tuple[str, Tensor]]]] = {}  # every MultiFrequencyUpdates level
         self._loaded_updates: dict[str, int] = {}
+        self._state_hooks: list[RemovableHandle] = []  # forward hooks on the token-axis ContinuumMemory modules
+        self._state_checks: dict[str, Tensor] = {}  # module name -> all of its states finite, in this logging step
+        self._check_states = False  # set for the training batches of logging steps
+        self._reported: set[str] = set()  # modules already named in a warning
 
     @override
     def state_key_fields(self) -> dict[str, Any]:
@@ -124,6 +139,42 @@ class NestedLearningMonitor(ConfiguredStateKey, StepHookCallback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._mfus = [cb for cb in trainer.callbacks if isinstance(cb, MultiFrequencyUpdates)]
+        self._remove_state_hooks()
+        for name, module in pl_module.named_modules():
+            if isinstance(module, ContinuumMemory) and module.in_context:
+                self._state_hooks.append(module.register_forward_hook(self._state_hook(name)))
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        self._remove_state_hooks()
+
+    def _remove_state_hooks(self) -> None:
+        for handle in self._state_hooks:
+            handle.remove()
+        self._state_hooks = []
+        self._state_checks = {}
+        self._check_states = False
+
+    def _state_hook(self, name: str) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if not self._check_states or not isinstance(output, tuple) or len(output) != 2:
+                return
+            state = output[1]
+            if not isinstance(state, CMSState) or not state.levels:
+                return
+            tensors = [t.detach() for lvl in state.levels for t in (*lvl.weights, *(lvl.pending or ()))]
+            finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all()  # stays on the device until logged
+            previous = self._state_checks.get(name)
+            self._state_checks[name] = finite if previous is None else previous & finite
+
+        return hook
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._check_states = bool(self._state_hooks) and trainer._logger_connector.should_update_logs
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -226,7 +277,32 @@ class NestedLearningMonitor(ConfiguredStateKey, StepHookCallback):
                 value = getattr(w, key)
                 if value is not None:
                     metrics[f"{self._prefix}/{w.name}/{key}"] = float(value)
+        if self._state_hooks:
+            metrics[f"{self._prefix}/nonfinite_states"] = float(len(self._report_nonfinite_states()))
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+
+    def _report_nonfinite_states(self) -> list[str]:
+        """The modules whose states were non-finite in this step (warning once per module); clears the checks."""
+        bad = [name for name, finite in self._state_checks.items() if not bool(finite)]
+        self._state_checks = {}
+        self._check_states = False
+        new = [name for name in bad if name not in self._reported]
+        if new:
+            self._reported.update(new)
+            rank_zero_warn(
+                f"{type(self).__name__}: the token-axis CMS states of {new} hold NaN or inf: their writes diverged"
+                " (an inner_lr too large for the activations' scale). Lower the inner_lr of these modules' levels, or"
+                " set retention < 1 to bound how far the fast weights drift.",
+                category=RuntimeWarning,
+            )
+        return bad
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """Name the modules whose states went non-finite in the failed step, if it was checked (a CMSAdapter raises
+        ``FloatingPointError`` on the outputs of diverged writes)."""
+        if self._state_checks:
+            self._report_nonfinite_states()
 
     # ------------------------------------------------------------------------------------------------ helpers
     def _wants_histograms(self, trainer: pl.Trainer) -> bool:
@@ -251,7 +327,7 @@ class NestedLearningMonitor(ConfiguredStateKey, StepHookCallback):
         self._loaded_updates = dict(state_dict.get("updates", {}))
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "_watches": [], "_levels": {}}
+        return {**super().__getstate__(), "_watches": [], "_levels": {}, "_state_hooks": [], "_state_checks": {}}
 
 
 def _params_of(optimizer: Optimizer) -> list[Tensor]:

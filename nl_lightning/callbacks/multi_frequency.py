@@ -31,7 +31,7 @@ from typing import Any, Literal, Optional, Union
 import lightning.pytorch as pl
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 from typing_extensions import override
 
@@ -39,7 +39,45 @@ from nl_lightning.callbacks._state import ConfiguredStateKey
 from nl_lightning.callbacks._step_hooks import StepHookCallback
 from nl_lightning.levels import Level, LevelSet, StepPlan, as_levels
 
-__all__ = ["MultiFrequencyUpdates"]
+__all__ = ["MultiFrequencyUpdates", "parameter_root"]
+
+#: The attribute a LightningModule sets to the name of the sub-module that level globs may be written relative to.
+PARAMETER_ROOT_ATTRIBUTE = "nl_parameter_root"
+
+
+def parameter_root(pl_module: pl.LightningModule) -> Optional[str]:
+    """The sub-module that ``pl_module``'s level globs may be written relative to: its ``nl_parameter_root``.
+
+    A LightningModule that wraps a model sets the class attribute ``nl_parameter_root`` to the name of the attribute
+    holding it (:class:`~nl_lightning.models.hf_lm.HFCausalLM` sets ``"hf_model"``), so that the glob
+    ``"model.layers.1.*"`` selects ``"hf_model.model.layers.1.*"``. Full names keep working.
+
+    Args:
+        pl_module: The LightningModule.
+
+    Returns:
+        The sub-module's dotted name, or ``None`` when the module declares none.
+
+    Raises:
+        MisconfigurationException: If ``nl_parameter_root`` is not a string or names no sub-module of ``pl_module``.
+
+    """
+    root = getattr(pl_module, PARAMETER_ROOT_ATTRIBUTE, None)
+    if root is None:
+        return None
+    if not isinstance(root, str) or not root:
+        raise MisconfigurationException(
+            f"{type(pl_module).__name__}.{PARAMETER_ROOT_ATTRIBUTE} must be None or the name of a sub-module such as"
+            f" 'hf_model', got {root!r}."
+        )
+    try:
+        pl_module.get_submodule(root)
+    except AttributeError as err:
+        raise MisconfigurationException(
+            f"{type(pl_module).__name__}.{PARAMETER_ROOT_ATTRIBUTE} is {root!r}, which names no sub-module of the"
+            f" model ({err}). Set it to the attribute that holds the wrapped model, or to None."
+        ) from err
+    return root
 
 
 class MultiFrequencyUpdates(ConfiguredStateKey, StepHookCallback):
@@ -72,6 +110,14 @@ class MultiFrequencyUpdates(ConfiguredStateKey, StepHookCallback):
     in one optimizer), manual optimization, DDP and ``torch.compile``. DeepSpeed, FSDP and ModelParallel are refused,
     and so is a fused optimizer under a ``GradScaler`` (it unscales inside ``step()``, out of this callback's reach).
 
+    **Names.** A glob matches a parameter's full name (``pl_module.named_parameters()``), that name without the
+    ``_orig_mod`` segments ``torch.compile`` inserts, and, when the LightningModule sets ``nl_parameter_root`` (the
+    attribute holding a wrapped model, see :func:`parameter_root`), the name relative to it: for
+    :class:`~nl_lightning.models.hf_lm.HFCausalLM`, ``"model.layers.1.*"`` selects ``"hf_model.model.layers.1.*"``.
+    A tied weight (one tensor under several names, as GPT-2's ``lm_head.weight`` and ``transformer.wte.weight``) is
+    matched through any of its names and follows one period: the callback reports it at ``setup`` (a warning when
+    the level's globs named only some of the names), and two levels claiming it through different names is an error.
+
     **Several instances.** The checkpoint key names the levels and their globs (not their periods, so a resumed run
     may change a period), so differently configured instances each save and restore their own state; two instances
     with the same levels are refused by Lightning, and instances sharing a parameter or a level name are refused at
@@ -92,9 +138,10 @@ class MultiFrequencyUpdates(ConfiguredStateKey, StepHookCallback):
     Raises:
         MisconfigurationException: On an empty or malformed ``levels``, duplicate level names, a non-string glob,
             ``every < 1`` or an unknown ``reduction`` (at construction); on a glob that matches no parameter, a
-            parameter claimed by two levels (of this or another instance), a level name used by two instances, an
-            unsupported strategy, or a fused optimizer under a ``GradScaler`` (at ``setup`` / train start); on a level
-            spread over two optimizers (at train start, or at the step where added parameter groups spread it).
+            parameter claimed by two levels (of this or another instance, or a tied tensor through two of its names),
+            an invalid ``nl_parameter_root``, a level name used by two instances, an unsupported strategy, or a fused
+            optimizer under a ``GradScaler`` (at ``setup`` / train start); on a level spread over two optimizers (at
+            train start, or at the step where added parameter groups spread it).
         RuntimeError: When an optimizer is about to step on gradients the callback has not prepared (a raw
             ``torch.optim.Optimizer`` stepped without :meth:`prepare_step`), before any parameter moves.
 
@@ -172,10 +219,30 @@ class MultiFrequencyUpdates(ConfiguredStateKey, StepHookCallback):
                 f" C * {trainer.accumulate_grad_batches} batches."
             )
         if self._book is None or not self._book_belongs_to(pl_module):
+            root = parameter_root(pl_module)
             try:
-                self._book = LevelSet(self._levels, pl_module.named_parameters(), self._reduction)
+                named = pl_module.named_parameters(remove_duplicate=False)
+                self._book = LevelSet(self._levels, named, self._reduction, root=root)
             except ValueError as err:
                 raise MisconfigurationException(str(err)) from err
+            self._report_ties(self._book)
+
+    def _report_ties(self, book: LevelSet) -> None:
+        """Say which levelled tensors are tied (one tensor, several names) and whose period they follow."""
+        every = {lvl.name: lvl.every for lvl in book.levels}
+        for tie in book.tied:
+            others = [n for n in tie.names if n not in tie.matched]
+            if others:
+                rank_zero_warn(
+                    f"Level {tie.level!r} (every={every[tie.level]}) matched {list(tie.matched)}, which is tied to"
+                    f" {others}: one tensor under {len(tie.names)} names, so {others} also follow that level's period."
+                    f" Name {others} in the level's globs to make this explicit, or untie the weights."
+                )
+            else:
+                rank_zero_info(
+                    f"MultiFrequencyUpdates: {list(tie.names)} are one tensor (tied weights); it follows level"
+                    f" {tie.level!r} (every={every[tie.level]})."
+                )
 
     def _book_belongs_to(self, pl_module: pl.LightningModule) -> bool:
         """Whether the book was resolved on this module's parameters (a second ``fit`` keeps clocks and buffers)."""

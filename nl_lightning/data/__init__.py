@@ -8,6 +8,7 @@ from nl_lightning.data.fashion_mnist import (
     fashion_mnist_available,
     read_idx,
 )
+from nl_lightning.data.hf_text import HFTextDataModule
 from nl_lightning.data.regression import SlowlyChangingRegression, SlowlyChangingRegressionDataModule
 from nl_lightning.data.stream import TaskStreamDataModule
 from nl_lightning.data.synthetic import MQARDataModule, MQARDataset, NeedleDataModule, NeedleDataset
@@ -18,6 +19,7 @@ __all__ = [
     "DigitsDataModule",
     "DigitsDataset",
     "FashionMNIST",
+    "HFTextDataModule",
     "MQARDataModule",
     "MQARDataset",
     "NeedleDataModule",

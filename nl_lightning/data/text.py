@@ -324,18 +324,25 @@ class TextDataModule(pl.LightningDataModule):
             raise RuntimeError("TextDataModule: call `setup()` (the Trainer does) first.")
         return int(round(len(self.corpus) * (1.0 - self.val_fraction)))
 
+    #: what one token of the corpus is, for messages
+    unit = "bytes"
+
+    def load_tokens(self) -> Tensor:
+        """The whole corpus as a 1-D tensor of token ids (here its bytes); a subclass may tokenize it otherwise."""
+        return load_corpus(self.paths)
+
     @override
     def setup(self, stage: str) -> None:
         if self.corpus is not None:
             return
-        self.corpus = load_corpus(self.paths)
+        self.corpus = self.load_tokens()
         cut = self.split_index
         head, tail = self.corpus[:cut], self.corpus[cut:]
         for name, part in (("training", head), ("held-out", tail)):
             if len(part) < self.seq_len + 1:
                 raise ValueError(
-                    f"The {name} split has {len(part)} bytes, fewer than seq_len + 1 = {self.seq_len + 1}; lower"
-                    " `seq_len`, change `val_fraction` or give more text."
+                    f"The {name} split has {len(part)} {self.unit}, fewer than seq_len + 1 = {self.seq_len + 1};"
+                    " lower `seq_len`, change `val_fraction` or give more text."
                 )
         self.train_set = TextDataset(head, self.seq_len, stride=1)
         self.val_set = TextDataset(tail, self.seq_len)

@@ -1,15 +1,32 @@
-"""Models: the Continuum Memory System, the Titans memory, self-modifying Titans, Hope and their baselines."""
+"""Models: the Continuum Memory System, the Titans memory, self-modifying Titans, Hope and their baselines.
+
+:class:`HFCausalLM` wraps a Hugging Face ``transformers`` model; ``transformers`` (``pip install "nl-lightning[hf]"``)
+is imported only when one is built.
+"""
 
 from nl_lightning.models.classifier import MLPClassifier
 from nl_lightning.models.cms import CMSLevel, CMSState, ContinuumMemory
 from nl_lightning.models.cms_classifier import CMSClassifier
+from nl_lightning.models.hf_cms import (
+    from_pretrained_cms,
+    install_generation_hooks,
+    is_cms_checkpoint,
+    save_pretrained_cms,
+)
+from nl_lightning.models.hf_lm import HFCausalLM
 from nl_lightning.models.hope import HopeBlock, HopeBlockState, HopeModule, HopeState
 from nl_lightning.models.lm import CausalLM
 from nl_lightning.models.neural_memory import NeuralMemory, NeuralMemoryState
 from nl_lightning.models.self_modifying_titans import SelfModifyingState, SelfModifyingTitans
 from nl_lightning.models.task_loss_cms import TaskLossContext
 from nl_lightning.models.titans import TitansMAL, TitansState
-from nl_lightning.models.to_cms import CMSAdapter, cms_levels, to_cms
+from nl_lightning.models.to_cms import (
+    CMSAdapter,
+    CMSTransformerDecoderLayer,
+    CMSTransformerEncoderLayer,
+    cms_levels,
+    to_cms,
+)
 from nl_lightning.models.transformer import KVCache, TransformerPP
 
 __all__ = [
@@ -17,8 +34,11 @@ __all__ = [
     "CMSClassifier",
     "CMSLevel",
     "CMSState",
+    "CMSTransformerDecoderLayer",
+    "CMSTransformerEncoderLayer",
     "CausalLM",
     "ContinuumMemory",
+    "HFCausalLM",
     "HopeBlock",
     "HopeBlockState",
     "HopeModule",
@@ -34,5 +54,9 @@ __all__ = [
     "TitansState",
     "TransformerPP",
     "cms_levels",
+    "from_pretrained_cms",
+    "install_generation_hooks",
+    "is_cms_checkpoint",
+    "save_pretrained_cms",
     "to_cms",
 ]

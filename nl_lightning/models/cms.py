@@ -65,11 +65,12 @@ from torch import Tensor, nn
 from nl_lightning._validation import check_int, is_int
 from nl_lightning.levels import Level
 from nl_lightning.models.cms_memory import (
-    ACTIVATIONS,
+    GATED,
     CMSState,
     FastWeights,
     ReadPiece,
     WriteRule,
+    check_activation,
     first_order_reads,
     mlp_forward,
     mlp_grads,
@@ -105,7 +106,8 @@ class CMSLevel(nn.Module):
         dim: Input and output width ``D``.
         hidden: Hidden width ``H``.
         chunk_size: Tokens per write ``C``.
-        activation: ``"gelu"``, ``"silu"``, ``"relu"`` or ``"tanh"``.
+        activation: ``"gelu"``, ``"gelu_tanh"`` (tanh approximation), ``"gelu_new"`` (the same, written out as in
+            GPT-2), ``"silu"``, ``"relu"`` or ``"tanh"``.
         norm: ``"rmsnorm"``, ``"layernorm"`` or ``None``.
         residual: Add the MLP's output to its input (``False``: the level outputs the MLP alone).
         inner_lr: Learning rate ``eta`` of the token-axis writes (0 disables them).
@@ -114,6 +116,9 @@ class CMSLevel(nn.Module):
         retention: Share ``ρ`` of their distance from the initial weights (the parameters) that the fast weights keep
             at every write, in ``(0, 1]``: ``θ <- θ_0 + ρ (θ - θ_0) - η ḡ``. 1 (default) is Eq. 31 as printed; below 1
             the fast weights stay within about ``η |ḡ| / (1 - ρ)`` of the parameters however long the stream.
+        gated: A gated MLP ``W_2 (act(W_g k + b_g) * (W_u k + b_u)) + b_2`` (SwiGLU with ``"silu"``, GeGLU with
+            ``"gelu"``): ``w1`` ``(2H, D)`` and ``b1`` ``(2H)`` hold the gate's rows, then the up projection's, and
+            :attr:`activation` reads ``"glu_<act>"``.
 
     Raises:
         ValueError: On an unknown ``activation`` or ``reduction``, a negative ``inner_lr``, or ``retention`` outside
@@ -133,10 +138,12 @@ class CMSLevel(nn.Module):
         reduction: Literal["mean", "sum"] = "mean",
         in_context: bool = True,
         retention: float = 1.0,
+        gated: bool = False,
     ) -> None:
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"`activation` must be one of {sorted(ACTIVATIONS)}, got {activation!r}.")
+        check_activation(activation)
+        if gated and not activation.startswith(GATED):
+            activation = GATED + activation
         if reduction not in ("mean", "sum"):
             raise ValueError(f"`reduction` must be 'mean' or 'sum', got {reduction!r}.")
         if not inner_lr >= 0:
@@ -148,9 +155,13 @@ class CMSLevel(nn.Module):
         self.retention = float(retention)
         self.dim, self.hidden, self.chunk_size = dim, hidden, chunk_size
         self.activation, self.residual, self.reduction = activation, residual, reduction
+        self.gated = activation.startswith(GATED)
+        #: with shared weights, gate the hidden units as an FFN with separate gate and up projections does (set by
+        #: :func:`~nl_lightning.models.to_cms` for such FFNs, so that the pretrained level is bitwise the original)
+        self.separate_gate = False
         self.inner_lr = float(inner_lr)
         self.norm = _norm(norm, dim)
-        first, second = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        first, second = nn.Linear(dim, 2 * hidden if self.gated else hidden), nn.Linear(hidden, dim)
         self.w1, self.b1 = nn.Parameter(first.weight.detach()), nn.Parameter(first.bias.detach())
         self.w2, self.b2 = nn.Parameter(second.weight.detach()), nn.Parameter(second.bias.detach())
         self.value = nn.Parameter(torch.eye(dim)) if in_context else None
@@ -173,7 +184,7 @@ class CMSLevel(nn.Module):
         weights and returns the state unchanged (test-time memorization off).
         """
         if state is None:
-            out = mlp_forward(self.norm(h), self.w1, self.b1, self.w2, self.b2, self.activation)[0]
+            out = mlp_forward(self.norm(h), *self._initial(None), self.activation, self.separate_gate)[0]
             return (h + out if self.residual else out), None
         return self._in_context(h, state, differentiable, write)
 
@@ -186,7 +197,7 @@ class CMSLevel(nn.Module):
             if any(w.dtype != inner for w in state.weights):
                 state = state.map(lambda t: t.to(inner))
             if self.inner_lr == 0 or not write:  # nothing is written: one read of the whole input
-                y = mlp_forward(self.norm(x).to(inner), *_shared(state.weights), self.activation)[0]
+                y = mlp_forward(self.norm(x).to(inner), *_shared(state.weights), self.activation, self.separate_gate)[0]
                 if write:
                     state = replace(state, count=(state.count + x.shape[1]) % self.chunk_size)
             else:
@@ -298,9 +309,10 @@ class CMSLevel(nn.Module):
         """``s``, the step of a write on its pending gradient sums (Eq. 31 with the mean or the sum)."""
         return self.inner_lr / (self.chunk_size if self.reduction == "mean" else 1)
 
-    def _initial(self, dtype: torch.dtype = torch.float32) -> tuple[Tensor, ...]:
-        """The initial fast weights (the parameters) in the inner ``dtype``."""
-        return tuple(p.to(dtype) for p in (self.w1, self.b1, self.w2, self.b2))
+    def _initial(self, dtype: Optional[torch.dtype] = torch.float32) -> tuple[Tensor, ...]:
+        """The initial fast weights (the parameters) in the inner ``dtype`` (``None``: as they are)."""
+        params = (self.w1, self.b1, self.w2, self.b2)
+        return params if dtype is None else tuple(p.to(dtype) for p in params)
 
     def extra_repr(self) -> str:
         return (
@@ -359,7 +371,10 @@ class ContinuumMemory(nn.Module):
         hidden_mult: Hidden width of each MLP as a multiple of ``dim`` (ignored where ``hidden_dims`` is given).
         in_context: Return ``(y, state)`` and write fast weights along the sequence; otherwise ``y`` only, static.
         hidden_dims: Explicit hidden width of each level.
-        activation: One activation name, or one per level (``gelu``, ``silu``, ``relu``, ``tanh``).
+        activation: One activation name, or one per level (``gelu``, ``gelu_tanh``, ``gelu_new``, ``silu``, ``relu``,
+            ``tanh``).
+        gated: Gated MLP levels (SwiGLU with ``"silu"``, GeGLU with ``"gelu"``; see :class:`CMSLevel`); one value or one
+            per level.
         norm: ``"rmsnorm"`` (default), ``"layernorm"`` or ``None``; one value or one per level.
         residual: Whether each level adds its input back; one value or one per level.
         inner_lr: Token-axis learning rate of each level (one value or one per level); default ``0.01 * 0.3**i``,
@@ -402,6 +417,7 @@ class ContinuumMemory(nn.Module):
         differentiable_writes: bool = True,
         retention: Union[float, Sequence[float]] = 1.0,
         value_projection: bool = True,
+        gated: Union[bool, Sequence[bool]] = False,
     ) -> None:
         super().__init__()
         chunk_sizes = list(chunk_sizes)
@@ -421,11 +437,12 @@ class ContinuumMemory(nn.Module):
             lrs,
             chunk_sizes,
             _per_level(retention, k, "retention"),
+            _per_level(gated, k, "gated"),
             strict=True,
         )
         blocks = [
-            CMSLevel(dim, h, c, act, nm, res, lr, reduction, in_context and value_projection, rho)
-            for h, act, nm, res, lr, c, rho in specs
+            CMSLevel(dim, h, c, act, nm, res, lr, reduction, in_context and value_projection, rho, glu)
+            for h, act, nm, res, lr, c, rho, glu in specs
         ]
         # Registered under "levels" so that parameters read "levels.<i>.w1" (globs like "*.cms.levels.2.*"), while
         # `levels()` stays the method of the contract; `add_module` would refuse the name of an existing attribute.

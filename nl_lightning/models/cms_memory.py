@@ -35,13 +35,20 @@ from torch import Tensor
 __all__ = [
     "ACTIVATIONS",
     "CMSState",
+    "GATED",
     "FastWeights",
     "ReadPiece",
     "WriteRule",
+    "check_activation",
     "first_order_reads",
+    "hidden_activation",
+    "is_gated",
     "mlp_forward",
     "mlp_grads",
 ]
+
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
 def _gelu_grad(z: Tensor) -> Tensor:
@@ -50,45 +57,112 @@ def _gelu_grad(z: Tensor) -> Tensor:
     return cdf + z * pdf
 
 
+def _gelu_new(z: Tensor) -> Tensor:
+    """The tanh approximation of GELU written out, as GPT-2 computes it (op for op, so a converted GPT-2 MLP is
+    bitwise the original): ``0.5 z (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3)))``."""
+    return 0.5 * z * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (z + 0.044715 * torch.pow(z, 3.0))))
+
+
+def _tanh_gelu_grad(z: Tensor) -> Tensor:
+    t = torch.tanh(_SQRT_2_OVER_PI * (z + 0.044715 * z**3))
+    return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * z * z)
+
+
 def _silu_grad(z: Tensor) -> Tensor:
     s = torch.sigmoid(z)
     return s * (1.0 + z * (1.0 - s))
 
 
-#: name -> (activation, its derivative)
+#: name -> (activation, its derivative): the elementwise activations of the CMS and memory MLPs
 ACTIVATIONS: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]] = {
     "gelu": (F.gelu, _gelu_grad),
+    "gelu_tanh": (lambda z: F.gelu(z, approximate="tanh"), _tanh_gelu_grad),
+    "gelu_new": (_gelu_new, _tanh_gelu_grad),
     "silu": (F.silu, _silu_grad),
     "relu": (F.relu, lambda z: (z > 0).to(z.dtype)),
     "tanh": (torch.tanh, lambda z: 1.0 - torch.tanh(z) ** 2),
 }
 
+#: prefix of a gated activation's name (``"glu_silu"`` is SwiGLU): the hidden pre-activation ``z`` ``(..., 2H)`` holds
+#: the gate's ``H`` units then the up projection's, and the hidden activation is ``act(z_gate) * z_up`` ``(..., H)``
+GATED = "glu_"
 
-def _activation_backward(grad: Tensor, z: Tensor, activation: str) -> Tensor:
-    """``grad * act'(z)``, in one fused op for GELU, and for SiLU where no graph is recorded (aten's SiLU backward has
-    no derivative of its own, so a differentiable SiLU path takes the written-out derivative)."""
+
+def is_gated(activation: str) -> bool:
+    """Whether ``activation`` names a gated hidden layer (``"glu_<act>"``, e.g. ``"glu_silu"`` for SwiGLU)."""
+    return activation.startswith(GATED)
+
+
+def check_activation(activation: str) -> None:
+    """Raise ``ValueError`` unless ``activation`` is a name of :data:`ACTIVATIONS`, or one prefixed with ``"glu_"``."""
+    base = activation[len(GATED) :] if isinstance(activation, str) and is_gated(activation) else activation
+    if base not in ACTIVATIONS:
+        names = sorted(ACTIVATIONS) + [GATED + n for n in sorted(ACTIVATIONS)]
+        raise ValueError(f"`activation` must be one of {names}, got {activation!r}.")
+
+
+def hidden_activation(z: Tensor, activation: str, separate_gate: bool = False) -> Tensor:
+    """The hidden activation ``a`` of the pre-activation ``z``: ``act(z)``, or ``act(z_gate) * z_up`` when gated (``z``
+    ``(..., 2H)`` -> ``a`` ``(..., H)``). ``separate_gate`` applies it to contiguous copies of the two halves, as an
+    FFN with separate gate and up projections does (an elementwise kernel on a strided view can round differently)."""
+    if is_gated(activation):
+        gate, up = z.chunk(2, dim=-1)
+        if separate_gate:
+            gate, up = gate.contiguous(), up.contiguous()
+        return ACTIVATIONS[activation[len(GATED) :]][0](gate) * up
+    return ACTIVATIONS[activation][0](z)
+
+
+def _elementwise_backward(grad: Tensor, z: Tensor, activation: str) -> Tensor:
     if activation == "gelu":
         return torch.ops.aten.gelu_backward(grad, z)
+    if activation == "gelu_tanh":
+        return torch.ops.aten.gelu_backward(grad, z, approximate="tanh")
     if activation == "silu" and not (torch.is_grad_enabled() and (grad.requires_grad or z.requires_grad)):
         return torch.ops.aten.silu_backward(grad, z)
     return grad * ACTIVATIONS[activation][1](z)
 
 
+def _activation_backward(grad: Tensor, z: Tensor, activation: str) -> Tensor:
+    """The gradient w.r.t. the pre-activation ``z`` of a loss whose gradient w.r.t. the hidden activation is ``grad``:
+    ``grad * act'(z)`` (one fused op for GELU, and for SiLU where no graph is recorded: aten's SiLU backward has no
+    derivative of its own, so a differentiable SiLU path takes the written-out derivative). Gated: ``grad`` ``(..., H)``
+    -> ``(..., 2H)``, ``[grad * z_up * act'(z_gate), grad * act(z_gate)]``."""
+    if is_gated(activation):
+        base = activation[len(GATED) :]
+        gate, up = z.chunk(2, dim=-1)
+        return torch.cat([_elementwise_backward(grad * up, gate, base), grad * ACTIVATIONS[base][0](gate)], dim=-1)
+    return _elementwise_backward(grad, z, activation)
+
+
+def _activation_jvp(tangent: Tensor, z: Tensor, activation: str) -> Tensor:
+    """The change of the hidden activation for a change ``tangent`` of the pre-activation ``z``: ``act'(z) * tangent``
+    (the same as :func:`_activation_backward` for an elementwise activation). Gated: ``tangent`` ``(..., 2H)`` ->
+    ``(..., H)``, ``act'(z_gate) * t_gate * z_up + act(z_gate) * t_up``."""
+    if is_gated(activation):
+        base = activation[len(GATED) :]
+        gate, up = z.chunk(2, dim=-1)
+        t_gate, t_up = tangent.chunk(2, dim=-1)
+        return _elementwise_backward(t_gate * up, gate, base) + ACTIVATIONS[base][0](gate) * t_up
+    return _elementwise_backward(tangent, z, activation)
+
+
 def mlp_forward(
-    k: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, activation: str
+    k: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, activation: str, separate_gate: bool = False
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``y = W2 act(W1 k + b1) + b2``, returning ``(y, z, a)`` (pre-activation and activation kept for the gradient).
 
     Shared weights (``w1`` ``(H, D)``) take ``k`` of any shape ``(..., D)``; per-sample weights (``w1`` ``(B, H, D)``)
-    take ``k`` ``(B, n, D)``.
+    take ``k`` ``(B, n, D)``. A gated ``activation`` (``"glu_<act>"``) has ``w1`` ``(2H, D)`` (the gate's rows, then the
+    up projection's), ``z`` ``(..., 2H)`` and ``a = act(z_gate) * z_up`` ``(..., H)``; with shared weights,
+    ``separate_gate`` computes it as an FFN with separate gate and up projections does (see :func:`hidden_activation`).
     """
-    act = ACTIVATIONS[activation][0]
     if w1.dim() == 2:
         z = F.linear(k, w1, b1)
-        a = act(z)
+        a = hidden_activation(z, activation, separate_gate)
         return F.linear(a, w2, b2), z, a
-    z = torch.baddbmm(b1.unsqueeze(1), k, w1.transpose(1, 2))  # (B, n, H)
-    a = act(z)
+    z = torch.baddbmm(b1.unsqueeze(1), k, w1.transpose(1, 2))  # (B, n, H), (B, n, 2H) gated
+    a = hidden_activation(z, activation)  # (B, n, H)
     return torch.baddbmm(b2.unsqueeze(1), a, w2.transpose(1, 2)), z, a  # (B, n, D)
 
 
@@ -168,7 +242,7 @@ def _target_grads(
     dz_t`` with ``dz_t = act'(z_t) * (W2^T (y_t - v_t))``, ``W2`` ``(B, D, H)`` the anchor."""
     a_w1, a_b1, a_w2, a_b2 = after
     u = torch.baddbmm(a_b1.unsqueeze(1), k, a_w1.transpose(1, 2))  # (B, n, H): A_w1 k_t + A_b1
-    du = _activation_backward(u, z, activation)  # (B, n, H)
+    du = _activation_jvp(u, z, activation)  # (B, n, H)
     dv = torch.baddbmm(a_b2.unsqueeze(1), a, a_w2.transpose(1, 2))  # (B, n, D): A_w2 a_t + A_b2
     return dv.baddbmm_(du, w2.transpose(1, 2)).mul_(scale)  # + W2 du_t
 

@@ -1,4 +1,4 @@
-# Copyright The Lightning AI team.
+# Copyright The nl_lightning developers.
 #
 # Licensed under the Apache License, Version 2.0 (the "License");
 # you may not use this file except in compliance with the License.
@@ -28,9 +28,11 @@ For an FFN ``y = W_2 \sigma(W_1 x + b_1) + b_2`` of width ``D`` and hidden width
     W_2^{(\ell)} = 0,\ b_2^{(\ell)} = 0 \text{ at conversion}
 
 Level 0 is an exact copy of the FFN (no norm, no residual); levels ``1..k-1`` copy its first layer and start with a
-zero output layer, so they add nothing until they learn. :func:`to_cms` replaces the FFNs in place by
-:class:`CMSAdapter` modules, which keep the FFN's call signature; :func:`cms_levels` returns the step-axis
-:class:`~nl_lightning.Level` objects of every converted chain for
+zero output layer, so they add nothing until they learn. A gated FFN (SwiGLU, GeGLU: Llama, Qwen2, Mistral, Gemma)
+becomes gated levels, ``\sigma(\cdot)`` then standing for ``act(z_gate) * z_up``; GPT-2's ``Conv1D`` MLPs and the FFNs
+of torch's ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer`` convert too (see :func:`to_cms`).
+:func:`to_cms` replaces the FFNs in place by :class:`CMSAdapter` modules, which keep the FFN's call signature;
+:func:`cms_levels` returns the step-axis :class:`~nl_lightning.Level` objects of every converted chain for
 :class:`~nl_lightning.callbacks.MultiFrequencyUpdates`.
 """
 
@@ -40,129 +42,21 @@ import difflib
 import fnmatch
 import warnings
 from collections.abc import Sequence
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from nl_lightning.levels import Level
+from nl_lightning.models._ffn_spec import FFNSpec, read_ffn, read_torch_layer_ffn
 from nl_lightning.models.cms import CMSState, ContinuumMemory
-from nl_lightning.models.cms_memory import ACTIVATIONS
+from nl_lightning.models.cms_memory import ACTIVATIONS, GATED
 
-__all__ = ["CMSAdapter", "cms_levels", "to_cms"]
+__all__ = ["CMSAdapter", "CMSTransformerDecoderLayer", "CMSTransformerEncoderLayer", "cms_levels", "to_cms"]
 
-#: activation modules that a CMS level reproduces exactly, and their names in ``ACTIVATIONS``
-_ACTIVATION_MODULES: tuple[tuple[type[nn.Module], str], ...] = (
-    (nn.GELU, "gelu"),
-    (nn.SiLU, "silu"),
-    (nn.ReLU, "relu"),
-    (nn.Tanh, "tanh"),
-)
-_NO_OPS = (nn.Dropout, nn.Identity)
-_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 # Shaped by the pretrained FFN or fixed by the ad-hoc stacking layout, so not accepted through `cms_kwargs`.
-_RESERVED = ("dim", "hidden_dims", "hidden_mult", "residual")
-_SUPPORTED = (
-    "an FFN made of exactly two nn.Linear (the up projection registered before the down projection), at most one"
-    " activation module (nn.GELU(approximate='none'), nn.SiLU, nn.ReLU or nn.Tanh) and optionally nn.Dropout /"
-    " nn.Identity"
-)
-
-
-class _FFNSpec(NamedTuple):
-    """The pieces of a pretrained FFN that a CMS chain is built from."""
-
-    up: nn.Linear
-    down: nn.Linear
-    activation: str
-    dropped: list[str]  # names of the dropout modules with p > 0 that the chain leaves out
-
-
-def _activation_name(module: nn.Module, where: str) -> Optional[str]:
-    for cls, name in _ACTIVATION_MODULES:
-        if isinstance(module, cls):
-            if isinstance(module, nn.GELU) and module.approximate != "none":
-                raise ValueError(
-                    f"{where} is nn.GELU(approximate={module.approximate!r}), which to_cms does not support: CMS levels"
-                    " compute the exact GELU (approximate='none'), so the converted model would not reproduce the"
-                    " original. Use nn.GELU() in the pretrained model, or do not convert this module."
-                )
-            return name
-    return None
-
-
-def _extract_ffn(ffn: nn.Module, name: str, activation: Optional[str]) -> _FFNSpec:
-    """Find the up projection, the activation and the down projection of ``ffn`` (see :func:`to_cms`)."""
-    label = f"Module {name!r} ({type(ffn).__name__})"
-    own = [n for n, _ in ffn.named_parameters(recurse=False)] if not isinstance(ffn, nn.Linear) else []
-    if own:
-        raise ValueError(
-            f"{label} holds parameters of its own {own}, which to_cms cannot map; it converts {_SUPPORTED}."
-        )
-    linears: list[tuple[str, nn.Linear]] = []
-    acts: list[tuple[str, str]] = []
-    dropped: list[str] = []
-    order: list[str] = []  # "linear" / "act" in registration order, for the nn.Sequential check
-    for sub_name, sub in ffn.named_modules(prefix=name):
-        if sub is ffn and not isinstance(ffn, nn.Linear):
-            continue
-        if isinstance(sub, nn.Linear):
-            linears.append((sub_name, sub))
-            order.append("linear")
-        elif (act := _activation_name(sub, f"Module {sub_name!r} inside {label}")) is not None:
-            acts.append((sub_name, act))
-            order.append("act")
-        elif isinstance(sub, _NO_OPS):
-            if isinstance(sub, nn.Dropout) and sub.p > 0:
-                dropped.append(sub_name)
-        elif not isinstance(sub, _CONTAINERS):
-            raise ValueError(
-                f"{label} contains {sub_name!r} ({type(sub).__name__}), which to_cms cannot reproduce; it converts"
-                f" {_SUPPORTED}. Target a module that holds only the FFN, or leave this one out of `targets`."
-            )
-    if len(linears) != 2:
-        found = [f"{n} ({type(m).__name__})" for n, m in linears]
-        raise ValueError(
-            f"{label} contains {len(linears)} nn.Linear {found}, but to_cms converts {_SUPPORTED}. Gated FFNs"
-            " (SwiGLU, GeGLU: three projections) and single layers are not supported."
-        )
-    if len(acts) > 1:
-        raise ValueError(
-            f"{label} contains {len(acts)} activation modules {[n for n, _ in acts]}; to_cms converts {_SUPPORTED}."
-        )
-    (up_name, up), (down_name, down) = linears
-    if type(ffn) is nn.Sequential and order != ["linear", "act", "linear"]:
-        raise ValueError(
-            f"{label} applies {order} (dropout and identity left out), but to_cms converts Linear -> activation ->"
-            " Linear. A Sequential without an activation is a linear map, which no CMS level computes."
-        )
-    if acts:
-        found_act = acts[0][1]
-        if activation is not None and activation != found_act:
-            raise ValueError(
-                f"{label} applies {found_act!r} ({acts[0][0]!r}), but `activation={activation!r}` was given. Drop"
-                " `activation` (it is only needed for FFNs that call a functional activation) or convert these"
-                " modules in separate to_cms calls."
-            )
-        activation = found_act
-    elif activation is None:
-        raise ValueError(
-            f"{label} has no activation module (it probably calls a functional one such as F.gelu in its forward)."
-            f" Pass the one it applies between {up_name!r} and {down_name!r} as `activation=`, one of"
-            f" {sorted(ACTIVATIONS)}."
-        )
-    if up.out_features != down.in_features:
-        raise ValueError(
-            f"{label}: {up_name!r} has out_features={up.out_features} but {down_name!r} has"
-            f" in_features={down.in_features}. to_cms takes the first registered nn.Linear as the up projection and"
-            " the second as the down projection; register them in that order."
-        )
-    if up.in_features != down.out_features:
-        raise ValueError(
-            f"{label} maps width {up.in_features} to width {down.out_features}, but CMS levels are residual and need"
-            " equal input and output widths. Convert only FFNs whose input and output widths match."
-        )
-    return _FFNSpec(up, down, activation, dropped)
+_RESERVED = ("dim", "hidden_dims", "hidden_mult", "residual", "gated")
+_TORCH_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
 
 def _level_norms(norm: Any, k: int) -> list:
@@ -178,43 +72,45 @@ def _level_norms(norm: Any, k: int) -> list:
 
 
 def _build_cms(
-    spec: _FFNSpec, chunk_sizes: Sequence[int], in_context: bool, cms_kwargs: dict[str, Any]
+    spec: FFNSpec, chunk_sizes: Sequence[int], in_context: bool, cms_kwargs: dict[str, Any]
 ) -> ContinuumMemory:
     reserved = sorted(set(cms_kwargs) & set(_RESERVED))
     if reserved:
         raise ValueError(
-            f"to_cms does not accept {reserved}: the widths come from the pretrained FFN and the layout (level 0"
-            " plain, levels 1.. residual) is fixed so that the converted model reproduces the original. Remove them."
+            f"to_cms does not accept {reserved}: the widths and the gating come from the pretrained FFN and the layout"
+            " (level 0 plain, levels 1.. residual) is fixed so that the converted model reproduces the original."
+            " Remove them."
         )
     chunk_sizes = list(chunk_sizes)
     k = len(chunk_sizes)
     kwargs = dict(cms_kwargs)
     norm = _level_norms(kwargs.pop("norm", "rmsnorm"), k)
-    dim, hidden = spec.up.in_features, spec.up.out_features
+    gated = spec.activation.startswith(GATED)
     cms = ContinuumMemory(
-        dim=dim,
+        dim=spec.dim,
         chunk_sizes=chunk_sizes,
-        hidden_dims=[hidden] * k,
-        activation=spec.activation,
+        hidden_dims=[spec.hidden] * k,
+        activation=spec.activation[len(GATED) :] if gated else spec.activation,
+        gated=gated,
         norm=norm,
         residual=[False] + [True] * (k - 1),
         in_context=in_context,
         **kwargs,
     )
-    weight = spec.up.weight
-    cms.to(device=weight.device, dtype=weight.dtype)
-    zeros = torch.zeros(hidden, dtype=weight.dtype, device=weight.device)
+    w1 = spec.w1
+    cms.to(device=w1.device, dtype=w1.dtype)
     with torch.no_grad():
         for i, blk in enumerate(cms.blocks):
-            blk.w1.copy_(spec.up.weight)
-            blk.b1.copy_(spec.up.bias if spec.up.bias is not None else zeros)
-            blk.w2.copy_(spec.down.weight if i == 0 else torch.zeros_like(blk.w2))
-            blk.b2.copy_(spec.down.bias if i == 0 and spec.down.bias is not None else torch.zeros_like(blk.b2))
+            if blk.value is not None:
+                blk.value.zero_()  # targets start at 0 (see to_cms)
+            blk.separate_gate = spec.separate_gate
+            blk.w1.copy_(w1)
+            blk.b1.copy_(spec.b1) if spec.b1 is not None else blk.b1.zero_()
+            blk.w2.copy_(spec.w2) if i == 0 else blk.w2.zero_()
+            blk.b2.copy_(spec.b2) if i == 0 and spec.b2 is not None else blk.b2.zero_()
     level0 = cms.blocks[0]
-    originals = (spec.up.weight, spec.up.bias, spec.down.weight, spec.down.bias)
-    for new, old in zip((level0.w1, level0.b1, level0.w2, level0.b2), originals, strict=True):
-        if old is not None:
-            new.requires_grad_(old.requires_grad)
+    for param, flag in zip((level0.w1, level0.b1, level0.w2, level0.b2), spec.requires_grad, strict=True):
+        param.requires_grad_(flag)
     return cms
 
 
@@ -235,9 +131,15 @@ class CMSAdapter(nn.Module):
     with every ``inner_lr`` at 0 is bitwise the pretrained FFN. The carried state is runtime state: it is not part
     of ``state_dict``.
 
+    Writes can blow up (an ``inner_lr`` too large for the inputs' scale): with ``check_finite`` (default) a call whose
+    writes produced a non-finite output raises ``FloatingPointError`` naming the learning rates, instead of passing
+    NaN on silently. The check reads one flag from the device per call; ``check_finite=False`` skips it.
+
     Args:
         cms: The chain.
         carry_state: Keep the token-axis state between calls (requires ``cms.in_context``).
+        dropout: A dropout the replaced FFN applied to its output (GPT-2's), applied after the chain.
+        check_finite: Raise on non-finite outputs of a call that wrote.
 
     Raises:
         ValueError: If ``carry_state`` is set on a static chain.
@@ -249,12 +151,20 @@ class CMSAdapter(nn.Module):
 
     """
 
-    def __init__(self, cms: ContinuumMemory, carry_state: bool = False) -> None:
+    def __init__(
+        self,
+        cms: ContinuumMemory,
+        carry_state: bool = False,
+        dropout: Optional[nn.Module] = None,
+        check_finite: bool = True,
+    ) -> None:
         super().__init__()
         if carry_state and not cms.in_context:
             raise ValueError("`carry_state=True` needs a token-axis chain; build it with `in_context=True`.")
         self.cms = cms
+        self.dropout = dropout if dropout is not None else nn.Identity()
         self.carry_state = carry_state
+        self.check_finite = check_finite
         self.state: Optional[CMSState] = None
 
     @classmethod
@@ -286,8 +196,7 @@ class CMSAdapter(nn.Module):
             ValueError: As :func:`to_cms`.
 
         """
-        adapter = cls(_convert(ffn, "ffn", chunk_sizes, activation, in_context, cms_kwargs), carry_state)
-        return adapter.train(ffn.training)
+        return _adapter(ffn, "ffn", chunk_sizes, activation, in_context, carry_state, cms_kwargs)
 
     def reset_state(self) -> None:
         """Forget the carried state: the next call starts a new stream from the learned initial weights."""
@@ -296,7 +205,7 @@ class CMSAdapter(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``x`` ``(..., D)`` -> ``y`` ``(..., D)``."""
         if not self.cms.in_context:
-            return self.cms(x)
+            return self.dropout(self.cms(x))
         state = self.state.detach() if (self.carry_state and self.state is not None) else None
         shape = x.shape
         seq = x.reshape(-1, shape[-2] if x.dim() >= 3 else 1, shape[-1])
@@ -306,32 +215,106 @@ class CMSAdapter(nn.Module):
                 f" (shape {tuple(shape)}). Keep the batch size while carrying, or call `reset_state()` first."
             )
         y, new_state = self.cms(seq, state)
+        if self.check_finite and self._writes() and not bool(torch.isfinite(y).all()):
+            self._raise_non_finite(seq)
         if self.carry_state:
             self.state = new_state.detach()
-        return y.reshape(shape)
+        return self.dropout(y.reshape(shape))
+
+    def _writes(self) -> bool:
+        return any(blk.inner_lr > 0 for blk in self.cms.blocks)
+
+    def _raise_non_finite(self, x: Tensor) -> None:
+        if not bool(torch.isfinite(x).all()):
+            raise FloatingPointError(
+                "The input of this CMSAdapter is already non-finite (NaN or inf): the problem is upstream of the CMS."
+            )
+        lrs = [blk.inner_lr for blk in self.cms.blocks]
+        rhos = [blk.retention for blk in self.cms.blocks]
+        raise FloatingPointError(
+            f"The CMS writes produced non-finite outputs (NaN or inf) from a finite input: the token-axis steps"
+            f" (inner_lr={lrs}, retention={rhos}, chunk_sizes={self.cms.chunk_sizes}) are too large for this model's"
+            " activations and the fast weights diverged. Lower inner_lr (for example by 10x), or set retention < 1"
+            " (a bounded drift from the pretrained weights); check_finite=False turns this check off."
+        )
 
     def extra_repr(self) -> str:
         return f"carry_state={self.carry_state}"
 
 
-def _convert(
+class CMSTransformerEncoderLayer(nn.TransformerEncoderLayer):
+    """An ``nn.TransformerEncoderLayer`` whose FFN (``linear1``, ``activation``, ``dropout``, ``linear2``) is the
+    :class:`CMSAdapter` ``ffn`` (made by :func:`to_cms`; the layer's output dropout ``dropout2`` stays). torch's fused
+    inference fast path, which would read ``linear1`` / ``linear2`` directly and bypass the CMS, is off."""
+
+    ffn: CMSAdapter
+
+    def _ff_block(self, x: Tensor) -> Tensor:
+        return self.dropout2(self.ffn(x))
+
+
+class CMSTransformerDecoderLayer(nn.TransformerDecoderLayer):
+    """An ``nn.TransformerDecoderLayer`` whose FFN is the :class:`CMSAdapter` ``ffn`` (made by :func:`to_cms`; the
+    layer's output dropout ``dropout3`` stays)."""
+
+    ffn: CMSAdapter
+
+    def _ff_block(self, x: Tensor) -> Tensor:
+        return self.dropout3(self.ffn(x))
+
+
+_CMS_LAYER = {
+    nn.TransformerEncoderLayer: CMSTransformerEncoderLayer,
+    nn.TransformerDecoderLayer: CMSTransformerDecoderLayer,
+}
+
+
+def _adopt_layer(layer: nn.Module, adapter: CMSAdapter) -> None:
+    """Turn a torch transformer layer into its CMS subclass, in place, with ``adapter`` as its FFN."""
+    layer.__class__ = _CMS_LAYER[type(layer)]
+    for name in ("linear1", "linear2", "dropout"):
+        delattr(layer, name)
+    if isinstance(layer.activation, nn.Module):
+        delattr(layer, "activation")
+        layer.activation = None
+    layer.activation_relu_or_gelu = 0  # the fast path checks this flag; 0 keeps every call on the _ff_block path
+    layer.ffn = adapter
+
+
+def _nested_tensor_off(model: nn.Module) -> None:
+    """Encoders holding converted layers must not take their nested-tensor fast path (it reads ``linear1``)."""
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoder) and any(
+            isinstance(layer, CMSTransformerEncoderLayer) for layer in module.layers
+        ):
+            module.use_nested_tensor = False
+
+
+def _adapter(
     ffn: nn.Module,
     name: str,
     chunk_sizes: Sequence[int],
     activation: Optional[str],
     in_context: bool,
+    carry_state: bool,
     cms_kwargs: dict[str, Any],
-) -> ContinuumMemory:
+) -> CMSAdapter:
+    """The adapter that replaces ``ffn`` (an FFN, or a torch transformer layer whose FFN it replaces)."""
     if activation is not None and activation not in ACTIVATIONS:
         raise ValueError(f"`activation` must be one of {sorted(ACTIVATIONS)}, got {activation!r}.")
-    spec = _extract_ffn(ffn, name, activation)
+    cms_kwargs = dict(cms_kwargs)
+    check_finite = cms_kwargs.pop("check_finite", True)
+    is_layer = isinstance(ffn, _TORCH_LAYERS)
+    spec = read_torch_layer_ffn(ffn, name, activation) if is_layer else read_ffn(ffn, name, activation)
     if spec.dropped:
         warnings.warn(
-            f"to_cms drops the dropout modules {spec.dropped} of {name!r}: the converted model equals the original in"
+            f"to_cms drops the hidden dropout {spec.dropped} of {name!r}: the converted model equals the original in"
             " eval mode (and in train mode only with p=0).",
             stacklevel=3,
         )
-    return _build_cms(spec, chunk_sizes, in_context, cms_kwargs)
+    cms = _build_cms(spec, chunk_sizes, in_context, cms_kwargs)
+    adapter = CMSAdapter(cms, carry_state, spec.output_dropout, check_finite)
+    return adapter.train(ffn.training)
 
 
 def _is_glob(target: str) -> bool:
@@ -355,13 +338,14 @@ def _match_targets(model: nn.Module, targets: Sequence[str]) -> list[str]:
                 f"The target {target!r} matches no sub-module of the model; its modules include {shown}"
                 f"{f' (of {len(names)})' if len(names) > len(shown) else ''}. Use names from `model.named_modules()`."
             )
-        matched.extend(h for h in hits if h not in matched)
+        outermost = [h for h in hits if not any(h.startswith(o + ".") for o in hits)]  # a glob's matches inside its
+        matched.extend(h for h in outermost if h not in matched)  # other matches are left out ("layers.*")
     for a in matched:
         for b in matched:
             if b.startswith(a + "."):
                 raise ValueError(
                     f"The targets select both {a!r} and its sub-module {b!r}; a module and one inside it cannot both be"
-                    " replaced. Narrow the targets (a glob '*' also matches dots)."
+                    " replaced. Narrow the targets."
                 )
     return matched
 
@@ -380,46 +364,74 @@ def to_cms(
     The "ad-hoc level stacking" variant of the CMS (A §7.3): each target becomes a :class:`CMSAdapter` holding a
     :class:`~nl_lightning.models.ContinuumMemory` of ``len(chunk_sizes)`` levels of the FFN's widths ``D`` and ``H``:
 
-    - level 0 is an exact copy of the FFN, ``W_2 act(W_1 x + b_1) + b_2`` (no norm, no residual);
-    - levels ``1..k-1`` compute ``h + W_2' act(W_1 Norm(h) + b_1) + b_2'`` with ``W_1, b_1`` copied and
-      ``W_2' = 0, b_2' = 0``, so they add nothing until they learn; their ``value`` projections start at identity.
+    - level 0 is an exact copy of the FFN, ``W_2 a(W_1 x + b_1) + b_2`` (no norm, no residual);
+    - levels ``1..k-1`` compute ``h + W_2' a(W_1 Norm(h) + b_1) + b_2'`` with ``W_1, b_1`` copied and
+      ``W_2' = 0, b_2' = 0``, so they add nothing until they learn.
 
-    With every ``inner_lr`` at 0 the converted model's outputs equal the original's exactly (in eval mode, in any
-    dtype). Parameters are copied onto the FFN's device and dtype; level 0 keeps the FFN's ``requires_grad`` flags;
-    a missing bias becomes a zero (trainable) bias. Writes (``inner_lr > 0``) run in fp32, as in the CMS.
+    On the token axis every level writes towards the targets ``v_t = W_v k_t`` of its ``value`` projection, which
+    starts at zero here: a level that adds nothing has nothing to write until ``W_v`` learns (through the first-order
+    targets' gradient, see :class:`~nl_lightning.models.ContinuumMemory`), and level 0's first writes only shrink the
+    pretrained output a little. (Identity targets would pull every level towards its input, a pretrained model's
+    residual stream, which made the writes of a converted Llama diverge within one 256-token sequence.)
 
-    What is converted: a module whose sub-modules are exactly two ``nn.Linear`` (the first registered is the up
-    projection ``D -> H``, the second the down projection ``H -> D``), at most one activation module among
-    ``nn.GELU()`` (exact only), ``nn.SiLU``, ``nn.ReLU`` and ``nn.Tanh``, and optionally ``nn.Dropout`` /
-    ``nn.Identity``. Dropout is dropped (with a warning when ``p > 0``): the result is identical in eval mode, and in
-    train mode only with ``p = 0``. A plain ``nn.Sequential`` must apply Linear -> activation -> Linear. A custom
-    module is trusted to compute ``down(act(up(x)))``; if it calls a functional activation (``F.gelu``), name it
-    with ``activation=``.
+    For a gated FFN (SwiGLU, GeGLU) ``a(z) = act(z_gate) * z_up`` and ``W_1`` stacks the gate's rows over the up
+    projection's, so every level is gated: level 0 is the pretrained gated FFN, and the added levels are gated FFNs
+    that start from its gate and up projections.
+
+    With every ``inner_lr`` at 0 the converted model's outputs equal the original's exactly (same operations on the
+    same weights; in eval mode, and in train mode unless the FFN has a hidden dropout with ``p > 0``). Parameters are
+    copied onto the FFN's device and dtype; level 0 keeps the FFN's ``requires_grad`` flags, and a missing bias becomes
+    a zero bias with its weight's flag. Writes (``inner_lr > 0``) run in fp32, as in the CMS.
+
+    What is converted (the reader is :mod:`nl_lightning.models._ffn_spec`):
+
+    - two projections, up ``D -> H`` then down ``H -> D`` in registration order: ``nn.Linear`` or GPT-2's ``Conv1D``;
+    - gated FFNs: ``gate_proj``, ``up_proj``, ``down_proj`` (Llama, Qwen2, Mistral, Gemma; any names containing
+      ``gate`` and ``up``, or Mixtral's ``w1``, ``w3``, ``w2``), or a fused projection ``D -> 2H`` whose name contains
+      ``gate`` (``gate_up_proj``, gate first) and :class:`~nl_lightning.models.transformer.SwiGLU`;
+    - at most one activation module: ``nn.GELU`` (exact or tanh), ``nn.SiLU``, ``nn.ReLU``, ``nn.Tanh``, or
+      ``transformers``' ``GELUActivation``, ``NewGELUActivation`` (GPT-2), ``GELUTanh``, ``SiLUActivation``; a module
+      that calls a functional activation (``F.gelu``) names it with ``activation=``;
+    - ``nn.Dropout`` / ``nn.Identity``: a dropout on the output (GPT-2's, or after the last layer of an
+      ``nn.Sequential``) is kept after the chain; a hidden dropout is dropped, with a warning when ``p > 0``;
+    - an ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer`` given as a target: its FFN (``linear1``,
+      ``activation``, ``dropout``, ``linear2``) becomes the adapter ``<layer>.ffn`` and the layer becomes a
+      :class:`CMSTransformerEncoderLayer` / :class:`CMSTransformerDecoderLayer`, with torch's fused inference fast path
+      off (it would bypass the CMS); encoders holding such layers no longer convert inputs to nested tensors.
+
+    A ``transformers`` model converted with ``in_context=True`` gets the hooks of
+    :func:`nl_lightning.models.hf_cms.install_generation_hooks`, so that ``generate()`` carries the CMS state through
+    its key/value cache. Each call is recorded in ``model.nl_cms_conversions`` (the resolved targets and the arguments),
+    so a converted model can be rebuilt from its base (:func:`nl_lightning.models.hf_cms.from_pretrained_cms`).
 
     Args:
         model: The pretrained model; modified in place.
         targets: Module names as in ``model.named_modules()`` (``"blocks.0.ffn"``), or fnmatch globs
-            (``"blocks.*.ffn"``, where ``*`` also matches dots). A single string is one target. A module shared under
-            several names becomes one shared adapter.
+            (``"blocks.*.ffn"``, where ``*`` also matches dots; a glob selects the outermost modules it matches, so
+            ``"layers.*"`` selects the layers, not their sub-modules). A single string is one target. A module shared
+            under several names becomes one shared adapter.
         chunk_sizes: The period of each level, the fastest (the pretrained copy) first: tokens per write on the
             token axis, and the default optimizer-step periods of :func:`cms_levels`.
-        activation: For FFNs that call a functional activation: ``"gelu"``, ``"silu"``, ``"relu"`` or ``"tanh"``.
+        activation: For FFNs that call a functional activation: one of ``"gelu"``, ``"gelu_tanh"``, ``"gelu_new"``,
+            ``"silu"``, ``"relu"``, ``"tanh"`` (the gating is read from the module).
         in_context: Write fast weights along the sequence (token axis); otherwise static chains.
         carry_state: Keep each adapter's token-axis state between calls (streaming; see :class:`CMSAdapter`).
         **cms_kwargs: More :class:`~nl_lightning.models.ContinuumMemory` arguments: ``inner_lr`` (0 everywhere
             reproduces the model; default ``0.01 * 0.3**i``), ``norm`` of levels ``1..k-1`` (``"rmsnorm"`` by
-            default; a per-level list must start with ``None``), ``reduction``, ``differentiable_writes``.
+            default; a per-level list must start with ``None``), ``reduction``, ``differentiable_writes``,
+            ``retention``; and ``check_finite`` of :class:`CMSAdapter`.
 
     Returns:
         ``model``, with the targets replaced (each adapter in the replaced module's training mode).
 
     Raises:
-        ValueError: If a target matches no module, or both a module and one inside it; if a target is not an FFN
-            as described above (a third ``nn.Linear`` as in SwiGLU, a norm or convolution inside, a tanh-approximate
-            GELU, parameters of its own), has no activation module and no ``activation=``, or has different input and
-            output widths; if ``activation`` is unknown or disagrees with the module's; if ``cms_kwargs`` sets a
-            widths- or layout-defining argument (``hidden_dims``, ``residual``, ...); or if the chain's arguments are
-            invalid (as :class:`~nl_lightning.models.ContinuumMemory`). Nothing is replaced when an error is raised.
+        ValueError: If a target matches no module, or both a module and one inside it, or is already converted; if a
+            target is not an FFN as described above (a norm or convolution inside, an unsupported activation,
+            parameters of its own, projections whose roles or widths do not fit), has no activation module and no
+            ``activation=``, or has different input and output widths; if ``activation`` is unknown or disagrees with
+            the module's; if ``cms_kwargs`` sets a widths- or layout-defining argument (``hidden_dims``, ``residual``,
+            ``gated``, ...); or if the chain's arguments are invalid (as :class:`~nl_lightning.models.ContinuumMemory`).
+            Nothing is replaced when an error is raised.
 
     Example::
 
@@ -440,13 +452,45 @@ def to_cms(
     names = _match_targets(model, targets)
     for name in names:
         ffn = modules[name]
+        if isinstance(ffn, (CMSAdapter, CMSTransformerEncoderLayer, CMSTransformerDecoderLayer)):
+            raise ValueError(f"Module {name!r} is already converted to a CMS; convert each FFN once.")
         if id(ffn) not in adapters:
-            cms = _convert(ffn, name, chunk_sizes, activation, in_context, cms_kwargs)
-            adapters[id(ffn)] = CMSAdapter(cms, carry_state).train(ffn.training)
+            adapters[id(ffn)] = _adapter(ffn, name, chunk_sizes, activation, in_context, carry_state, cms_kwargs)
     for name in names:
+        target = modules[name]
+        if isinstance(target, _TORCH_LAYERS):
+            if not isinstance(target, tuple(_CMS_LAYER.values())):  # a layer shared under two names: adopt it once
+                _adopt_layer(target, adapters[id(target)])
+            continue
         parent_name, _, child = name.rpartition(".")
-        setattr(modules[parent_name], child, adapters[id(modules[name])])
+        setattr(modules[parent_name], child, adapters[id(target)])
+    _nested_tensor_off(model)
+    conversion = {
+        "targets": names,
+        "chunk_sizes": list(chunk_sizes),
+        "activation": activation,
+        "in_context": in_context,
+        "carry_state": carry_state,
+        "cms_kwargs": dict(cms_kwargs),
+    }
+    model.nl_cms_conversions = [*getattr(model, "nl_cms_conversions", []), conversion]
+    if in_context and _is_transformers_model(model):
+        _install_generation_hooks(model)
     return model
+
+
+def _is_transformers_model(model: nn.Module) -> bool:
+    """A ``transformers`` ``PreTrainedModel``, recognised without importing ``transformers``."""
+    return any(cls.__module__.startswith("transformers.") for cls in type(model).__mro__) and hasattr(model, "generate")
+
+
+def _install_generation_hooks(model: nn.Module) -> None:
+    """Let ``generate()`` with the key/value cache carry the CMS state (see :mod:`nl_lightning.models.hf_cms`)."""
+    try:
+        from nl_lightning.models.hf_cms import install_generation_hooks
+    except ImportError:  # pragma: no cover - the module ships with the package
+        return
+    install_generation_hooks(model)
 
 
 def cms_levels(model: nn.Module, every: Optional[Sequence[int]] = None) -> list[Level]:
