@@ -343,3 +343,19 @@ def test_recipe_slow_fast_with_a_local_checkpoint_and_its_tokenizer(tmp_path):
     cli = main(["fit", "--config", "hf_llama_slow_fast", *args, *SHORT, "--trainer.accelerator=cpu"])
     assert cli.trainer.global_step == 3
     assert cli.model.vocab_size == cli.datamodule.vocab_size == len(tok)
+
+
+def test_a_rule_targets_a_level_from_yaml_style_arguments(tmp_path):
+    """Each MultiFrequencyUpdates level gets parameter groups of its own, so a level-targeted rule works without a
+    custom `configure_optimizers`."""
+    from nl_lightning.callbacks import HypergradientRule
+
+    model = tiny("qwen2")
+    updates = MultiFrequencyUpdates([Level("slow", ["model.layers.0.*", "model.embed_tokens.*"], every=2)])
+    rule = HypergradientRule(level="slow")
+    trainer = fit(model, [updates, rule], tmp_path, train_dataloaders=windows(), max_steps=4)
+    names = [g["name"] for g in trainer.optimizers[0].param_groups]
+    assert names == ["slow/decay", "slow/no_decay", "decay", "no_decay"]
+    slow = {id(p) for g in trainer.optimizers[0].param_groups[:2] for p in g["params"]}
+    assert slow == {id(p) for _, p in updates.book.params("slow")}
+    assert updates.num_updates == {"slow": 2}

@@ -370,16 +370,35 @@ class CausalLM(pl.LightningModule):
 
     # ------------------------------------------------------------------------------------------------ optimizer
     def param_groups(self) -> list[dict[str, Any]]:
-        """AdamW groups: ``decay`` (parameters with ``>= 2`` dimensions) and ``no_decay`` (biases, norms, gates)."""
-        decay, no_decay = [], []
+        """AdamW groups: ``decay`` (parameters with ``>= 2`` dimensions) and ``no_decay`` (biases, norms, gates).
+
+        When the Trainer holds :class:`~nl_lightning.callbacks.MultiFrequencyUpdates`, the parameters of each of its
+        levels get groups of their own (``"<level>/decay"``, ``"<level>/no_decay"``, with the same hyper-parameters),
+        so that a rule (``HypergradientRule(level=...)``, ``ScheduledRule(level=...)``) can target a level from YAML.
+        """
+        level_of = self._level_names()
+        groups: dict[str, dict[str, Any]] = {}
         for p in self.parameters():
-            if p.requires_grad:
-                (decay if p.dim() >= 2 else no_decay).append(p)
-        groups = [
-            {"name": "decay", "params": decay, "weight_decay": self.weight_decay},
-            {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
-        ]
-        return [g for g in groups if g["params"]]
+            if not p.requires_grad:
+                continue
+            kind = "decay" if p.dim() >= 2 else "no_decay"
+            name = kind if id(p) not in level_of else f"{level_of[id(p)]}/{kind}"
+            decay = self.weight_decay if kind == "decay" else 0.0
+            groups.setdefault(name, {"name": name, "params": [], "weight_decay": decay})["params"].append(p)
+        return list(groups.values())
+
+    def _level_names(self) -> dict[int, str]:
+        """``id(parameter)`` -> the name of its MultiFrequencyUpdates level, for the Trainer this module is attached to
+        (empty when none)."""
+        from nl_lightning.callbacks.multi_frequency import MultiFrequencyUpdates  # the callbacks import the models
+
+        trainer = getattr(self, "_trainer", None)
+        out: dict[int, str] = {}
+        for cb in getattr(trainer, "callbacks", None) or []:
+            if isinstance(cb, MultiFrequencyUpdates) and cb._book is not None:
+                for level in cb.book.levels:
+                    out.update((id(p), level.name) for _, p in cb.book.params(level.name))
+        return out
 
     def lr_factor(self, step: int) -> float:
         """The learning-rate multiplier at optimizer step ``step`` (0-based): warm-up, then constant or cosine."""
