@@ -14,7 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from nl_lightning.models import CMSAdapter, to_cms  # noqa: E402
-from nl_lightning.models.hf_cms import (  # noqa: E402
+from nl_lightning.models.hf_checkpoint import (  # noqa: E402
     CONVERSIONS_FILE,
     from_pretrained_cms,
     is_cms_checkpoint,
@@ -62,7 +62,7 @@ def test_round_trip_restores_weights_settings_and_outputs(tmp_path, arch):
     save_pretrained_cms(model, tmp_path)
     assert is_cms_checkpoint(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["nl_cms"]["loader"] == "nl_lightning.models.hf_cms.from_pretrained_cms"
+    assert saved["nl_cms"]["loader"] == "nl_lightning.models.from_pretrained_cms"
     assert not hasattr(model.config, "nl_cms")  # the marker is written, not left on the model
 
     loaded = from_pretrained_cms(tmp_path)
@@ -130,7 +130,7 @@ def test_plain_from_pretrained_reinitialises_the_ffns_and_names_the_loader(tmp_p
     model = trained("llama")
     save_pretrained_cms(model, tmp_path)
     plain, info = transformers.LlamaForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
-    assert plain.config.nl_cms["loader"] == "nl_lightning.models.hf_cms.from_pretrained_cms"
+    assert plain.config.nl_cms["loader"] == "nl_lightning.models.from_pretrained_cms"
     assert "model.layers.0.mlp.gate_proj.weight" in info["missing_keys"]
     assert "model.layers.0.mlp.cms.levels.0.w1" in info["unexpected_keys"]
     assert not any(isinstance(m, CMSAdapter) for m in plain.modules())

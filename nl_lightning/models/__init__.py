@@ -7,12 +7,8 @@ is imported only when one is built.
 from nl_lightning.models.classifier import MLPClassifier
 from nl_lightning.models.cms import CMSLevel, CMSState, ContinuumMemory
 from nl_lightning.models.cms_classifier import CMSClassifier
-from nl_lightning.models.hf_cms import (
-    from_pretrained_cms,
-    install_generation_hooks,
-    is_cms_checkpoint,
-    save_pretrained_cms,
-)
+from nl_lightning.models.hf_checkpoint import from_pretrained_cms, is_cms_checkpoint, save_pretrained_cms
+from nl_lightning.models.hf_cms import install_generation_hooks
 from nl_lightning.models.hf_lm import HFCausalLM
 from nl_lightning.models.hope import HopeBlock, HopeBlockState, HopeModule, HopeState
 from nl_lightning.models.lm import CausalLM

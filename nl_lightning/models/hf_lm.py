@@ -46,7 +46,7 @@ from typing_extensions import override
 from nl_lightning._validation import is_int
 from nl_lightning.levels import ParameterNames
 from nl_lightning.models.cms import CMSLevel
-from nl_lightning.models.hf_cms import from_pretrained_cms, is_cms_checkpoint
+from nl_lightning.models.hf_checkpoint import from_pretrained_cms, is_cms_checkpoint
 from nl_lightning.models.lm import CausalLM
 
 __all__ = ["HFCausalLM", "require_transformers"]
@@ -187,8 +187,8 @@ class HFCausalLM(CausalLM):
         config: A config as a dict: ``model_type`` (``"llama"``, ``"qwen2"``, ``"gpt2"``, ...) and that model's
             fields, e.g. ``{"model_type": "llama", "vocab_size": 256, "hidden_size": 64, ...}``. Random weights.
         pretrained: A local checkpoint directory (``save_pretrained`` output: ``config.json`` and weights), or one
-            written by :func:`~nl_lightning.models.hf_cms.save_pretrained_cms` (a converted model: loaded with its
-            CMS, so ``cms`` must then be ``None``). Exactly one of ``config`` and ``pretrained`` is given.
+            written by :func:`~nl_lightning.models.hf_checkpoint.save_pretrained_cms` (a converted model: loaded with
+            its CMS, so ``cms`` must then be ``None``). Exactly one of ``config`` and ``pretrained`` is given.
         cms: Keyword arguments of :func:`~nl_lightning.models.to_cms` (``targets``, ``chunk_sizes``, ``activation``,
             ``in_context``, ``carry_state`` and the ContinuumMemory arguments such as ``inner_lr``); ``None``: no
             conversion.

@@ -402,7 +402,7 @@ def to_cms(
     A ``transformers`` model converted with ``in_context=True`` gets the hooks of
     :func:`nl_lightning.models.hf_cms.install_generation_hooks`, so that ``generate()`` carries the CMS state through
     its key/value cache. Each call is recorded in ``model.nl_cms_conversions`` (the resolved targets and the arguments),
-    so a converted model can be rebuilt from its base (:func:`nl_lightning.models.hf_cms.from_pretrained_cms`).
+    so a converted model can be rebuilt from its base (:func:`nl_lightning.models.hf_checkpoint.from_pretrained_cms`).
 
     Args:
         model: The pretrained model; modified in place.
