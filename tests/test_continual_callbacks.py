@@ -207,6 +207,42 @@ def test_ewc_argument_errors(tmp_path):
         ElasticWeightConsolidation(loss_fn="nope.missing")
 
 
+def test_ewc_with_manual_boundaries_on_a_causal_lm(tmp_path):
+    """Outside a task stream: two fits on text (dict batches), consolidated by hand in between. The default loss is
+    the LM's own (`CausalLM.loss`), the Fisher is the mean squared per-sample gradient, and the penalty acts in the
+    second fit."""
+    from nl_lightning.data import TextDataModule
+    from nl_lightning.models import TransformerPP
+
+    def trainer(callbacks, **kwargs):
+        return Trainer(default_root_dir=tmp_path, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                       enable_model_summary=False, accelerator="cpu", limit_val_batches=0, callbacks=callbacks,
+                       **kwargs)  # fmt: skip
+
+    torch.manual_seed(0)
+    model = TransformerPP(vocab_size=256, dim=16, depth=1, heads=2)
+    dm = TextDataModule(seq_len=16, batch_size=4, samples_per_epoch=16, seed=0)
+    with pytest.raises(MisconfigurationException, match="boundaries='manual'"):
+        trainer([ElasticWeightConsolidation()], max_steps=1).fit(model, datamodule=dm)
+    ewc = ElasticWeightConsolidation(ewc_lambda=10.0, fisher_samples=3, boundaries="manual")
+    trainer([ewc], max_steps=2).fit(model, datamodule=dm)
+    assert ewc.tasks_consolidated == 0  # nothing happens at epoch ends
+    batch = next(iter(dm.train_dataloader()))
+    ewc.consolidate(model, [batch])
+    name, param = "blocks.0.mlp.down.weight", model.blocks[0].mlp.down.weight
+    want = torch.zeros_like(param)
+    for i in range(3):  # the Fisher by hand: per-sample gradients of the LM's loss, squared, averaged
+        sample = {k: v[i : i + 1] for k, v in batch.items()}
+        (grad,) = torch.autograd.grad(model.sequence_loss(sample["tokens"], sample["targets"])[0], [param])
+        want += grad.pow(2) / 3
+    torch.testing.assert_close(ewc.state_dict()["fisher"][name], want)
+    second = trainer([ewc], max_steps=2, log_every_n_steps=1)
+    second.fit(model, datamodule=dm)
+    assert float(second.callback_metrics["ewc/penalty"]) > 0
+    with pytest.raises(MisconfigurationException, match="boundaries.*'sometimes'"):
+        ElasticWeightConsolidation(boundaries="sometimes")
+
+
 # --------------------------------------------------------------------------------------------------- replay
 def test_reservoir_is_bounded_and_uniform():
     """5 items through a 2-slot reservoir: each item is kept with probability 2/5, over 4000 seeds."""

@@ -23,8 +23,8 @@ penalise moving the important weights, :math:`\frac{\lambda}{2}\sum_i F_i(\theta
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Optional, Union
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -39,11 +39,12 @@ from nl_lightning.callbacks._state import ConfiguredStateKey
 
 __all__ = ["ElasticWeightConsolidation"]
 
-LossFn = Callable[[pl.LightningModule, Sequence[Tensor]], Tensor]
+LossFn = Callable[[pl.LightningModule, Any], Tensor]
 
 
-def default_loss(pl_module: pl.LightningModule, batch: Sequence[Tensor]) -> Tensor:
-    """``pl_module.loss(batch)`` if the module has one, else the cross-entropy of ``pl_module(x)`` against ``y``."""
+def default_loss(pl_module: pl.LightningModule, batch: Any) -> Tensor:
+    """``pl_module.loss(batch)`` if the module has one (the causal LMs of :mod:`nl_lightning.models` do), else the
+    cross-entropy of ``pl_module(x)`` against ``y`` for a batch ``(x, y, ...)``."""
     loss = getattr(pl_module, "loss", None)
     if callable(loss):
         return loss(batch)
@@ -62,7 +63,8 @@ class ElasticWeightConsolidation(ConfiguredStateKey, Callback):
     for gradient accumulation). The penalty is logged as ``ewc/penalty``. Fisher and anchor are checkpointed by
     parameter name, under a key that names ``ewc_lambda``, ``fisher_samples`` and ``gamma`` (a lone instance whose
     configuration changed still restores its state, with a warning; so does a checkpoint written with the former key,
-    the class name). Outside a task stream, call :meth:`consolidate` yourself at a task boundary.
+    the class name). Outside a task stream (``boundaries="manual"``), call :meth:`consolidate` yourself at each task
+    boundary, for example between the ``fit`` calls of successive tasks.
 
     Args:
         ewc_lambda: The penalty strength :math:`\lambda \ge 0`.
@@ -70,10 +72,15 @@ class ElasticWeightConsolidation(ConfiguredStateKey, Callback):
         gamma: Decay of the previous tasks' Fisher in online EWC, in ``[0, 1]`` (1 sums the tasks' Fishers).
         loss_fn: ``loss_fn(pl_module, batch) -> Tensor``, or its import path (``"package.module.function"``), the
             per-sample negative log-likelihood; default: ``pl_module.loss(batch)`` if defined, else cross-entropy.
+            ``batch`` is one sample, in the dataloader's layout (a sequence or a mapping of tensors).
+        boundaries: ``"task_stream"`` (default): consolidate at the task ends of a
+            :class:`~nl_lightning.data.TaskStreamDataModule`; ``"manual"``: only where you call :meth:`consolidate`
+            (any data).
 
     Raises:
-        MisconfigurationException: On a negative ``ewc_lambda``, ``fisher_samples < 1``, ``gamma`` outside [0, 1] or a
-            ``loss_fn`` path that does not import; at ``setup`` when the data module is not a task stream.
+        MisconfigurationException: On a negative ``ewc_lambda``, ``fisher_samples < 1``, ``gamma`` outside [0, 1], a
+            ``loss_fn`` path that does not import or an unknown ``boundaries``; at ``setup`` with
+            ``boundaries="task_stream"`` when the data module is not a task stream.
 
     Example::
 
@@ -87,6 +94,7 @@ class ElasticWeightConsolidation(ConfiguredStateKey, Callback):
         fisher_samples: int = 200,
         gamma: float = 1.0,
         loss_fn: Optional[Union[str, LossFn]] = None,
+        boundaries: Literal["task_stream", "manual"] = "task_stream",
     ) -> None:
         if not ewc_lambda >= 0:
             raise MisconfigurationException(f"`ewc_lambda` must be >= 0, got {ewc_lambda!r}.")
@@ -94,7 +102,10 @@ class ElasticWeightConsolidation(ConfiguredStateKey, Callback):
             raise MisconfigurationException(f"`fisher_samples` must be an integer >= 1, got {fisher_samples!r}.")
         if not 0.0 <= gamma <= 1.0:
             raise MisconfigurationException(f"`gamma` must be in [0, 1], got {gamma!r}.")
+        if boundaries not in ("task_stream", "manual"):
+            raise MisconfigurationException(f"`boundaries` must be 'task_stream' or 'manual', got {boundaries!r}.")
         self.ewc_lambda, self.fisher_samples, self.gamma = float(ewc_lambda), fisher_samples, float(gamma)
+        self.boundaries = boundaries
         self._loss_fn: LossFn = _import_loss(loss_fn) if isinstance(loss_fn, str) else (loss_fn or default_loss)
         self._fisher: dict[str, Tensor] = {}
         self._anchor: dict[str, Tensor] = {}
@@ -107,10 +118,15 @@ class ElasticWeightConsolidation(ConfiguredStateKey, Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and not hasattr(trainer.datamodule, "stage_at_epoch_end"):
+        if (
+            stage == "fit"
+            and self.boundaries == "task_stream"
+            and not hasattr(trainer.datamodule, "stage_at_epoch_end")
+        ):
             raise MisconfigurationException(
                 "ElasticWeightConsolidation finds task boundaries through a TaskStreamDataModule (nl_lightning.data);"
-                " with another data module call `consolidate(pl_module, dataloader)` yourself at each boundary."
+                " with other data pass `boundaries='manual'` and call `consolidate(pl_module, dataloader)` yourself"
+                " at each boundary."
             )
 
     # ------------------------------------------------------------------------------------------------ the penalty
@@ -150,6 +166,8 @@ class ElasticWeightConsolidation(ConfiguredStateKey, Callback):
     # ------------------------------------------------------------------------------------------------ consolidation
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.boundaries == "manual":
+            return
         dm = trainer.datamodule
         stage = dm.stage_at_epoch_end(trainer.current_epoch)
         if stage is None or getattr(dm, "joint", False) or stage <= self.tasks_consolidated:
@@ -157,12 +175,13 @@ class ElasticWeightConsolidation(ConfiguredStateKey, Callback):
         task = stage - 1
         self.consolidate(pl_module, dm.eval_dataloader(task, "train", trainer.global_rank, trainer.world_size))
 
-    def consolidate(self, pl_module: pl.LightningModule, dataloader: Iterable[Sequence[Tensor]]) -> None:
+    def consolidate(self, pl_module: pl.LightningModule, dataloader: Iterable[Any]) -> None:
         """Estimate the Fisher information of the task just trained and anchor the current weights.
 
         Args:
             pl_module: The model.
-            dataloader: Batches of the task's training data; up to ``fisher_samples`` samples are used, one by one.
+            dataloader: Batches of the task's training data (sequences or mappings of tensors, batch first); up to
+                ``fisher_samples`` samples are used, one by one.
                 Under DDP every rank passes its own shard (up to ``fisher_samples`` each) and the estimates are
                 averaged over all ranks' samples, so every rank holds the same Fisher information.
 
@@ -174,10 +193,10 @@ class ElasticWeightConsolidation(ConfiguredStateKey, Callback):
         seen = 0
         with torch.enable_grad():
             for batch in dataloader:
-                for i in range(len(batch[0])):
+                for i in range(_batch_size(batch)):
                     if seen >= self.fisher_samples:
                         break
-                    sample = [field[i : i + 1].to(pl_module.device) for field in batch]
+                    sample = _sample(batch, i, pl_module.device)
                     grads = torch.autograd.grad(self._loss_fn(pl_module, sample), list(params.values()),
                                                 allow_unused=True)  # fmt: skip
                     for (name, _), g in zip(params.items(), grads, strict=True):
@@ -217,6 +236,18 @@ class ElasticWeightConsolidation(ConfiguredStateKey, Callback):
         device = pl_module.device
         self._fisher = {n: f.to(device) for n, f in self._fisher.items()}
         self._anchor = {n: a.to(device) for n, a in self._anchor.items()}
+
+
+def _batch_size(batch: Any) -> int:
+    first = next(iter(batch.values())) if isinstance(batch, Mapping) else batch[0]
+    return len(first)
+
+
+def _sample(batch: Any, i: int, device: torch.device) -> Any:
+    """Sample ``i`` of a batch (a sequence or a mapping of batch-first tensors), as a batch of one on ``device``."""
+    if isinstance(batch, Mapping):
+        return {k: v[i : i + 1].to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+    return [field[i : i + 1].to(device) for field in batch]
 
 
 def _import_loss(path: str) -> LossFn:

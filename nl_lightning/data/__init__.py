@@ -13,6 +13,7 @@ from nl_lightning.data.regression import SlowlyChangingRegression, SlowlyChangin
 from nl_lightning.data.stream import TaskStreamDataModule
 from nl_lightning.data.synthetic import MQARDataModule, MQARDataset, NeedleDataModule, NeedleDataset
 from nl_lightning.data.text import TextDataModule, TextDataset
+from nl_lightning.data.text_domains import TextDomainsDataModule
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
@@ -29,6 +30,7 @@ __all__ = [
     "TaskStreamDataModule",
     "TextDataModule",
     "TextDataset",
+    "TextDomainsDataModule",
     "clear_fashion_mnist_cache",
     "fashion_mnist_available",
     "read_idx",

@@ -239,6 +239,13 @@ class CausalLM(pl.LightningModule):
         hits = ((flat_logits.argmax(dim=-1) == flat_targets) & (flat_targets != IGNORE_INDEX)).sum()
         return loss, count, hits
 
+    def loss(self, batch: Any) -> Tensor:
+        """The mean next-token cross-entropy of a batch (``{"tokens", "targets"}`` or ``(tokens, targets)``), as in
+        training; the per-sample loss callbacks such as :class:`~nl_lightning.callbacks.ElasticWeightConsolidation`
+        call."""
+        tokens, targets = _unpack(batch)
+        return self.sequence_loss(tokens, targets)[0]
+
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         tokens, targets = _unpack(batch)
