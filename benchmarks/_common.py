@@ -249,6 +249,16 @@ def interleaved(
     return times
 
 
+def same_sources(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two ``{file: sha256_of(file)}`` records name the same files with the same contents (modification times
+    may differ, e.g. in a separate checkout of the same commit)."""
+
+    def digests(record: dict[str, Any]) -> dict[str, Optional[str]]:
+        return {k: (v or {}).get("sha256") if isinstance(v, dict) or v is None else v for k, v in record.items()}
+
+    return digests(a) == digests(b)
+
+
 def sha256_of(path: Optional[str]) -> Optional[dict[str, str]]:
     """sha256 and modification time of a file (``None`` if there is none)."""
     if path is None or not os.path.exists(path):

@@ -129,7 +129,7 @@ import lightning
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from _common import cell, emit, finite, num, quiet, report_header, sha256_of, summary
+from _common import cell, emit, finite, num, quiet, report_header, same_sources, sha256_of, summary
 from torch import Tensor
 
 import nl_lightning
@@ -1051,7 +1051,7 @@ def merge_reports(paths: Sequence[str]) -> dict[str, Any]:
     merged["parts"], merged["part_seconds"] = {}, {}
     stage0: dict[int, str] = {}
     for path, r in zip(paths, reports, strict=True):
-        if r["environment"]["sources"] != first["environment"]["sources"]:
+        if not same_sources(r["environment"]["sources"], first["environment"]["sources"]):
             raise ValueError(f"{path} was measured on other sources than {paths[0]}; merge runs of the same code only.")
         mine = {k: r["settings"][k] for k in SETTING_KEYS}
         if mine != {k: first["settings"][k] for k in SETTING_KEYS} or r["domains"] != first["domains"]:

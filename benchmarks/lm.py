@@ -147,7 +147,19 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from _common import cell as _cell
-from _common import emit, finite, num, proc_status_kib, quiet, ranked, report_header, reset_peak_rss, sha256_of, summary
+from _common import (
+    emit,
+    finite,
+    num,
+    proc_status_kib,
+    quiet,
+    ranked,
+    report_header,
+    reset_peak_rss,
+    same_sources,
+    sha256_of,
+    summary,
+)
 from torch import Tensor
 
 import nl_lightning
@@ -1181,7 +1193,7 @@ def merge_reports(paths: Sequence[str]) -> dict[str, Any]:
     merged.pop("reproduced_runs", None)
     merged.update(parts={}, part_seconds={})
     for path, report in zip(paths, reports, strict=True):
-        if report["environment"]["sources"] != merged["environment"]["sources"]:
+        if not same_sources(report["environment"]["sources"], merged["environment"]["sources"]):
             raise ValueError(f"{path} was measured on other sources than {paths[0]}; merge runs of the same code only.")
         for name, part in report["parts"].items():
             seconds = report["part_seconds"].get(name, 0.0)
