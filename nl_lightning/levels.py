@@ -58,16 +58,18 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
+from nl_lightning._sharded import shard_like
 from nl_lightning._validation import is_int
 
 __all__ = [
+    "GradientReducer",
     "IncompatibleLevels",
     "Level",
     "LevelSet",
@@ -81,6 +83,14 @@ __all__ = [
 
 Reduction = Literal["mean", "sum"]
 _REDUCTIONS = ("mean", "sum")
+
+#: ``reduce(level, params, grads) -> grads``: an optional step of :meth:`LevelSet.prepare` on a due level of period
+#: ``> 1``. It gets the level's name, its parameters (those an optimizer holds, in the model's order) and, for each, the
+#: gradient the optimizer is about to see (the chunk's mean or sum, in the buffer dtype, see :func:`buffer_dtype`), or
+#: ``None`` where the parameter received no gradient. It returns one tensor (the parameter's shape) or ``None`` per
+#: parameter; ``prepare`` writes them into ``p.grad`` in the parameter's dtype (``None`` leaves ``p.grad`` unset). It
+#: may modify the tensors it gets. Used to average over processes gradients that each process accumulated locally.
+GradientReducer = Callable[[str, Sequence[Tensor], Sequence[Optional[Tensor]]], Sequence[Optional[Tensor]]]
 
 
 @dataclass(frozen=True)
@@ -508,7 +518,7 @@ class LevelSet:
         return changes
 
     # ------------------------------------------------------------------------------------------------ a step
-    def prepare(self, levels: Optional[Iterable[str]] = None) -> StepPlan:
+    def prepare(self, levels: Optional[Iterable[str]] = None, reduce: Optional[GradientReducer] = None) -> StepPlan:
         """Rewrite the gradients before an optimizer step.
 
         A level that is not due gets ``p.grad = None`` on all its parameters, so the optimizer skips them; a due level
@@ -519,6 +529,10 @@ class LevelSet:
         Args:
             levels: Restrict the step to these levels (for example those whose parameters the stepping optimizer
                 holds). ``None`` means all levels that an optimizer holds parameters of.
+            reduce: Called once for each due level of period ``> 1`` (see :data:`GradientReducer`), with the level's
+                chunk gradients before they are written, for example to average over processes gradients that were
+                accumulated locally (:class:`~nl_lightning.strategies.NestedDDPStrategy`). ``None``: written as they
+                are.
 
         Returns:
             The plan to pass to :meth:`commit` once the step has really happened.
@@ -534,7 +548,8 @@ class LevelSet:
             if clock.due:
                 due.append(name)
                 if clock.level.every > 1:
-                    written.extend(self._write_reduced(clock))
+                    reduced = self._write_reduced(clock) if reduce is None else self._write_all_reduced(clock, reduce)
+                    written.extend(reduced)
                 continue
             grads = []
             for pname, p in clock.active:
@@ -565,6 +580,44 @@ class LevelSet:
                     p.grad = total.to(p.dtype)
                 elif total is not g:
                     g.copy_(total)
+            written.append((p, p.grad))
+        return written
+
+    def _write_all_reduced(self, clock: _Clock, reduce: GradientReducer) -> list[tuple[Tensor, Optional[Tensor]]]:
+        """Like :meth:`_write_reduced`, with the chunk gradients (in the buffer dtype) passed through ``reduce``."""
+        params = [p for _, p in clock.active]
+        totals: list[Optional[Tensor]] = []
+        for name, p in clock.active:
+            n = clock.count + 1 - clock.joined.get(name, 0)  # the steps since the chunk began, or since it joined
+            g = p.grad
+            buf = clock.buffers[name] if name in clock.fresh else None
+            dtype = buffer_dtype(p.dtype)
+            if g is None and buf is None:
+                totals.append(None)
+                continue
+            if buf is None:
+                total = g if g.dtype == dtype else g.to(dtype)
+            elif g is None:
+                total = buf.clone()
+            else:
+                total = g.add_(buf) if g.dtype == dtype else g.to(dtype).add_(buf)
+            if self.reduction == "mean" and n > 1:
+                total.div_(n)
+            totals.append(total)
+        reduced = list(reduce(clock.level.name, params, totals))
+        if len(reduced) != len(params):
+            raise ValueError(
+                f"The gradient reducer returned {len(reduced)} gradients for the {len(params)} parameters of level"
+                f" {clock.level.name!r}; it must return one (or None) per parameter, in order."
+            )
+        written = []
+        for p, total in zip(params, reduced, strict=True):
+            if total is None:
+                p.grad = None
+            elif p.grad is None:
+                p.grad = total.to(p.dtype, copy=True)
+            elif total is not p.grad:
+                p.grad.copy_(total)
             written.append((p, p.grad))
         return written
 
@@ -622,8 +675,9 @@ class LevelSet:
         """Restore clocks and buffers saved by :meth:`state_dict`.
 
         Buffers are copied to the device of their parameter, in its buffer dtype (fp32, or float64 for a float64
-        parameter). A level whose period changed keeps its position: it updates as soon as its count reaches the new
-        period, on the reduction of what it holds.
+        parameter), and sharded as the parameter when it is a ``DTensor`` (FSDP2): a saved whole tensor is cut into
+        each rank's shard locally, so every rank must load the same state. A level whose period changed keeps its
+        position: it updates as soon as its count reaches the new period, on the reduction of what it holds.
 
         Args:
             state_dict: A state from :meth:`state_dict`.
@@ -664,6 +718,6 @@ class LevelSet:
             for n, value in s["buffers"].items():
                 if n in owned:
                     p = owned[n]
-                    clock.buffers[n] = value.detach().to(device=p.device, dtype=buffer_dtype(p.dtype), copy=True)
+                    clock.buffers[n] = shard_like(value, p, buffer_dtype(p.dtype))  # a DTensor if p is one
                     clock.fresh.add(n)
         return IncompatibleLevels(missing, unexpected, changed)

@@ -52,6 +52,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
+from nl_lightning._sharded import shard_like
 from nl_lightning.callbacks.self_modifying import RuleTarget, SelfModifyingRule, cosine, get_hparam
 
 __all__ = ["HypergradientRule"]
@@ -63,10 +64,11 @@ class HypergradientRule(SelfModifyingRule):
     Each target (a parameter group, or a :class:`~nl_lightning.callbacks.MultiFrequencyUpdates` level with its own
     group) keeps a multiplier :math:`s` of its scheduled learning rate, updated before each of its real steps from the
     cosine between the new gradient and the target's previous update (module docstring). The multiplier stays in
-    ``lr_bounds``; the effective momentum in ``momentum_bounds``. All ranks compute the same cosine (gradients are
-    all-reduced before ``on_before_optimizer_step``, and the cosine is averaged across ranks besides). Effective values
-    and multipliers are logged as ``hypergradient/<target>/{lr,lr_multiplier,momentum,...}``; multipliers and the
-    last updates are checkpointed, keyed by parameter name.
+    ``lr_bounds``; the effective momentum in ``momentum_bounds``. All ranks compute the same cosine (under DDP the
+    gradients are all-reduced before ``on_before_optimizer_step``; under FSDP2 the cosine is taken over the whole
+    sharded gradients and updates; it is averaged across ranks besides). Effective values and multipliers are logged
+    as ``hypergradient/<target>/{lr,lr_multiplier,momentum,...}``; multipliers and the last updates are checkpointed,
+    keyed by parameter name (whole tensors, also under FSDP2).
 
     The hypergradient is exact for optimizers whose step is proportional to the learning rate (SGD, Adam, AdamW,
     :class:`~nl_lightning.optim.M3`); for optimizers that put the rate inside a momentum
@@ -194,11 +196,12 @@ class HypergradientRule(SelfModifyingRule):
 
     @override
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        devices = {t.name: {n: p.device for n, p in t.params} for t in self.targets}
+        params = {t.name: dict(t.params) for t in self.targets}
         for key, into in (("last", self._last), ("last2", self._last2)):
             for name, updates in state.get(key, {}).items():
-                if name in devices:
-                    into[name] = {n: u.to(devices[name][n]) for n, u in updates.items() if n in devices[name]}
+                if name in params:  # on the parameter's device, sharded as it is (FSDP2)
+                    mine = params[name]
+                    into[name] = {n: shard_like(u, mine[n]) for n, u in updates.items() if n in mine}
 
 
 def _pair(name: str, value: Sequence[float]) -> tuple[float, float]:

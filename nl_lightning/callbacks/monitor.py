@@ -36,6 +36,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
+from nl_lightning._sharded import global_sums, is_dtensor
 from nl_lightning.callbacks._state import ConfiguredStateKey
 from nl_lightning.callbacks._step_hooks import StepHookCallback
 from nl_lightning.callbacks.multi_frequency import MultiFrequencyUpdates
@@ -94,6 +95,11 @@ class NestedLearningMonitor(ConfiguredStateKey, StepHookCallback):
     (``nested/<level>/grad``) and of the update (``nested/<level>/update``) of each measured update. It works with any
     logger, or none (the values are in ``trainer.callback_metrics``). Its checkpoint key names ``prefix``, so monitors
     with different prefixes keep their own counts.
+
+    Under FSDP2 (``ModelParallelStrategy`` with ``fully_shard``) norms and drifts are those of the whole sharded
+    tensors (one all-reduce per measurement, the same value on every rank), and histograms gather the whole gradient
+    and update of a measured level on every rank (at logging steps only): set ``log_histograms=False`` for levels too
+    large to gather.
 
     Args:
         log_histograms: Write TensorBoard histograms when a TensorBoard logger is attached.
@@ -231,7 +237,7 @@ class NestedLearningMonitor(ConfiguredStateKey, StepHookCallback):
         w.snapshot = [p.detach().clone() for _, p in w.params]
         w.pending = True
         if self._wants_histograms(trainer) and grads:
-            w.histograms["grad"] = torch.cat([g.float().flatten() for g in grads]) * scale
+            w.histograms["grad"] = _flat(grads) * scale
 
     @override
     def on_optimizer_step_done(self, i: int, optimizer: Optimizer) -> None:
@@ -250,7 +256,7 @@ class NestedLearningMonitor(ConfiguredStateKey, StepHookCallback):
             before = _norm(w.snapshot)
             w.drift_rel = w.drift / before if before > 0 else math.inf if w.drift > 0 else 0.0
             if "grad" in w.histograms:
-                w.histograms["update"] = torch.cat([d.float().flatten() for d in deltas])
+                w.histograms["update"] = _flat(deltas)
             w.snapshot, w.pending = None, False
 
     @override
@@ -343,10 +349,20 @@ def _lr_of(optimizer: Optimizer, param: Tensor) -> Optional[float]:
 
 
 def _norm(tensors: list[Tensor]) -> float:
-    """The L2 norm of a list of tensors taken as one vector, computed in fp32."""
+    """The L2 norm of a list of tensors taken as one vector, computed in fp32.
+
+    Sharded tensors (``DTensor``, FSDP2) count whole: one all-reduce, the same value on every rank.
+    """
     if not tensors:
         return 0.0
+    if any(is_dtensor(t) for t in tensors):
+        return math.sqrt(float(global_sums([(t, t) for t in tensors])[0]))
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in tensors])))
+
+
+def _flat(tensors: list[Tensor]) -> Tensor:
+    """The tensors as one flat fp32 vector, sharded ones gathered whole (a collective) for a histogram."""
+    return torch.cat([(t.full_tensor() if is_dtensor(t) else t).float().flatten() for t in tensors])
 
 
 def _unscale_factor(trainer: pl.Trainer, optimizer: Optimizer) -> float:

@@ -35,6 +35,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from nl_lightning._sharded import gather_full
 from nl_lightning.callbacks._state import ConfiguredStateKey
 from nl_lightning.callbacks._step_hooks import StepHookCallback
 from nl_lightning.levels import Level, LevelSet, StepPlan, as_levels
@@ -80,6 +81,13 @@ def parameter_root(pl_module: pl.LightningModule) -> Optional[str]:
     return root
 
 
+def _nested_strategy(trainer: pl.Trainer) -> Optional[Any]:
+    """The Trainer's strategy if it is a :class:`~nl_lightning.strategies.NestedDDPStrategy`, else ``None``."""
+    from nl_lightning.strategies.nested_ddp import NestedDDPStrategy  # the strategy module imports this one
+
+    return trainer.strategy if isinstance(trainer.strategy, NestedDDPStrategy) else None
+
+
 class MultiFrequencyUpdates(ConfiguredStateKey, StepHookCallback):
     r"""Give groups of parameters their own update period: the optimizer-step axis of Eq. 31 (NL NeurIPS).
 
@@ -107,8 +115,16 @@ class MultiFrequencyUpdates(ConfiguredStateKey, StepHookCallback):
 
     It composes with gradient clipping (off-step gradients are unclipped while they wait; the chunk mean joins the
     global norm on the update step), 32-true / bf16-mixed / 16-mixed / 64-true, several optimizers (a level must live
-    in one optimizer), manual optimization, DDP and ``torch.compile``. DeepSpeed, FSDP and ModelParallel are refused,
-    and so is a fused optimizer under a ``GradScaler`` (it unscales inside ``step()``, out of this callback's reach).
+    in one optimizer), manual optimization, DDP and ``torch.compile``, and with FSDP2: ``ModelParallelStrategy`` with
+    ``fully_shard`` applied in ``configure_model`` (levels are resolved at fit start, on the sharded parameters;
+    buffers are sharded like their gradients and gathered whole into the checkpoint, which rank 0 writes). DeepSpeed
+    and FSDP1 (``FSDPStrategy``) are refused, and so is a fused optimizer under a ``GradScaler`` (it unscales inside
+    ``step()``, out of this callback's reach).
+
+    **Data parallel.** Under ``DDPStrategy`` every gradient, a slow level's included, is all-reduced on every step.
+    :class:`~nl_lightning.strategies.NestedDDPStrategy` leaves the levels with ``every > 1`` out of DDP: their buffers
+    hold each process's local sums, and :meth:`prepare_step` has the strategy all-reduce a level's chunk gradient once,
+    on its update step (and, under a ``GradScaler``, agree across processes on skipping a step).
 
     **Names.** A glob matches a parameter's full name (``pl_module.named_parameters()``), that name without the
     ``_orig_mod`` segments ``torch.compile`` inserts, and, when the LightningModule sets ``nl_parameter_root`` (the
@@ -139,7 +155,7 @@ class MultiFrequencyUpdates(ConfiguredStateKey, StepHookCallback):
         MisconfigurationException: On an empty or malformed ``levels``, duplicate level names, a non-string glob,
             ``every < 1`` or an unknown ``reduction`` (at construction); on a glob that matches no parameter, a
             parameter claimed by two levels (of this or another instance, or a tied tensor through two of its names),
-            an invalid ``nl_parameter_root``, a level name used by two instances, an unsupported strategy, or a fused
+            an invalid ``nl_parameter_root``, a level name used by two instances, DeepSpeed or FSDP1, or a fused
             optimizer under a ``GradScaler`` (at ``setup`` / train start); on a level spread over two optimizers (at
             train start, or at the step where added parameter groups spread it).
         RuntimeError: When an optimizer is about to step on gradients the callback has not prepared (a raw
@@ -176,6 +192,7 @@ class MultiFrequencyUpdates(ConfiguredStateKey, StepHookCallback):
         self._levels_of: list[list[str]] = []  # per optimizer index: the levels whose parameters it holds
         self._plans: dict[int, StepPlan] = {}  # per optimizer index: the prepared step awaiting its commit
         self._groups_seen: Optional[tuple[Any, ...]] = None  # the optimizers' parameter groups `_levels_of` reflects
+        self._nested: Optional[Any] = None  # the NestedDDPStrategy of the running fit, which all-reduces slow levels
 
     @override
     def state_key_fields(self) -> dict[str, Any]:
@@ -207,10 +224,18 @@ class MultiFrequencyUpdates(ConfiguredStateKey, StepHookCallback):
         if stage != "fit":
             return
         strategy = trainer.strategy
-        if isinstance(strategy, (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy)):
+        if isinstance(strategy, (DeepSpeedStrategy, FSDPStrategy)):
+            why = (
+                "it owns backward, the optimizer step and gradient accumulation (under ZeRO-2/3 the gradients are not"
+                " in `p.grad`)"
+                if isinstance(strategy, DeepSpeedStrategy)
+                else "FSDP1 keeps each wrapped module's gradients in one flat parameter, not per parameter"
+            )
             raise MisconfigurationException(
-                f"MultiFrequencyUpdates does not support {type(strategy).__name__}: it shards or owns the gradients"
-                " that the callback must hold back between updates. Use strategy='ddp' (or a single device)."
+                f"MultiFrequencyUpdates does not support {type(strategy).__name__}: {why}, so it cannot hold back a"
+                " level's gradients between its updates. Use FSDP2: strategy=ModelParallelStrategy() with"
+                " `torch.distributed.fsdp.fully_shard` applied in the LightningModule's `configure_model` (it shards"
+                " per parameter); or strategy='ddp' (or a single device)."
             )
         if trainer.accumulate_grad_batches > 1:
             rank_zero_warn(
@@ -218,14 +243,27 @@ class MultiFrequencyUpdates(ConfiguredStateKey, StepHookCallback):
                 f"{trainer.accumulate_grad_batches} a level with every=C updates once per"
                 f" C * {trainer.accumulate_grad_batches} batches."
             )
-        if self._book is None or not self._book_belongs_to(pl_module):
-            root = parameter_root(pl_module)
-            try:
-                named = pl_module.named_parameters(remove_duplicate=False)
-                self._book = LevelSet(self._levels, named, self._reduction, root=root)
-            except ValueError as err:
-                raise MisconfigurationException(str(err)) from err
-            self._report_ties(self._book)
+        if isinstance(strategy, ModelParallelStrategy):
+            return  # `configure_model` has not run yet: it creates and shards the parameters (resolved at fit start)
+        self._resolve_book(pl_module)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # FSDP2's `fully_shard` (in `configure_model`, after `setup`) replaces the parameters by sharded ones.
+        self._resolve_book(pl_module)
+
+    def _resolve_book(self, pl_module: pl.LightningModule) -> None:
+        """Match the levels against the module's parameters, unless the book already holds them (a second ``fit``
+        keeps its clocks and buffers)."""
+        if self._book is not None and self._book_belongs_to(pl_module):
+            return
+        root = parameter_root(pl_module)
+        try:
+            named = pl_module.named_parameters(remove_duplicate=False)
+            self._book = LevelSet(self._levels, named, self._reduction, root=root)
+        except ValueError as err:
+            raise MisconfigurationException(str(err)) from err
+        self._report_ties(self._book)
 
     def _report_ties(self, book: LevelSet) -> None:
         """Say which levelled tensors are tied (one tensor, several names) and whose period they follow."""
@@ -269,6 +307,7 @@ class MultiFrequencyUpdates(ConfiguredStateKey, StepHookCallback):
                     " or precision='bf16-mixed', which needs no GradScaler."
                 )
         self._plans.clear()
+        self._nested = _nested_strategy(trainer)
         self.attach_step_hooks(trainer)
 
     def _check_other_instances(self, trainer: pl.Trainer) -> None:
@@ -335,6 +374,9 @@ class MultiFrequencyUpdates(ConfiguredStateKey, StepHookCallback):
         its last step and none of them has a gradient (a ``training_step`` that returned ``None``), the plan is empty:
         nothing is masked and the step ticks no clock.
 
+        Under :class:`~nl_lightning.strategies.NestedDDPStrategy` it communicates (the due slow levels' all-reduce,
+        and the ``GradScaler``'s found-inf flags once they exist): call it on every process, at the same point.
+
         Args:
             optimizer: The optimizer about to step (a ``LightningOptimizer`` is unwrapped).
 
@@ -346,6 +388,8 @@ class MultiFrequencyUpdates(ConfiguredStateKey, StepHookCallback):
 
         """
         i = self.optimizer_index(optimizer)
+        if self._nested is not None:  # a non-finite local gradient on one process makes every process skip the step
+            self._nested.sync_found_inf(self._optimizers[i])
         self._follow_param_groups(self._optimizers)
         plan = self._plans.get(i)
         if plan is None or not plan.is_current():
@@ -353,7 +397,8 @@ class MultiFrequencyUpdates(ConfiguredStateKey, StepHookCallback):
                 params = [p for g in self._optimizers[i].param_groups for p in g["params"]]
                 plan = StepPlan((), {}, tuple((p, None) for p in params))
             else:
-                plan = self.book.prepare(self._levels_of[i])
+                reduce = None if self._nested is None else self._nested.reduce_level_gradients
+                plan = self.book.prepare(self._levels_of[i], reduce=reduce)
             self._plans[i] = plan
         return plan
 
@@ -437,13 +482,15 @@ class MultiFrequencyUpdates(ConfiguredStateKey, StepHookCallback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
         self._plans.clear()
+        self._nested = None
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     @override
     def state_dict(self) -> dict[str, Any]:
         if self._book is None:
             return dict(self._loaded_state or {})
-        return self._book.state_dict()
+        # Sharded (FSDP2) buffers are gathered whole: rank 0 writes the callback state for all ranks.
+        return gather_full(self._book.state_dict())
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -451,4 +498,4 @@ class MultiFrequencyUpdates(ConfiguredStateKey, StepHookCallback):
         self._loaded_state = state_dict
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "_plans": {}, "_groups_seen": None}
+        return {**super().__getstate__(), "_plans": {}, "_groups_seen": None, "_nested": None}

@@ -45,6 +45,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from nl_lightning._sharded import gather_full, global_sums, is_dtensor
 from nl_lightning.callbacks._state import ConfiguredStateKey
 from nl_lightning.callbacks._step_hooks import StepHookCallback
 from nl_lightning.callbacks.multi_frequency import MultiFrequencyUpdates
@@ -106,6 +107,10 @@ class SelfModifyingRule(ConfiguredStateKey, StepHookCallback):
     ``<log_prefix>/<target>/<hparam>`` (and its multiplier as ``..._multiplier``) at the Trainer's logging steps,
     checkpoints the multipliers (plus :meth:`extra_state`) and refuses two rules on one hyper-parameter of one group.
     The checkpoint key names ``hparams``, ``level`` and ``groups``, so rules on different targets keep their own state.
+
+    Every rank must take the same decisions. Under DDP the gradients are all-reduced before the hook; under FSDP2
+    (``ModelParallelStrategy`` with ``fully_shard``) parameters and gradients are sharded (``DTensor``), and a rule
+    must reduce over the whole tensors (:func:`cosine` does, with one all-reduce).
 
     Args:
         hparams: The group entries to modulate: ``"lr"``, ``"momentum"`` (``betas[0]`` for the Adam family) and/or
@@ -177,11 +182,18 @@ class SelfModifyingRule(ConfiguredStateKey, StepHookCallback):
         return min(value, 0.9999) if hparam == "momentum" else value
 
     def extra_state(self) -> dict[str, Any]:
-        """Additional checkpoint state of a subclass (tensors, primitives, lists and str-keyed dicts only)."""
+        """Additional checkpoint state of a subclass (tensors, primitives, lists and str-keyed dicts only).
+
+        Sharded tensors (``DTensor``, FSDP2) may be returned as they are: the checkpoint holds them whole.
+        """
         return {}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`extra_state` returned (called at train start, once targets are resolved)."""
+        """Restore what :meth:`extra_state` returned (called at train start, once targets are resolved).
+
+        Tensors come back whole, also under FSDP2: lay those of sharded parameters out like the parameter again, as
+        :class:`~nl_lightning.callbacks.HypergradientRule` does.
+        """
 
     @override
     def state_key_fields(self) -> dict[str, Any]:
@@ -408,7 +420,7 @@ class SelfModifyingRule(ConfiguredStateKey, StepHookCallback):
         return {
             "multipliers": {k: dict(v) for k, v in self.multipliers.items()},
             "num_updates": dict(self.num_updates),
-            "extra": self.extra_state(),
+            "extra": gather_full(self.extra_state()),  # sharded (FSDP2) tensors whole: rank 0 writes for all ranks
         }
 
     @override
@@ -429,9 +441,17 @@ def _grads_finite(targets: list[RuleTarget]) -> bool:
 
 
 def cosine(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    """The cosine between two lists of tensors taken as one vector each (fp32; 0 when either is zero)."""
-    dot = sum((x.float() * y.float()).sum() for x, y in zip(a, b, strict=True))
-    na = torch.sqrt(sum(x.float().pow(2).sum() for x in a))
-    nb = torch.sqrt(sum(y.float().pow(2).sum() for y in b))
+    """The cosine between two lists of tensors taken as one vector each (fp32; 0 when either is zero).
+
+    Sharded tensors (``DTensor``, FSDP2) count whole: their local sums are all-reduced (a collective, so every rank
+    must call it) and every rank gets the same cosine.
+    """
+    if any(is_dtensor(t) for t in (*a, *b)):
+        dot, na2, nb2 = global_sums(list(zip(a, b, strict=True)), [(x, x) for x in a], [(y, y) for y in b])
+        na, nb = torch.sqrt(na2), torch.sqrt(nb2)
+    else:
+        dot = sum((x.float() * y.float()).sum() for x, y in zip(a, b, strict=True))
+        na = torch.sqrt(sum(x.float().pow(2).sum() for x in a))
+        nb = torch.sqrt(sum(y.float().pow(2).sum() for y in b))
     denom = na * nb
     return torch.where(denom > 0, dot / torch.clamp(denom, min=math.ldexp(1.0, -126)), torch.zeros_like(denom))
