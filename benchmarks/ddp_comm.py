@@ -405,8 +405,8 @@ def figures(report: dict[str, Any]) -> str:
         "",
         f"NestedDDP / DDP bytes: measured {ra['bytes_measured']:.4f}, predicted {ra['bytes_predicted']:.4f}"
         f" ({1 / ra['bytes_measured']:.2f}x fewer bytes; the presence flags are"
-        f" {sum(4 * lv['tensors'] / lv['every'] for lv in r['levels'].values() if lv['every'] > 1):.1f} of the"
-        " bytes per step)."
+        f" {sum(4 * lv['tensors'] / lv['every'] for lv in r['levels'].values() if lv['every'] > 1):.1f} bytes of"
+        " them per step)."
         f" Parameters after the counting runs: max |NestedDDP - DDP| = {num(r['max_abs_param_diff'], '.2e')}.",
         "",
         f"Step time on rank 0 (ms; {t['ddp']['steps']} steps per strategy pooled over {args['rounds']} rounds):",

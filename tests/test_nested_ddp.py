@@ -21,16 +21,36 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import DestroyProcessGroup, ManualTinyNet, TinyNet, make_data, make_optimizer, reference_fit
-from lightning.pytorch import Callback, Trainer
+import torch.nn.functional as F
+from helpers import (
+    NUM_CLASSES,
+    NUM_FEATURES,
+    DestroyProcessGroup,
+    ManualTinyNet,
+    TinyNet,
+    make_data,
+    make_optimizer,
+    reference_fit,
+)
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.utils.data import DataLoader, DistributedSampler
 
 from nl_lightning import Level, LevelSet
-from nl_lightning.callbacks import HypergradientRule, MultiFrequencyUpdates
+from nl_lightning.callbacks import (
+    CMSConsolidation,
+    ContinualEvaluation,
+    ElasticWeightConsolidation,
+    ExperienceReplay,
+    HypergradientRule,
+    MultiFrequencyUpdates,
+)
+from nl_lightning.data import DigitsDataset, TaskStreamDataModule
+from nl_lightning.models import ContinuumMemory, MLPClassifier
 from nl_lightning.strategies import NestedDDPStrategy
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="2-process CPU DDP is not tested on Windows")
@@ -57,6 +77,38 @@ class Net(_Sharded, TinyNet):
 
 class ManualNet(_Sharded, ManualTinyNet):
     pass
+
+
+class CMSNet(_Sharded, LightningModule):
+    """A static two-level ContinuumMemory (``cms.levels.0`` every step, ``cms.levels.1`` every 4) and a linear head."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.cms = ContinuumMemory(NUM_FEATURES, chunk_sizes=[1, 4], in_context=False)
+        self.head = nn.Linear(NUM_FEATURES, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.cms(x))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return make_optimizer("adamw", self.parameters())
+
+
+class _ConsolidateAtStart(Callback):
+    """Consolidates EWC at train start, on this rank's shard of other data: after the strategy made the weights
+    equal on every rank (so the anchor is too) and inside the process group (``consolidate`` all-reduces the Fisher)."""
+
+    def __init__(self, ewc: ElasticWeightConsolidation) -> None:
+        self.ewc = ewc
+
+    def on_train_start(self, trainer, pl_module):
+        data = make_data(seed=1)
+        sampler = DistributedSampler(data, num_replicas=2, rank=trainer.global_rank, shuffle=False)
+        self.ewc.consolidate(pl_module, DataLoader(data, batch_size=4, sampler=sampler))
 
 
 class _InfOnRankOne(Callback):
@@ -111,12 +163,21 @@ def _params(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def _run(strategy: str, tmp: Path, model=None, callbacks=(), ckpt_path=None, **kwargs: Any) -> dict[str, Any]:
+def _run(
+    strategy: str,
+    tmp: Path,
+    model=None,
+    callbacks=(),
+    ckpt_path=None,
+    levels: list[Level] = LEVELS,
+    datamodule=None,
+    **kwargs: Any,
+) -> dict[str, Any]:
     rank = int(os.environ["LOCAL_RANK"])
     model = Net(seed=rank) if model is None else model  # different weights per rank: rank 0's must win
-    mfu = MultiFrequencyUpdates(LEVELS)
+    mfu = MultiFrequencyUpdates(levels)
     trainer = _trainer(strategy, tmp, [mfu, *callbacks], **kwargs)
-    trainer.fit(model, ckpt_path=ckpt_path)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     return {
         "params": _params(model),
@@ -242,6 +303,94 @@ def scenario_all_slow(tmp: Path) -> dict[str, Any]:
     return out
 
 
+def scenario_ewc(tmp: Path) -> dict[str, Any]:
+    """EWC (boundaries="manual") consolidated at train start: its penalty gradient acts on every step of the fit."""
+    out = {}
+    for s in ("ddp", "nested"):
+        ewc = ElasticWeightConsolidation(ewc_lambda=100.0, fisher_samples=6, boundaries="manual")
+        result = _run(s, tmp / s, callbacks=[_ConsolidateAtStart(ewc), ewc])
+        out[s] = {
+            **_plain(result),
+            "fisher": {n: f.clone() for n, f in ewc._fisher.items()},
+            "anchor": {n: a.clone() for n, a in ewc._anchor.items()},
+            "tasks": ewc.tasks_consolidated,
+        }
+    return out
+
+
+def scenario_replay(tmp: Path) -> dict[str, Any]:
+    """ExperienceReplay: from the second batch on, 2 stored samples of this rank's reservoir join every batch."""
+    out = {}
+    for s in ("ddp", "nested"):
+        replay = ExperienceReplay(buffer_size=6, replay_batch_size=2, seed=0)
+        result = _run(s, tmp / s, callbacks=[replay])
+        reservoir = replay.reservoir
+        out[s] = {
+            **_plain(result),
+            "reservoir": [f[: reservoir.size].clone() for f in reservoir.fields],
+            "seen": reservoir.seen,
+        }
+    return out
+
+
+CMS_PAIR = "cms.levels.0_to_cms.levels.1"
+
+
+def scenario_cms(tmp: Path) -> dict[str, Any]:
+    """CMSConsolidation drift pair cms.levels.0 -> cms.levels.1, at the updates of the slow level (every 4)."""
+    rank = int(os.environ["LOCAL_RANK"])
+    levels = CMSNet().cms.levels("cms")
+    out = {}
+    for s in ("ddp", "nested"):
+        consolidation = CMSConsolidation([{"fast": "cms.levels.0", "slow": "cms.levels.1", "alpha": 0.5}])
+        spy = _CountDDPBytes()
+        result = _run(s, tmp / s, model=CMSNet(seed=rank), callbacks=[consolidation, spy], levels=levels)
+        out[s] = {**_plain(result), "transfers": consolidation.transfers, "ignored": spy.ignored}
+    return out
+
+
+def scenario_continual(tmp: Path) -> dict[str, Any]:
+    """ContinualEvaluation on a 2-task digits stream (20 samples per rank and task, 4 per batch: 5 steps per task),
+    the backbone every 3 steps: its chunk straddles the task boundary, where the matrix is measured."""
+    rank = int(os.environ["LOCAL_RANK"])
+    out = {}
+    for s in ("ddp", "nested"):
+        dm = TaskStreamDataModule(
+            DigitsDataset(True),
+            DigitsDataset(False),
+            num_tasks=2,
+            epochs_per_task=1,
+            batch_size=4,
+            samples_per_task=40,
+            val_fraction=0,
+            seed=0,
+        )
+        torch.manual_seed(rank)
+        model = MLPClassifier(hidden=[16], lr=0.05)
+        evaluation = ContinualEvaluation(log_images=False)
+        result = _run(
+            s,
+            tmp / s,
+            model=model,
+            callbacks=[evaluation],
+            datamodule=dm,
+            levels=[Level("backbone", ["backbone.*"], every=3)],
+            max_epochs=dm.expected_epochs,
+            reload_dataloaders_every_n_epochs=1,
+            use_distributed_sampler=True,
+            limit_val_batches=0,
+        )
+        values = evaluation._compute()  # collective: every rank asks
+        out[s] = {
+            **_plain(result),
+            "accuracy": values["accuracy"],
+            "acc": float(values["acc"]),
+            "stages": evaluation.completed_stages,
+            "global_step": result["trainer"].global_step,
+        }
+    return out
+
+
 def scenario_no_callback(tmp: Path) -> dict[str, Any]:
     trainer = _trainer("nested", tmp, [], max_steps=1)
     try:
@@ -260,6 +409,10 @@ SCENARIOS = {
     "resume": scenario_resume,
     "fp16": scenario_fp16_overflow_on_one_rank,
     "all_slow": scenario_all_slow,
+    "ewc": scenario_ewc,
+    "replay": scenario_replay,
+    "cms": scenario_cms,
+    "continual": scenario_continual,
     "no_callback": scenario_no_callback,
 }
 
@@ -416,6 +569,64 @@ def test_refuses_without_multi_frequency_updates(runs):
     r0, r1 = _get(runs, "no_callback")
     for r in (r0, r1):
         assert r["error"] is not None and "no MultiFrequencyUpdates callback" in r["error"]
+
+
+def test_ewc(runs):
+    r0, r1 = _get(runs, "ewc")
+    for s in ("ddp", "nested"):
+        _assert_ranks_identical(r0[s], r1[s])
+        assert r0[s]["tasks"] == 1
+        for key in ("fisher", "anchor"):  # the same Fisher and anchor on every rank
+            assert r0[s][key].keys() == set(SIZES)
+            for n, t in r0[s][key].items():
+                assert torch.equal(t, r1[s][key][n]), f"{s}: ranks differ on the {key} of {n}"
+    for key in ("fisher", "anchor"):
+        for n, t in r0["ddp"][key].items():
+            torch.testing.assert_close(r0["nested"][key][n], t, **TOL)
+    _assert_same_as_ddp(r0)
+    # The penalty acted: the result is not the one without EWC.
+    basic = _get(runs, "basic")[0]["nested"]["params"]
+    assert max((r0["nested"]["params"][n] - p).abs().max() for n, p in basic.items()) > 1e-3
+
+
+def test_experience_replay(runs):
+    r0, r1 = _get(runs, "replay")
+    for s in ("ddp", "nested"):
+        _assert_ranks_identical(r0[s], r1[s])
+    _assert_same_as_ddp(r0)
+    for r in (r0, r1):  # each rank's reservoir of its own shard, the same under both strategies
+        assert r["nested"]["seen"] == r["ddp"]["seen"] == 28
+        for a, b in zip(r["nested"]["reservoir"], r["ddp"]["reservoir"], strict=True):
+            assert torch.equal(a, b)
+    assert not torch.equal(r0["nested"]["reservoir"][0], r1["nested"]["reservoir"][0])
+    basic = _get(runs, "basic")[0]["nested"]["params"]
+    assert max((r0["nested"]["params"][n] - p).abs().max() for n, p in basic.items()) > 1e-3
+
+
+def test_cms_consolidation(runs):
+    r0, r1 = _get(runs, "cms")
+    for s in ("ddp", "nested"):
+        _assert_ranks_identical(r0[s], r1[s])
+    _assert_same_as_ddp(r0)
+    assert r0["nested"]["num_updates"] == {"cms.level_0": 14, "cms.level_1": 3}
+    assert r0["nested"]["transfers"] == r0["ddp"]["transfers"] == {CMS_PAIR: 3}
+    assert r0["ddp"]["ignored"] == []
+    assert r0["nested"]["ignored"] == sorted(n for n in r0["nested"]["params"] if n.startswith("cms.levels.1."))
+
+
+def test_continual_evaluation(runs):
+    r0, r1 = _get(runs, "continual")
+    for s in ("ddp", "nested"):
+        _assert_ranks_identical(r0[s], r1[s])
+        assert r0[s]["stages"] == [0, 1, 2] and r0[s]["global_step"] == 10
+    _assert_same_as_ddp(r0)
+    assert r0["nested"]["num_updates"] == {"backbone": 3}
+    nested, ddp = r0["nested"]["accuracy"], r0["ddp"]["accuracy"]
+    assert nested.shape == (3, 2) and not nested.isnan().any()
+    torch.testing.assert_close(nested, ddp, rtol=0, atol=0)
+    torch.testing.assert_close(r1["nested"]["accuracy"], nested, rtol=0, atol=0)  # summed over ranks
+    assert r0["nested"]["acc"] == r0["ddp"]["acc"]
+    assert nested[2, 1] > nested[0, 1] + 0.1  # training on the second task raised its accuracy
 
 
 # ----------------------------------------------------------------------------------------- LevelSet.prepare(reduce=)
