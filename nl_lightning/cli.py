@@ -28,21 +28,28 @@ subcommands are ``fit``, ``validate``, ``test`` and ``predict``::
 A ``--config`` value that is not an existing file but names a recipe bundled with the package
 (``digits_multifrequency``, ``digits_multifrequency.yaml`` or ``recipes/digits_multifrequency.yaml``) is replaced by
 the bundled file, so the recipes run from any directory. :func:`list_recipes` lists them and :func:`recipe_path`
-finds one.
+finds one. A ``--config`` value that is neither a file nor a recipe name stops the command with one line that lists
+the bundled recipes (exit status 2). A ``--ckpt_path`` file is checked with :func:`check_checkpoint` before the
+subcommand runs, so a truncated or corrupt checkpoint is reported by name.
 
 The resolved configuration is saved as ``config.yaml`` in the log directory (overwritten on a re-run).
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import zipfile
+import zlib
 from importlib.resources import files
 from pathlib import Path, PurePath
-from typing import Optional, overload
+from typing import NoReturn, Optional, Union, overload
 
-from lightning.pytorch.cli import LightningCLI
+import torch
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from typing_extensions import override
 
-__all__ = ["list_recipes", "main", "recipe_path"]
+__all__ = ["check_checkpoint", "list_recipes", "main", "recipe_path"]
 
 _CONFIG_FLAGS = ("--config", "-c")
 _DESCRIPTION = (
@@ -110,7 +117,117 @@ def _resolve_config(value: str) -> str:
             return value
         return str(recipe_path(value))
     except (OSError, ValueError):  # FileNotFoundError, or a name the OS refuses (a long inline YAML string)
-        return value  # not a recipe name: jsonargparse loads or reports it
+        return value  # not a recipe name: left to jsonargparse, unless _check_configs stops first
+
+
+def _config_values(args: list[str]) -> list[str]:
+    values = [args[i + 1] for i, arg in enumerate(args[:-1]) if arg in _CONFIG_FLAGS]
+    return values + [arg.removeprefix("--config=") for arg in args if arg.startswith("--config=")]
+
+
+def _check_configs(args: list[str]) -> None:
+    """Stop on a ``--config`` value that is a file name but neither an existing file nor a bundled recipe.
+
+    jsonargparse would print its whole usage and "File does not exist"; one line that lists the recipes says more.
+    Inline YAML, URLs and directories are left to jsonargparse.
+    """
+    for value in _config_values(args):
+        if _looks_inline(value) or _exists(value):
+            continue
+        try:
+            recipe_path(value)
+        except FileNotFoundError as err:
+            _exit_with(
+                f"--config {value!r} is neither a file nor a bundled recipe. {err} Pass one of those names or the"
+                " path of a YAML file."
+            )
+
+
+def _exists(value: str) -> bool:
+    try:
+        return Path(value).exists()
+    except (OSError, ValueError):
+        return True  # not a plain file name: leave it to jsonargparse
+
+
+def _looks_inline(value: str) -> bool:
+    """Whether a ``--config`` value is an inline YAML/JSON document or a URL rather than a file name."""
+    return any(mark in value for mark in ("\n", "{", "[", ": ", "://")) or value.rstrip().endswith(":")
+
+
+def _exit_with(message: str) -> NoReturn:
+    """Stop the command line as argparse does on a bad argument: one line on stderr, exit status 2."""
+    print(f"nl-lightning: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def check_checkpoint(path: Union[str, os.PathLike[str]]) -> None:
+    """Check that a local checkpoint file is intact before a run resumes from it.
+
+    A checkpoint written by ``torch.save`` (as Lightning writes them) is a zip archive: a truncated file has no
+    central directory, and a corrupt one fails the archive's CRC checks, which ``torch.load`` does not verify. A
+    file that is not a zip archive (the legacy ``torch.save`` format) is checked by loading it on the CPU. Names that
+    are not local files (``"last"``, ``"best"``, ``"hpc"``, ``"registry"``, URLs) and missing files are left to
+    Lightning, which resolves or reports them.
+
+    Args:
+        path: The checkpoint file, as given to ``--ckpt_path`` or ``trainer.fit(ckpt_path=...)``.
+
+    Raises:
+        IsADirectoryError: If ``path`` is a directory; the message says to pass a ``.ckpt`` file inside it.
+        ValueError: If the file is truncated or corrupt; the message names it and says what to pass instead.
+
+    Example::
+
+        check_checkpoint("lightning_logs/version_0/checkpoints/last.ckpt")
+        trainer.fit(model, datamodule, ckpt_path="lightning_logs/version_0/checkpoints/last.ckpt")
+
+    """
+    local = Path(os.fspath(path))
+    if local.is_dir():
+        raise IsADirectoryError(
+            f"ckpt_path {str(local)!r} is a directory: pass a checkpoint file inside it (for example"
+            f" {str(local / 'last.ckpt')!r}), or 'last' for the latest checkpoint of this run's ModelCheckpoint."
+        )
+    if not local.is_file():
+        return
+    damaged = (
+        f"The checkpoint {str(local)!r} is damaged ({{}}): it cannot be resumed from. Pass an intact checkpoint (an"
+        " earlier one, or 'last'), or leave ckpt_path out to start the run from scratch."
+    )
+    with open(local, "rb") as f:
+        head = f.read(4)
+    if head == b"PK\x03\x04" and not zipfile.is_zipfile(local):
+        raise ValueError(damaged.format("truncated: a zip archive whose end, its central directory, is missing"))
+    if zipfile.is_zipfile(local):
+        try:
+            with zipfile.ZipFile(local) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as err:
+            raise ValueError(damaged.format(f"unreadable zip archive: {err}")) from err
+        if bad is not None:
+            raise ValueError(damaged.format(f"corrupt: member {bad!r} fails its CRC check"))
+        return
+    try:
+        torch.load(local, map_location="cpu", weights_only=False)
+    except Exception as err:  # a truncated or foreign file: pickle, EOF, zip or OS errors all mean "cannot be read"
+        raise ValueError(damaged.format(f"truncated or not a checkpoint: {type(err).__name__}: {err}")) from err
+
+
+class _CLI(LightningCLI):
+    """:class:`~lightning.pytorch.cli.LightningCLI` that checks a ``--ckpt_path`` file once the arguments are parsed.
+
+    LightningCLI reads the checkpoint's hyperparameters right after parsing, and the subcommand loads it again; both
+    would fail on a damaged file with torch's own error, which does not name it.
+    """
+
+    @override
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path:
+            check_checkpoint(ckpt_path)
 
 
 @overload
@@ -145,9 +262,11 @@ def main(args: Optional[list[str]] = None, run: bool = True) -> Optional[Lightni
         resolved = _resolve_configs(sys.argv[1:])
         if resolved != sys.argv[1:]:
             sys.argv[1:] = resolved
+        _check_configs(resolved)
     else:
         args = _resolve_configs(args)
-    cli = LightningCLI(
+        _check_configs(args)
+    cli = _CLI(
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},

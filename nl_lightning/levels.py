@@ -29,7 +29,12 @@ so their values *and* their optimizer state (Adam moments, step counts, momentum
 The gradients they received meanwhile wait in side buffers (fp32, or the parameter's dtype for float64 and complex
 parameters); on the level's update step the optimizer sees their mean (or sum). The clocks count *committed* optimizer
 steps: a step that did not happen (for example one skipped by a ``GradScaler``) is never committed and contributes
-nothing.
+nothing. A non-finite gradient never enters a buffer: a level whose gradients on a step are not finite is masked on
+that step and left out of its commit (or, with ``nonfinite="raise"``, the step raises).
+
+A resumed run may change its levels (:meth:`LevelSet.load_state_dict`): each parameter's next step still uses the
+mean of every gradient it received since its own previous step, whether its period changed, it joined a level, or it
+moved from one level to another; held gradients that no level would take are reported, never dropped silently.
 
 Parameters can join an optimizer late (``optimizer.add_param_group``, as when a frozen backbone is unfrozen): tell the
 engine with :meth:`LevelSet.sync`, and it leaves alone the parameters no optimizer holds. A level starts its clock
@@ -60,12 +65,13 @@ import difflib
 import fnmatch
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple, Optional
+from typing import Any, Literal, NamedTuple, Optional, Union
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from nl_lightning._sharded import shard_like
+from nl_lightning._sharded import is_dtensor, shard_like
 from nl_lightning._validation import is_int
 
 __all__ = [
@@ -83,6 +89,8 @@ __all__ = [
 
 Reduction = Literal["mean", "sum"]
 _REDUCTIONS = ("mean", "sum")
+NonFinite = Literal["skip", "raise"]
+_NONFINITE = ("skip", "raise")
 
 #: ``reduce(level, params, grads) -> grads``: an optional step of :meth:`LevelSet.prepare` on a due level of period
 #: ``> 1``. It gets the level's name, its parameters (those an optimizer holds, in the model's order) and, for each, the
@@ -115,7 +123,7 @@ class Level:
     """
 
     name: str
-    params: Sequence[str]
+    params: Union[str, Sequence[str]]
     every: int = 1
 
     def __post_init__(self) -> None:
@@ -355,6 +363,15 @@ def _name_hint(glob: str, names: list[str]) -> str:
     return f"The model's parameters include {shown}{more}; fix the glob or remove it."
 
 
+def _local(t: Tensor) -> Tensor:
+    """This process's part of ``t``: its local shard for a ``DTensor`` (FSDP2), else ``t``."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def _not_finite(grad: Optional[Tensor]) -> bool:
+    return grad is not None and not bool(torch.isfinite(_local(grad)).all())
+
+
 def buffer_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype a gradient of ``dtype`` is buffered in: fp32 for fp16 / bf16 / fp32, else ``dtype`` (float64)."""
     return torch.promote_types(dtype, torch.float32)
@@ -392,12 +409,15 @@ class StepPlan(NamedTuple):
 
     ``due`` lists the levels updating on this step. ``held`` maps each level that is not due to the ``(name,
     gradient)`` pairs of its parameters (references, not copies), to be added to its buffers once the step is
-    committed. A plan with neither (a step with no gradient at all) commits nothing.
+    committed. ``skipped`` lists the levels whose gradients on this step were not finite: their parameters are masked
+    (``p.grad = None``) and the commit leaves them as they were (no tick, nothing added, a due level stays due). A
+    plan with none of these (a step with no gradient at all) commits nothing.
     """
 
     due: tuple[str, ...]
     held: dict[str, list[tuple[str, Optional[Tensor]]]]
     written: tuple[tuple[Tensor, Optional[Tensor]], ...]  # (param, the grad object it was left with)
+    skipped: tuple[str, ...] = ()  # levels whose gradients were not finite: masked, and left out of the commit
 
     def is_current(self) -> bool:
         """Whether the gradients are still those this plan left (no backward or ``zero_grad`` happened since)."""
@@ -408,8 +428,8 @@ class IncompatibleLevels(NamedTuple):
     """Differences found by :meth:`LevelSet.load_state_dict` between a saved state and the configured levels."""
 
     missing: list[str]  # configured levels with no saved state: they start a fresh chunk
-    unexpected: list[str]  # saved levels or buffers that are not configured: their partial sums are dropped
-    changed: list[str]  # levels whose period changed since the state was saved
+    unexpected: list[str]  # saved levels that are not configured, and "level/parameter" for held gradients dropped
+    changed: list[str]  # changed periods, memberships ("level: joined [...]", "level: left [...]") and reduction
 
 
 class LevelSet:
@@ -429,10 +449,14 @@ class LevelSet:
         reduction: ``"mean"`` (default) steps on the mean of the ``C`` gradients of a chunk; ``"sum"`` on their sum,
             as printed in Eq. 31.
         root: The dotted name of a sub-module that globs may also be written relative to (``None``: none).
+        nonfinite: What :meth:`prepare` does when a level's gradients on a step are not finite (inf or NaN, as after
+            an overflow under ``bf16-mixed`` or ``16-mixed`` without a ``GradScaler``): ``"skip"`` (default) masks the
+            level on that step and leaves it out of the commit, so a non-finite gradient never enters a buffer nor
+            reaches the level's parameters; ``"raise"`` raises a ``FloatingPointError`` before anything moves.
 
     Raises:
-        ValueError: On an invalid level, an unknown reduction, a glob that matches nothing, a parameter claimed by
-            two levels, or a tied tensor claimed by two levels through different names.
+        ValueError: On an invalid level, an unknown reduction or ``nonfinite``, a glob that matches nothing, a
+            parameter claimed by two levels, or a tied tensor claimed by two levels through different names.
 
     """
 
@@ -442,11 +466,15 @@ class LevelSet:
         named_parameters: Iterable[tuple[str, Tensor]],
         reduction: Reduction = "mean",
         root: Optional[str] = None,
+        nonfinite: NonFinite = "skip",
     ) -> None:
         if reduction not in _REDUCTIONS:
             raise ValueError(f"`reduction` must be one of {_REDUCTIONS}, got {reduction!r}.")
+        if nonfinite not in _NONFINITE:
+            raise ValueError(f"`nonfinite` must be one of {_NONFINITE}, got {nonfinite!r}.")
         self.levels = as_levels(levels)
         self.reduction = reduction
+        self.nonfinite = nonfinite
         matched, tied = _resolve(self.levels, ParameterNames(named_parameters, root))
         #: The levelled tensors that the model holds under several names, and the level each follows.
         self.tied: list[TiedParameter] = tied
@@ -518,13 +546,24 @@ class LevelSet:
         return changes
 
     # ------------------------------------------------------------------------------------------------ a step
-    def prepare(self, levels: Optional[Iterable[str]] = None, reduce: Optional[GradientReducer] = None) -> StepPlan:
+    def prepare(
+        self,
+        levels: Optional[Iterable[str]] = None,
+        reduce: Optional[GradientReducer] = None,
+        nonfinite: Optional[NonFinite] = None,
+    ) -> StepPlan:
         """Rewrite the gradients before an optimizer step.
 
         A level that is not due gets ``p.grad = None`` on all its parameters, so the optimizer skips them; a due level
         gets the mean (or sum) of its buffered gradients and the current one. Call it once per step, after backward
         (and after unscaling, under a ``GradScaler``), before clipping and ``optimizer.step()``. Only the parameters an
         optimizer holds (see :meth:`sync`) are touched.
+
+        A level whose current gradients are not all finite is masked on this step (``p.grad = None``) and listed in
+        the plan's ``skipped``: the commit neither ticks its clock nor adds to its buffers, and a due level stays due,
+        so its next update is the mean over the finite gradients. With ``nonfinite="raise"`` a ``FloatingPointError``
+        is raised instead. When ``torch.distributed`` is initialized with several processes, the finiteness flags are
+        all-reduced (one small all-reduce per call), so every process skips the same levels: call it on every process.
 
         Args:
             levels: Restrict the step to these levels (for example those whose parameters the stepping optimizer
@@ -533,23 +572,47 @@ class LevelSet:
                 chunk gradients before they are written, for example to average over processes gradients that were
                 accumulated locally (:class:`~nl_lightning.strategies.NestedDDPStrategy`). ``None``: written as they
                 are.
+            nonfinite: ``"skip"`` or ``"raise"`` for this call; ``None``: the engine's ``nonfinite``.
 
         Returns:
             The plan to pass to :meth:`commit` once the step has really happened.
 
+        Raises:
+            FloatingPointError: With ``nonfinite="raise"``, if a level's gradients are not finite (nothing was
+                modified).
+
         """
+        policy = self.nonfinite if nonfinite is None else nonfinite
+        if policy not in _NONFINITE:
+            raise ValueError(f"`nonfinite` must be one of {_NONFINITE}, got {policy!r}.")
+        names = [n for n in (self._clocks if levels is None else levels) if not self._clocks[n].idle]
+        bad = self._nonfinite_levels(names)
+        if bad and policy == "raise":
+            where = {name: [n for n, p in self._clocks[name].active if _not_finite(p.grad)][:5] for name in bad}
+            raise FloatingPointError(
+                f"Non-finite gradients (inf or NaN) in level(s) {where}; they would enter the level's buffer and its"
+                " parameters. Lower the learning rate, use precision='16-mixed' on a GPU (its GradScaler skips such"
+                " steps) or 32-true, or set nonfinite='skip' to mask the level on such steps."
+            )
         due: list[str] = []
         held: dict[str, list[tuple[str, Optional[Tensor]]]] = {}
         written: list[tuple[Tensor, Optional[Tensor]]] = []
-        for name in self._clocks if levels is None else levels:
+        for name in names:
             clock = self._clocks[name]
-            if clock.idle:
+            if name in bad:
+                for _, p in clock.active:
+                    p.grad = None
+                    written.append((p, None))
                 continue
             if clock.due:
                 due.append(name)
                 if clock.level.every > 1:
                     reduced = self._write_reduced(clock) if reduce is None else self._write_all_reduced(clock, reduce)
                     written.extend(reduced)
+                elif clock.count or clock.fresh or clock.joined:
+                    # a period-1 level holds gradients only after a resume changed its levels: they join this step
+                    # (without `reduce`: its gradients are averaged by DDP, and the loaded buffers agree across ranks)
+                    written.extend(self._write_reduced(clock))
                 continue
             grads = []
             for pname, p in clock.active:
@@ -557,7 +620,28 @@ class LevelSet:
                 p.grad = None
                 written.append((p, None))
             held[name] = grads
-        return StepPlan(tuple(due), held, tuple(written))
+        return StepPlan(tuple(due), held, tuple(written), tuple(bad))
+
+    def _nonfinite_levels(self, names: Sequence[str]) -> list[str]:
+        """The levels among ``names`` whose current gradients are not all finite (agreed over processes)."""
+        flags: list[Tensor] = []
+        device: Optional[torch.device] = None
+        for name in names:
+            grads = [_local(p.grad) for _, p in self._clocks[name].active if p.grad is not None]
+            grads = [g for g in grads if g.numel()]
+            if device is None and self._clocks[name].active:
+                device = _local(self._clocks[name].active[0][1]).device
+            if grads:  # the max-norm is inf or NaN exactly when an element is
+                norms = torch._foreach_norm(grads, float("inf"))
+                flags.append(torch.stack([n.float().to(device) for n in norms]).isfinite().all().logical_not())
+            else:
+                flags.append(torch.zeros((), dtype=torch.bool, device=device))
+        if not flags:
+            return []
+        found = torch.stack([f.to(device) for f in flags]).float()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(found, op=dist.ReduceOp.MAX)
+        return [name for name, f in zip(names, found.tolist(), strict=True) if f]
 
     def _write_reduced(self, clock: _Clock) -> list[tuple[Tensor, Optional[Tensor]]]:
         """Write ``reduce(buffer + grad)`` into the gradients of a due level (Eq. 31)."""
@@ -624,7 +708,8 @@ class LevelSet:
     def commit(self, plan: StepPlan) -> None:
         """Advance the clocks after a step that really happened.
 
-        Due levels restart their chunk; the others add the held gradients to their buffers (see :func:`buffer_dtype`).
+        Due levels restart their chunk; the others add the held gradients to their buffers (see :func:`buffer_dtype`);
+        skipped levels (non-finite gradients) are left as they were.
         """
         for name in plan.due:
             clock = self._clocks[name]
@@ -651,11 +736,15 @@ class LevelSet:
 
     # ------------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """The clocks, update counts and partial sums, keyed by level and parameter name.
+        """The clocks, update counts, members and partial sums, keyed by level and parameter name.
 
-        ``joined`` holds, for a parameter that joined its level inside the running chunk, the level's count then.
+        ``params`` lists the level's parameters, so that a resumed run whose globs select other parameters can tell
+        who joined and who left, and ``held`` those an optimizer held (all of them until :meth:`sync`). ``joined``
+        holds, for a parameter whose held gradients do not span the whole running chunk (it joined inside it, or
+        brought gradients from another level on a resume), the level's count minus the number of steps it holds.
 
-        The result holds only tensors, strings, integers and dicts, so it loads with ``torch.load(weights_only=True)``.
+        The result holds only tensors, strings, integers, lists and dicts, so it loads with
+        ``torch.load(weights_only=True)``.
         """
         return {
             "reduction": self.reduction,
@@ -664,6 +753,8 @@ class LevelSet:
                     "every": c.level.every,
                     "count": c.count,
                     "updates": c.updates,
+                    "params": [n for n, _ in c.params],
+                    "held": [n for n, _ in c.active],
                     "buffers": {n: c.buffers[n] for n in sorted(c.fresh)},
                     "joined": dict(sorted(c.joined.items())),
                 }
@@ -672,52 +763,104 @@ class LevelSet:
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> IncompatibleLevels:
-        """Restore clocks and buffers saved by :meth:`state_dict`.
+        """Restore clocks and buffers saved by :meth:`state_dict`, also when the levels changed since.
 
         Buffers are copied to the device of their parameter, in its buffer dtype (fp32, or float64 for a float64
         parameter), and sharded as the parameter when it is a ``DTensor`` (FSDP2): a saved whole tensor is cut into
-        each rank's shard locally, so every rank must load the same state. A level whose period changed keeps its
-        position: it updates as soon as its count reaches the new period, on the reduction of what it holds.
+        each rank's shard locally, so every rank must load the same state.
+
+        Changed levels follow one rule: a parameter's next step uses the mean (or sum) of every gradient it received
+        since its own previous step, and held gradients are never dropped silently.
+
+        - A level that kept its name keeps its clock (count and updates); a new level starts a fresh chunk.
+        - A period that changed keeps the level's position: it updates as soon as its count reaches the new period
+          (at once when the period shrank below it, a period of 1 included), on the reduction of what it holds and
+          the current gradient.
+        - A parameter new to a level (its glob widened, or the globs now select other parameters) that was in no level
+          joins like a parameter added to an optimizer mid-chunk: its first step with the level uses the mean of the
+          gradients it received since the resume. A parameter that moved from another level brings its held
+          gradients and their count, so its first step in its new level is the mean over all of them.
+        - Held gradients of a parameter that is now in no level (or no longer in the model) cannot be applied: they
+          are reported in ``unexpected`` as ``"level/parameter"`` (and dropped, unless ``strict``).
+
+        States saved before ``params`` was recorded are taken to have the configured membership.
 
         Args:
             state_dict: A state from :meth:`state_dict`.
-            strict: Raise if the saved levels or parameter names differ from the configured ones, or the reduction
-                changed. With ``strict=False`` the differences are returned instead.
+            strict: Raise if the saved levels, periods, memberships or parameter names differ from the configured
+                ones, or the reduction changed. With ``strict=False`` the differences are returned instead.
+
+        Returns:
+            The differences (all empty when the configuration is the saved one).
 
         Raises:
             ValueError: If ``strict`` and the state does not match the configuration.
 
         """
+        result, origin = self._differences(state_dict)
+        if strict and any(result):
+            raise ValueError(
+                f"The saved level state does not match the configured levels: missing {result.missing}, unexpected"
+                f" {result.unexpected}, changed {result.changed}. Configure the same levels as the run that saved it,"
+                " or load with strict=False to continue with the changed levels."
+            )
+        saved = state_dict.get("levels", {})
+        for name, clock in self._clocks.items():
+            s = saved.get(name)
+            clock.count, clock.updates = (int(s["count"]), int(s["updates"])) if s is not None else (0, 0)
+            clock.fresh.clear()
+            clock.joined = {}
+            for n, p in clock.params:
+                lvl, steps, buf = origin.get(n, (None, 0, None))
+                start = clock.count - (steps if lvl is not None else 0)  # the count when its held gradients began
+                if start:
+                    clock.joined[n] = start
+                if buf is not None:
+                    clock.buffers[n] = shard_like(buf, p, buffer_dtype(p.dtype))  # a DTensor if p is one
+                    clock.fresh.add(n)
+        return result
+
+    def compare_state_dict(self, state_dict: Mapping[str, Any]) -> IncompatibleLevels:
+        """The differences :meth:`load_state_dict` would report for ``state_dict``, without loading anything."""
+        return self._differences(state_dict)[0]
+
+    def _differences(
+        self, state_dict: Mapping[str, Any]
+    ) -> tuple[IncompatibleLevels, dict[str, tuple[str, int, Optional[Tensor]]]]:
         saved = state_dict.get("levels", {})
         missing = [name for name in self._clocks if name not in saved]
         unexpected = [name for name in saved if name not in self._clocks]
         changed = []
         if state_dict.get("reduction", self.reduction) != self.reduction:
             changed.append(f"reduction {state_dict.get('reduction')!r} -> {self.reduction!r}")
+        # Where each saved parameter was: (saved level, steps it holds, its buffer or None).
+        origin: dict[str, tuple[str, int, Optional[Tensor]]] = {}
+        for name, s in saved.items():
+            count, joined = int(s["count"]), s.get("joined", {})
+            clock = self._clocks.get(name)
+            members = s.get("params")
+            if members is None:  # saved before memberships were recorded: assume the configured one
+                members = [n for n, _ in clock.params] if clock is not None else list(s["buffers"])
+            held = set(s.get("held", members))
+            for n in dict.fromkeys([*members, *s["buffers"]]):
+                steps = count - int(joined.get(n, 0)) if n in held else 0
+                origin[n] = (name, steps, s["buffers"].get(n))
+        owner = {n: name for name, c in self._clocks.items() for n, _ in c.params}
         for name, s in saved.items():
             clock = self._clocks.get(name)
-            if clock is None:
-                continue
-            if s["every"] != clock.level.every:
+            if clock is not None and s["every"] != clock.level.every:
                 changed.append(f"{name}: every {s['every']} -> {clock.level.every}")
-            owned = dict(clock.params)
-            unexpected += [f"{name}/{n}" for n in s["buffers"] if n not in owned]
-        if strict and (missing or unexpected or changed):
-            raise ValueError(
-                f"The saved level state does not match the configured levels: missing {missing}, unexpected"
-                f" {unexpected}, changed {changed}. Configure the same levels as the run that saved it."
-            )
-        for name, s in saved.items():
-            clock = self._clocks.get(name)
-            if clock is None:
-                continue
-            owned = dict(clock.params)
-            clock.count, clock.updates = int(s["count"]), int(s["updates"])
-            clock.fresh.clear()
-            clock.joined = {n: int(k) for n, k in s.get("joined", {}).items() if n in owned}
-            for n, value in s["buffers"].items():
-                if n in owned:
-                    p = owned[n]
-                    clock.buffers[n] = shard_like(value, p, buffer_dtype(p.dtype))  # a DTensor if p is one
-                    clock.fresh.add(n)
-        return IncompatibleLevels(missing, unexpected, changed)
+        for name, clock in self._clocks.items():
+            was = {n for n, (lvl, _, _) in origin.items() if lvl == name}
+            now = [n for n, _ in clock.params]
+            joined = [n for n in now if n not in was]
+            if name in saved and joined:
+                changed.append(f"{name}: joined {joined}")
+            if name in saved:
+                left = sorted(n for n in was if n not in now)
+                if left:
+                    changed.append(f"{name}: left {left}")
+        for n, (name, _, buf) in origin.items():
+            if n not in owner and buf is not None:
+                unexpected.append(f"{name}/{n}")
+        return IncompatibleLevels(missing, unexpected, changed), origin

@@ -78,10 +78,13 @@ def reference(
                 count += 1
                 if count == blk.chunk_size:
                     scale = blk.inner_lr / (blk.chunk_size if blk.reduction == "mean" else 1)
-                    rho = blk.retention  # w <- w0 + rho (w - w0) - scale * g
-                    fast = [w0 + rho * (w - w0) - scale * g for w, w0, g in zip(fast, params, pending, strict=True)]
-                    written = zip(plain, params, pending, strict=True)
-                    plain = [w0 + rho * (w - w0) - scale * g.detach() for w, w0, g in written]
+                    rho = blk.retention  # w <- w0 + rho (w - w0) - f * scale * g
+                    step = [scale * g for g in pending]
+                    if blk.max_write_norm is not None and scale > 0:  # f: the step's norm (4 weights) <= the bound
+                        f = (blk.max_write_norm / torch.sqrt(sum(s.pow(2).sum() for s in step))).clamp(max=1.0)
+                        step = [(f.detach() if first_order else f) * s for s in step]  # first order: f a constant
+                    fast = [w0 + rho * (w - w0) - s for w, w0, s in zip(fast, params, step, strict=True)]
+                    plain = [w0 + rho * (w - w0) - s.detach() for w, w0, s in zip(plain, params, step, strict=True)]
                     pending, count = [torch.zeros_like(p) for p in params], 0
             outs.append(torch.stack(rows))
             per_sample.append(fast)
@@ -338,8 +341,13 @@ def chunk_reference(blk, x: torch.Tensor, carried: Optional[tuple] = None) -> tu
         pending = grads if pending is None else tuple(p + g for p, g in zip(pending, grads, strict=True))
         count, t = count + n, t + n
         if count == blk.chunk_size:
-            weights = [w0 + rho * (w - w0) - scale * p for w, w0, p in zip(weights, initial, pending, strict=True)]
-            plain = [w0 + rho * (w - w0) - scale * p.detach() for w, w0, p in zip(plain, initial, pending, strict=True)]
+            step = [scale * p for p in pending]
+            if blk.max_write_norm is not None and scale > 0:  # per-sample factor on the step, a constant (first order)
+                norm = torch.sqrt(sum(s.detach().flatten(1).pow(2).sum(1) for s in step))  # (B,)
+                f = (blk.max_write_norm / norm).clamp(max=1.0)
+                step = [s * f.view(-1, *[1] * (s.dim() - 1)) for s in step]
+            weights = [w0 + rho * (w - w0) - s for w, w0, s in zip(weights, initial, step, strict=True)]
+            plain = [w0 + rho * (w - w0) - s.detach() for w, w0, s in zip(plain, initial, step, strict=True)]
             pending, count = None, 0
     y = torch.cat(reads, dim=1)
     return x + y if blk.residual else y, (plain, None if pending is None else [p.detach() for p in pending], count)

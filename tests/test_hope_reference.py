@@ -18,7 +18,8 @@ plainly written loss, and applies every write token by token (self-modifying Tit
 - every CMS level in turn (NL NeurIPS Eq. 30-31, ``cms.py``): ``k = RMSNorm_i(r)``, ``v = W_value k``, ``r <- r +
   MLP_i(k)`` read with the fast weights ``theta`` (the anchor: they change only at writes), the gradient of
   ``0.5 ||MLP_i(k) - v||^2`` at ``theta`` added to the chunk's sum ``S``; when ``C_i`` tokens are in:
-  ``theta <- theta_0 + rho (theta - theta_0) - (eta_i / C_i) S`` (``theta_0`` the parameters);
+  ``theta <- theta_0 + rho (theta - theta_0) - f (eta_i / C_i) S`` (``theta_0`` the parameters, ``f`` the per-sample
+  factor that bounds the step's Frobenius norm over the four weights to ``max_write_norm``);
 - ``y_t = r``.
 """
 
@@ -49,6 +50,7 @@ class Settings:
     cms_chunks: tuple[int, ...]
     cms_lrs: tuple[float, ...]
     retention: tuple[float, ...]
+    cms_max_write: Optional[float] = 10.0  # the CMS levels' max_write_norm
 
 
 def default_settings() -> Settings:
@@ -88,6 +90,7 @@ class Reference:
         self.w1, self.w2, self.a1, self.a2 = w1, w2, w1.clone(), w2.clone()
         self.history = [torch.zeros(batch, self.dim, dtype=DT) for _ in range(s.conv - 1)]
         self.clip_factors: list[torch.Tensor] = []
+        self.cms_factors: list[torch.Tensor] = []  # the bound's factor of every CMS write
         # CMS: per level the initial weights theta_0, the fast weights theta and the pending gradient sum S
         self.theta0, self.theta, self.pending = [], [], []
         for i in range(len(s.cms_chunks)):
@@ -153,8 +156,15 @@ class Reference:
             self.pending[i] = grads if pend is None else {name: pend[name] + grads[name] for name in grads}
             if self.t % size == 0:  # the chunk closes: retention towards theta_0, then the mean gradient step
                 rho, lr = s.retention[i], s.cms_lrs[i]
+                step = {name: lr / size * g for name, g in self.pending[i].items()}
+                f = torch.ones(b, dtype=DT)
+                if s.cms_max_write is not None:  # the bound on the step's norm, per sample
+                    f = (s.cms_max_write / sum(g.flatten(1).pow(2).sum(1) for g in step.values()).sqrt()).clamp(max=1)
+                self.cms_factors.append(f)
                 self.theta[i] = {
-                    name: self.theta0[i][name] + rho * (w - self.theta0[i][name]) - lr / size * self.pending[i][name]
+                    name: self.theta0[i][name]
+                    + rho * (w - self.theta0[i][name])
+                    - f.view(-1, *[1] * (w.dim() - 1)) * step[name]
                     for name, w in theta.items()
                 }
                 self.pending[i] = None
@@ -223,6 +233,7 @@ def test_hope_block_at_its_defaults_matches_the_token_by_token_reference():
     assert tuple(lvl.chunk_size for lvl in levels) == s.cms_chunks
     assert [lvl.inner_lr for lvl in levels] == pytest.approx(s.cms_lrs)
     assert tuple(lvl.retention for lvl in levels) == s.retention
+    assert all(lvl.max_write_norm == s.cms_max_write for lvl in levels)
     for lvl in levels:
         assert (lvl.activation, lvl.hidden, lvl.reduction, lvl.residual) == ("gelu", 32, "mean", True)
     assert not block.cms.differentiable_writes
@@ -241,8 +252,8 @@ def test_hope_block_at_its_defaults_matches_the_token_by_token_reference():
 
 def test_hope_block_with_small_chunks_matches_the_reference_and_carries_its_state():
     """Many writes: Titans chunks of 4 with ``M_mem`` on its own chunk of 3 (the separate memory pass), CMS chunks
-    (2, 5, 12) with a retention per level and larger inner rates, a tighter clip; the stream cut mid-chunk into two
-    calls that carry the state."""
+    (2, 5, 12) with a retention per level and larger inner rates, a tighter clip and a bound on the CMS writes that
+    some of them reach; the stream cut mid-chunk into two calls that carry the state."""
     batch, seq, cut = 2, 61, 23
     kwargs = dict(
         chunk_size=4,
@@ -250,9 +261,10 @@ def test_hope_block_with_small_chunks_matches_the_reference_and_carries_its_stat
         cms_inner_lr=(0.1, 0.06, 0.03),
         titans_kwargs={"mem_chunk_size": 3, "max_inner_grad_norm": 0.5},
         cms_retention=(0.9, 0.7, 0.5),
+        cms_max_write_norm=0.3,
     )
     block = make_block(seed=3, **kwargs)
-    s = Settings(4, 3, 4, 0.5, 0.5, (2, 5, 12), (0.1, 0.06, 0.03), (0.9, 0.7, 0.5))
+    s = Settings(4, 3, 4, 0.5, 0.5, (2, 5, 12), (0.1, 0.06, 0.03), (0.9, 0.7, 0.5), cms_max_write=0.3)
     x = torch.randn(batch, seq, 16, generator=torch.Generator().manual_seed(4), dtype=DT)
     with torch.no_grad():
         y1, state = block(x[:, :cut])
@@ -261,5 +273,7 @@ def test_hope_block_with_small_chunks_matches_the_reference_and_carries_its_stat
     want = ref.run(x)
     clip = torch.stack(ref.clip_factors)
     assert (clip < 1).any() and (clip == 1).any()
+    bound = torch.cat(ref.cms_factors)
+    assert (bound < 1).any() and (bound == 1).any()  # the CMS write bound is active on some writes, not all
     torch.testing.assert_close(torch.cat([y1, y2], dim=1), want, atol=TOL, rtol=TOL)
     compare_state(state, ref, s, seq)

@@ -168,7 +168,8 @@ class DemoLM(LightningModule):
         torch.manual_seed(0)
         self.model = Transformer(vocab_size=VOCAB, ninp=16, nhead=2, nhid=32, nlayers=1, dropout=0.0)
         layers = ["transformer.encoder.layers.*", "transformer.decoder.layers.*"]
-        to_cms(self.model, layers, [2, 4], inner_lr=inner_lr, check_finite=check_finite)
+        # unbounded writes (the printed rule), so that a large inner_lr diverges
+        to_cms(self.model, layers, [2, 4], inner_lr=inner_lr, check_finite=check_finite, max_write_norm=None)
 
     def training_step(self, batch, batch_idx):
         (x,) = batch
@@ -188,7 +189,7 @@ class RawCMS(LightningModule):
     def __init__(self, inner_lr: float) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.cms = ContinuumMemory(dim=8, chunk_sizes=[2, 4], in_context=True, inner_lr=inner_lr)
+        self.cms = ContinuumMemory(dim=8, chunk_sizes=[2, 4], in_context=True, inner_lr=inner_lr, max_write_norm=None)
         self.head = nn.Linear(8, 1)
 
     def training_step(self, batch, batch_idx):

@@ -170,9 +170,11 @@ def test_writes_that_blow_up_raise_instead_of_passing_nan_on():
     model = Transformer(vocab_size=33, ninp=32, nhead=2, nhid=64, nlayers=2).train()
     tokens = torch.randint(0, 33, (4, 64))
     targets = ["transformer.encoder.layers.*", "transformer.decoder.layers.*"]
+    unbounded = dict(max_write_norm=None)  # the printed rule: the default bound on the writes keeps them finite
     with pytest.raises(FloatingPointError, match=r"inner_lr=\[0\.3, 0\.3\].*Lower inner_lr"):
-        converted(model, targets, inner_lr=0.3)(tokens, tokens)
-    unchecked = converted(model, targets, inner_lr=0.3, check_finite=False)
+        converted(model, targets, inner_lr=0.3, **unbounded)(tokens, tokens)
+    assert converted(model, targets, inner_lr=0.3)(tokens, tokens).isfinite().all()
+    unchecked = converted(model, targets, inner_lr=0.3, check_finite=False, **unbounded)
     assert not unchecked(tokens, tokens).isfinite().all()  # what the check catches
     healthy = converted(model, targets, inner_lr=0.01)
     assert healthy(tokens, tokens).isfinite().all()

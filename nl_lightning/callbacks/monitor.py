@@ -23,6 +23,7 @@ finite.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -89,6 +90,12 @@ class NestedLearningMonitor(ConfiguredStateKey, StepHookCallback):
       logging steps only. The first time a module reports, a warning names it (an ``inner_lr`` too large for the
       activations' scale makes the writes diverge: lower it, or set ``retention < 1``).
 
+    It checks the training loss (the ``loss`` that ``training_step`` returned) at logging steps, and at every step with
+    ``stop_on_nonfinite=True``: the first time it is NaN or inf a warning says so and names where it started (the CMS
+    modules whose states were non-finite in that step, and the first non-finite parameter). With
+    ``stop_on_nonfinite=True`` a non-finite loss or CMS state also sets ``trainer.should_stop`` (agreed across
+    processes), so the run ends after that step, and :attr:`stop_reason` says why.
+
     A level is measured at its last update at or before each logging step, so a slow level reports the values of its
     latest update and a fast one costs a measurement only at logging steps. With a
     :class:`~lightning.pytorch.loggers.TensorBoardLogger` it also writes histograms of the gradient
@@ -104,9 +111,11 @@ class NestedLearningMonitor(ConfiguredStateKey, StepHookCallback):
     Args:
         log_histograms: Write TensorBoard histograms when a TensorBoard logger is attached.
         prefix: The first part of every logged name.
+        stop_on_nonfinite: Check the loss and the CMS states at every training step and stop the run at the first
+            non-finite one. ``False`` (default): check at logging steps, warn and train on.
 
     Raises:
-        MisconfigurationException: If ``prefix`` is empty.
+        MisconfigurationException: If ``prefix`` is empty or ``stop_on_nonfinite`` is not a bool.
 
     Example::
 
@@ -117,10 +126,16 @@ class NestedLearningMonitor(ConfiguredStateKey, StepHookCallback):
 
     """
 
-    def __init__(self, log_histograms: bool = True, prefix: str = "nested") -> None:
+    def __init__(self, log_histograms: bool = True, prefix: str = "nested", stop_on_nonfinite: bool = False) -> None:
         if not isinstance(prefix, str) or not prefix:
             raise MisconfigurationException(f"`prefix` must be a non-empty string such as 'nested', got {prefix!r}.")
+        if not isinstance(stop_on_nonfinite, bool):
+            raise MisconfigurationException(f"`stop_on_nonfinite` must be True or False, got {stop_on_nonfinite!r}.")
         super().__init__()
+        self._stop_on_nonfinite = stop_on_nonfinite
+        #: why this monitor stopped the run (``None``: it did not)
+        self.stop_reason: Optional[str] = None
+        self._loss_reported = False
         self._log_histograms = log_histograms
         self._prefix = prefix
         self._mfus: list[MultiFrequencyUpdates] = []
@@ -180,7 +195,8 @@ class NestedLearningMonitor(ConfiguredStateKey, StepHookCallback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._check_states = bool(self._state_hooks) and trainer._logger_connector.should_update_logs
+        check = self._stop_on_nonfinite or trainer._logger_connector.should_update_logs
+        self._check_states = bool(self._state_hooks) and check
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -273,7 +289,12 @@ class NestedLearningMonitor(ConfiguredStateKey, StepHookCallback):
             w.histograms = {}
         if histograms:
             self._write_histograms(trainer, histograms)
-        if not trainer._logger_connector.should_update_logs:
+        logs = trainer._logger_connector.should_update_logs
+        bad_states: list[str] = []
+        if logs or self._stop_on_nonfinite:
+            bad_states = self._report_nonfinite_states() if self._state_hooks else []
+            self._check_nonfinite(trainer, pl_module, outputs, bad_states)
+        if not logs:
             return
         updates = {name: n for mfu in self._mfus for name, n in mfu.num_updates.items()}
         metrics: dict[str, float] = {}
@@ -284,7 +305,7 @@ class NestedLearningMonitor(ConfiguredStateKey, StepHookCallback):
                 if value is not None:
                     metrics[f"{self._prefix}/{w.name}/{key}"] = float(value)
         if self._state_hooks:
-            metrics[f"{self._prefix}/nonfinite_states"] = float(len(self._report_nonfinite_states()))
+            metrics[f"{self._prefix}/nonfinite_states"] = float(len(bad_states))
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
 
     def _report_nonfinite_states(self) -> list[str]:
@@ -302,6 +323,39 @@ class NestedLearningMonitor(ConfiguredStateKey, StepHookCallback):
                 category=RuntimeWarning,
             )
         return bad
+
+    def _check_nonfinite(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, bad_states: list[str]
+    ) -> None:
+        """Warn (once) on a non-finite training loss, naming where it started; stop the run if asked to."""
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        bad_loss = isinstance(loss, Tensor) and not bool(torch.isfinite(loss.detach()).all())
+        bad = bad_loss or bool(bad_states)
+        if self._stop_on_nonfinite:
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)  # every process stops together
+        if not bad:
+            return
+        step = trainer.global_step
+        where = [f"the token-axis CMS states of {bad_states}"] if bad_states else []
+        param = next((n for n, p in pl_module.named_parameters() if not bool(torch.isfinite(p.detach()).all())), None)
+        if param is not None:
+            where.append(f"the parameter {param!r} (the first non-finite one)")
+        what = f"the training loss is {float(loss)}" if bad_loss else "the training loss is finite"
+        found = ", ".join(where) or "the loss only (states and parameters finite)"
+        reason = f"at step {step} {what}; non-finite: {found}"
+        if self._stop_on_nonfinite:
+            if self.stop_reason is None:
+                self.stop_reason = reason
+                trainer.should_stop = True
+                rank_zero_warn(
+                    f"{type(self).__name__} stops the run (stop_on_nonfinite=True): {reason}.", category=RuntimeWarning
+                )
+        elif bad_loss and not self._loss_reported:
+            self._loss_reported = True
+            rank_zero_warn(
+                f"{type(self).__name__}: {reason}. Pass stop_on_nonfinite=True to stop the run instead.",
+                category=RuntimeWarning,
+            )
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

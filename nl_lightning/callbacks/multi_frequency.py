@@ -146,20 +146,41 @@ class MultiFrequencyUpdates(ConfiguredStateKey, StepHookCallback):
     :meth:`prepare_step` was called, a torch step pre-hook raises a ``RuntimeError`` before any parameter moves (for
     ``step(closure)``, right after the closure ran).
 
+    **Non-finite gradients.** A non-finite gradient (inf or NaN) never enters a level's buffer nor reaches its
+    parameters. Under a ``GradScaler`` (``16-mixed`` on a GPU) the scaler skips such a step and nothing is committed.
+    Without one (``bf16-mixed``, ``32-true``, or ``16-mixed`` on a CPU, which Lightning runs as ``bf16-mixed``), a
+    level whose gradients on a step are not finite is masked on that step and left out of its commit: its clock does
+    not tick, its buffers keep what they held and a due level stays due (a warning names it the first time).
+    Parameters in no level are the optimizer's business and step as usual. With ``nonfinite="raise"`` the run stops
+    with a ``FloatingPointError`` instead.
+
+    **Resuming with changed levels.** The checkpoint records each level's period, count, parameters and held
+    gradients, and a resumed run continues by one rule: a parameter's next step uses the mean (or sum) of every
+    gradient it received since its own previous step (see :meth:`~nl_lightning.levels.LevelSet.load_state_dict`). A
+    changed period keeps the level's position (a shortened period updates as soon as the count reaches it, on the
+    gradients held so far and the current one); a parameter new to a level joins it like a parameter added
+    mid-chunk; one that moved from another level brings its held gradients. Each change is reported with a warning.
+    A resume that would drop held gradients (their parameter is now in no level) is refused, naming the parameters.
+
     Args:
-        levels: A list of :class:`~nl_lightning.Level` (in YAML, dicts with ``name``, ``params``, ``every``), or a
-            mapping ``{glob: every}`` that makes one level per glob, named after it.
+        levels: A list of :class:`~nl_lightning.Level` (in YAML, dicts with ``name``, ``params``, ``every``; ``params``
+            a glob or a list of globs), or a mapping ``{glob: every}`` that makes one level per glob, named after it.
         reduction: ``"mean"`` (default) or ``"sum"`` of the chunk's gradients.
+        nonfinite: ``"skip"`` (default) masks a level on a step whose gradients for it are not finite and leaves the
+            step out of its clock and buffers; ``"raise"`` stops the run with a ``FloatingPointError``.
 
     Raises:
         MisconfigurationException: On an empty or malformed ``levels``, duplicate level names, a non-string glob,
-            ``every < 1`` or an unknown ``reduction`` (at construction); on a glob that matches no parameter, a
-            parameter claimed by two levels (of this or another instance, or a tied tensor through two of its names),
-            an invalid ``nl_parameter_root``, a level name used by two instances, DeepSpeed or FSDP1, or a fused
-            optimizer under a ``GradScaler`` (at ``setup`` / train start); on a level spread over two optimizers (at
-            train start, or at the step where added parameter groups spread it).
+            ``every < 1``, an unknown ``reduction`` or ``nonfinite`` (at construction); on a glob that matches no
+            parameter, a parameter claimed by two levels (of this or another instance, or a tied tensor through two of
+            its names), an invalid ``nl_parameter_root``, a level name used by two instances, DeepSpeed or FSDP1, or a
+            fused optimizer under a ``GradScaler`` (at ``setup`` / train start); on a resume that would drop held
+            gradients (at train start); on a level spread over two optimizers (at train start, or at the step where
+            added parameter groups spread it).
         RuntimeError: When an optimizer is about to step on gradients the callback has not prepared (a raw
             ``torch.optim.Optimizer`` stepped without :meth:`prepare_step`), before any parameter moves.
+        FloatingPointError: With ``nonfinite="raise"``, on a step whose gradients for a level are not finite (without
+            a ``GradScaler``), before any parameter moves.
 
     Example::
 
@@ -178,6 +199,7 @@ class MultiFrequencyUpdates(ConfiguredStateKey, StepHookCallback):
         self,
         levels: Union[Sequence[Level], dict[str, int]],
         reduction: Literal["mean", "sum"] = "mean",
+        nonfinite: Literal["skip", "raise"] = "skip",
     ) -> None:
         super().__init__()
         try:
@@ -187,6 +209,15 @@ class MultiFrequencyUpdates(ConfiguredStateKey, StepHookCallback):
         if reduction not in ("mean", "sum"):
             raise MisconfigurationException(f"`reduction` must be 'mean' or 'sum', got {reduction!r}.")
         self._reduction = reduction
+        if nonfinite not in ("skip", "raise"):
+            raise MisconfigurationException(
+                f"`nonfinite` must be 'skip' (mask a level on a step with inf/NaN gradients) or 'raise', got"
+                f" {nonfinite!r}."
+            )
+        self._nonfinite = nonfinite
+        self._scaled = False  # a GradScaler skips non-finite steps itself
+        self._warned_nonfinite: set[str] = set()
+        self._global_step = 0  # the Trainer's global step at the current batch, for messages
         self._book: Optional[LevelSet] = None
         self._loaded_state: Optional[dict[str, Any]] = None
         self._levels_of: list[list[str]] = []  # per optimizer index: the levels whose parameters it holds
@@ -260,7 +291,7 @@ class MultiFrequencyUpdates(ConfiguredStateKey, StepHookCallback):
         root = parameter_root(pl_module)
         try:
             named = pl_module.named_parameters(remove_duplicate=False)
-            self._book = LevelSet(self._levels, named, self._reduction, root=root)
+            self._book = LevelSet(self._levels, named, self._reduction, root=root, nonfinite=self._nonfinite)
         except ValueError as err:
             raise MisconfigurationException(str(err)) from err
         self._report_ties(self._book)
@@ -291,14 +322,13 @@ class MultiFrequencyUpdates(ConfiguredStateKey, StepHookCallback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         book = self.book
         if self._loaded_state is not None:
-            result = book.load_state_dict(self._loaded_state, strict=False)
-            for what, names in zip(("not in the checkpoint", "dropped", "changed"), result, strict=True):
-                if names:
-                    rank_zero_warn(f"MultiFrequencyUpdates resumed with level state {what}: {names}.")
+            self._load_level_state(book, self._loaded_state)
             self._loaded_state = None
         self._check_other_instances(trainer)
         self._follow_param_groups(trainer.optimizers, force=True)
+        self._warn_long_periods(trainer, book)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
+        self._scaled = scaler is not None
         for opt in trainer.optimizers:
             if scaler is not None and getattr(opt, "_step_supports_amp_scaling", False):
                 raise MisconfigurationException(
@@ -309,6 +339,43 @@ class MultiFrequencyUpdates(ConfiguredStateKey, StepHookCallback):
         self._plans.clear()
         self._nested = _nested_strategy(trainer)
         self.attach_step_hooks(trainer)
+
+    @staticmethod
+    def _load_level_state(book: LevelSet, state: dict[str, Any]) -> None:
+        """Restore the saved levels into ``book``, reporting each change; refuse to drop held gradients."""
+        result = book.compare_state_dict(state)  # check first: a refused resume leaves the book untouched
+        lost = [entry for entry in result.unexpected if "/" in entry]
+        if lost:
+            raise MisconfigurationException(
+                f"MultiFrequencyUpdates cannot resume: the checkpoint holds gradients of {lost} (level/parameter) that"
+                " their levels have not applied yet, and those parameters are in no configured level now, so the"
+                " gradients would be dropped. Keep them in a level (for example the saved one) for this resume; once"
+                " that level has taken its next update, save a checkpoint and change the levels then."
+            )
+        book.load_state_dict(state, strict=False)
+        for what, names in zip(("not in the checkpoint", "no longer configured", "changed"), result, strict=True):
+            if names:
+                rank_zero_warn(
+                    f"MultiFrequencyUpdates resumed with levels {what}: {names}. Each parameter's next step uses the"
+                    " mean of the gradients it received since its previous step (or since it joined its level)."
+                )
+
+    @staticmethod
+    def _warn_long_periods(trainer: pl.Trainer, book: LevelSet) -> None:
+        """Warn about a level whose period is longer than the run: it would never update."""
+        try:
+            total = trainer.estimated_stepping_batches
+        except Exception:  # an infinite or unsized loader: the run's length is unknown
+            return
+        if not isinstance(total, (int, float)) or total == float("inf"):
+            return
+        for lvl in book.levels:
+            if lvl.every > total:
+                rank_zero_warn(
+                    f"Level {lvl.name!r} has every={lvl.every}, but this run takes {int(total)} optimizer steps in all"
+                    f" (max_steps={trainer.max_steps}, max_epochs={trainer.max_epochs}), so it will never update."
+                    f" Lower its `every` to at most {int(total)}, or train for at least {lvl.every} steps."
+                )
 
     def _check_other_instances(self, trainer: pl.Trainer) -> None:
         """Refuse a parameter or a level name shared with another ``MultiFrequencyUpdates`` of the Trainer."""
@@ -398,9 +465,25 @@ class MultiFrequencyUpdates(ConfiguredStateKey, StepHookCallback):
                 plan = StepPlan((), {}, tuple((p, None) for p in params))
             else:
                 reduce = None if self._nested is None else self._nested.reduce_level_gradients
-                plan = self.book.prepare(self._levels_of[i], reduce=reduce)
+                # under a GradScaler a non-finite step is the scaler's to skip: mask the level, never raise
+                plan = self.book.prepare(self._levels_of[i], reduce=reduce, nonfinite="skip" if self._scaled else None)
+                self._warn_skipped(plan)
             self._plans[i] = plan
         return plan
+
+    def _warn_skipped(self, plan: StepPlan) -> None:
+        """Name, once per level, a level masked on a step for its non-finite gradients (without a GradScaler)."""
+        new = [name for name in plan.skipped if name not in self._warned_nonfinite]
+        if not new or self._scaled:
+            return
+        self._warned_nonfinite.update(new)
+        step = self._global_step
+        rank_zero_warn(
+            f"MultiFrequencyUpdates: non-finite gradients (inf or NaN) in level(s) {new} at optimizer step {step}; the"
+            " step is skipped for them (their parameters, clocks and buffers are unchanged; warned once per level)."
+            " This usually means an overflow: lower the learning rate, use precision='16-mixed' on a GPU (a GradScaler"
+            " skips such steps) or '32-true', or pass nonfinite='raise' to stop the run."
+        )
 
     @override
     def on_before_optimizer_step(
@@ -463,6 +546,12 @@ class MultiFrequencyUpdates(ConfiguredStateKey, StepHookCallback):
                 )
             plan = self.book.prepare(self._levels_of[i])  # every level is due: only the update counts move
         self.book.commit(plan)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._global_step = trainer.global_step
 
     @override
     def on_train_batch_end(

@@ -10,6 +10,7 @@ from nl_lightning.data.fashion_mnist import (
 )
 from nl_lightning.data.hf_text import HFTextDataModule
 from nl_lightning.data.regression import SlowlyChangingRegression, SlowlyChangingRegressionDataModule
+from nl_lightning.data.sampling import EpochShuffleSampler
 from nl_lightning.data.stream import TaskStreamDataModule
 from nl_lightning.data.synthetic import MQARDataModule, MQARDataset, NeedleDataModule, NeedleDataset
 from nl_lightning.data.text import TextDataModule, TextDataset
@@ -19,6 +20,7 @@ __all__ = [
     "FASHION_MNIST_CLASSES",
     "DigitsDataModule",
     "DigitsDataset",
+    "EpochShuffleSampler",
     "FashionMNIST",
     "HFTextDataModule",
     "MQARDataModule",

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from nl_lightning._validation import is_int
+from nl_lightning.data.sampling import EpochShuffleSampler
 
 __all__ = ["DigitsDataModule", "DigitsDataset", "load_digits_tensors"]
 
@@ -151,9 +152,10 @@ class DigitsDataModule(pl.LightningDataModule):
     """scikit-learn's handwritten digits: 64 features in ``[0, 1]`` (8x8 pixels), 10 classes, no download.
 
     The 1797 samples are split once, per class (stratified), with a :class:`torch.Generator` seeded by ``seed``: the
-    split depends on ``seed`` only, never on the global seed. The training loader shuffles with its own generator,
-    also seeded by ``seed``; the validation, test (the validation split) and predict (its inputs) loaders do not
-    shuffle.
+    split depends on ``seed`` only, never on the global seed. The training loader shuffles with an
+    :class:`~nl_lightning.data.sampling.EpochShuffleSampler`: epoch ``e``'s order depends on ``(seed, e)`` only, so a
+    run resumed at an epoch boundary sees the order the uninterrupted run would have seen. The validation, test (the
+    validation split) and predict (its inputs) loaders do not shuffle.
 
     Args:
         batch_size: Samples per batch, ``>= 1``.
@@ -215,7 +217,8 @@ class DigitsDataModule(pl.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=EpochShuffleSampler(len(dataset), self.seed) if shuffle else None,
+            # the loader draws its workers' base seed from this generator, never from the global one
             generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

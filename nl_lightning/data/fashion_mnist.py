@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from pathlib import Path
 from typing import Optional, Union
 
@@ -97,7 +98,7 @@ def read_idx(path: PathLike) -> Tensor:
         FileNotFoundError: If ``path`` does not exist.
         ValueError: If the header is malformed (the first two bytes are not zero, the type byte is not ``0x08``
             (``uint8``), there are no dimensions or the header is truncated), the payload size does not match the
-            dimensions, or the gzip stream is corrupt. The message names the file.
+            dimensions, or the gzip stream is damaged (truncated or corrupt). The message names the file.
 
     Example::
 
@@ -110,8 +111,11 @@ def read_idx(path: PathLike) -> Tensor:
     if raw[:2] == _GZIP_MAGIC:
         try:
             raw = gzip.decompress(raw)
-        except (OSError, EOFError) as err:
-            raise ValueError(f"{str(path)!r} starts like a gzip file but cannot be decompressed: {err}.") from err
+        except (OSError, EOFError, zlib.error) as err:  # zlib.error: damaged deflate data (neither of the others)
+            raise ValueError(
+                f"{str(path)!r} is damaged: it starts like a gzip file but cannot be decompressed ({err}). Replace it"
+                " with an intact copy (reinstall the Debian package `dataset-fashion-mnist`, or extract it again)."
+            ) from err
     if len(raw) < 4:
         raise ValueError(f"{str(path)!r} is not an IDX file: {len(raw)} bytes, shorter than the 4-byte magic number.")
     if raw[0] != 0 or raw[1] != 0:

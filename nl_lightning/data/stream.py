@@ -41,16 +41,23 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from typing_extensions import override
 
 from nl_lightning._validation import is_int
+from nl_lightning.data.sampling import EpochShuffleSampler
 
 __all__ = ["Scenario", "TaskStreamDataModule"]
 
 Scenario = Literal["class_incremental", "task_incremental", "permuted", "rotated"]
 _SCENARIOS = ("class_incremental", "task_incremental", "permuted", "rotated")
+
+
+def _divisors(n: int) -> list[int]:
+    """The task counts that split ``n`` classes evenly."""
+    return [k for k in range(1, n + 1) if n % k == 0]
 
 
 def dataset_targets(dataset: Dataset) -> Tensor:
@@ -142,7 +149,8 @@ class TaskStreamDataModule(pl.LightningDataModule):
         samples_per_task: Keep at most this many training samples per task (drawn by ``seed``); ``None`` keeps all.
         joint: Train on the union of all tasks at once (the upper bound) for ``epochs_per_task`` epochs.
         seed: Seeds the class order of the split scenarios, the permutations, the order of the rotation angles, the
-            validation split and the shuffling.
+            validation split and the shuffling (epoch ``e`` of a task is shuffled by ``(seed, task, e)`` only, so a
+            resumed run keeps the order).
         class_order: An explicit class order for the split scenarios (overrides the seeded one).
         image_size: ``(H, W)`` of the images for ``rotated`` (default: the dataset's ``image_size`` attribute).
         max_rotation: Task ``k`` of ``rotated`` turns by one of the angles ``k * max_rotation / num_tasks``.
@@ -154,9 +162,16 @@ class TaskStreamDataModule(pl.LightningDataModule):
 
     Raises:
         MisconfigurationException: At construction on an unknown scenario or protocol, a non-positive count or
-            ``online`` with several epochs; at ``setup`` when the classes do not split into the tasks, ``rotated``
-            has no image size, the Trainer does not reload the training loader every epoch, or its ``max_epochs``
-            does not cover the stream.
+            ``online`` with several epochs; at ``setup`` when the classes do not split into the tasks (the message
+            says which ``num_tasks`` or ``classes_per_task`` would), ``rotated`` has no image size, a task has no
+            training samples (all went to validation, or ``train_dataset`` holds none of its classes) or no test
+            samples, the Trainer does not reload the training loader every epoch, or its ``max_epochs`` does not
+            cover the stream.
+
+    Warns:
+        UserWarning: At ``setup`` when ``num_tasks * classes_per_task`` is less than the number of classes in the
+            order: the left-out classes are named (they are never trained or evaluated). Pass ``class_order``
+            listing only the classes to keep to leave classes out on purpose.
 
     Example::
 
@@ -256,7 +271,42 @@ class TaskStreamDataModule(pl.LightningDataModule):
             self._val_idx.append(train_idx[:n_val].sort().values)
             self._train_idx.append(train_idx[n_val:].sort().values)
             self._test_idx.append(self._indices_of(test_targets, task))
+        self._check_tasks_have_samples()
         self._built = True
+
+    def _describe_task(self, task: int) -> str:
+        if self._task_classes is None:
+            return f"task {task}"
+        return f"task {task} (classes {self._task_classes[task]})"
+
+    def _check_tasks_have_samples(self) -> None:
+        """Every task needs training samples (else the sampler fails) and test samples (else it is never measured)."""
+        for task in range(self.num_tasks):
+            n_train, n_val = len(self._train_idx[task]), len(self._val_idx[task])
+            if n_train == 0:
+                kept = n_train + n_val
+                if kept == 0:
+                    cause, fix = (
+                        "train_dataset holds no sample of it",
+                        "give a train_dataset with samples of every class, or pass `class_order` listing only the"
+                        " classes it holds",
+                    )
+                else:
+                    cause = f"all {kept} of its samples went to validation (val_fraction={self.val_fraction}"
+                    cause += f", samples_per_task={self.samples_per_task})" if self.samples_per_task else ")"
+                    fix = "lower val_fraction (0 keeps every sample for training)"
+                    if self.samples_per_task is not None:
+                        needed = next(m for m in range(1, 10**9) if m - int(round(m * self.val_fraction)) >= 1)
+                        fix += f" or set samples_per_task >= {needed}"
+                raise MisconfigurationException(
+                    f"TaskStreamDataModule: {self._describe_task(task)} has no training samples: {cause}. Fix: {fix}."
+                )
+            if len(self._test_idx[task]) == 0:
+                raise MisconfigurationException(
+                    f"TaskStreamDataModule: {self._describe_task(task)} has no test samples: test_dataset holds no"
+                    " sample of it, so it could never be evaluated. Give a test_dataset with samples of every task's"
+                    " classes, or pass `class_order` listing only the classes that test_dataset holds."
+                )
 
     @property
     def num_classes(self) -> int:
@@ -296,16 +346,35 @@ class TaskStreamDataModule(pl.LightningDataModule):
         order = list(class_order)
         if sorted(order) != sorted(set(order)) or any(c < 0 or c >= self._num_classes for c in order):
             raise MisconfigurationException(f"`class_order` must list distinct classes in 0..{self._num_classes - 1}.")
-        if classes_per_task is None:
-            if len(order) % self.num_tasks:
-                raise MisconfigurationException(
-                    f"{len(order)} classes do not split evenly into num_tasks={self.num_tasks}; set classes_per_task."
-                )
-            classes_per_task = len(order) // self.num_tasks
-        if classes_per_task < 1 or classes_per_task * self.num_tasks > len(order):
+        n = len(order)
+        if self.num_tasks > n:
             raise MisconfigurationException(
-                f"classes_per_task={classes_per_task} x num_tasks={self.num_tasks} needs more than the"
-                f" {len(order)} classes available."
+                f"num_tasks={self.num_tasks} is more than the {n} classes: every task of a split scenario needs at"
+                f" least one class. Set num_tasks to at most {n} (one that divides {n} evenly: {_divisors(n)}), or use"
+                " scenario='permuted' or 'rotated', whose tasks each hold all the classes."
+            )
+        if classes_per_task is None:
+            if n % self.num_tasks:
+                raise MisconfigurationException(
+                    f"{n} classes do not split evenly into num_tasks={self.num_tasks}: set num_tasks to one of"
+                    f" {_divisors(n)}, or set classes_per_task={n // self.num_tasks} to train"
+                    f" {n // self.num_tasks * self.num_tasks} of the {n} classes (the others are left out)."
+                )
+            classes_per_task = n // self.num_tasks
+        if not is_int(classes_per_task) or classes_per_task < 1 or classes_per_task * self.num_tasks > n:
+            raise MisconfigurationException(
+                f"classes_per_task={classes_per_task!r} x num_tasks={self.num_tasks} needs more than the {n} classes"
+                f" available: set classes_per_task to an integer in 1..{n // self.num_tasks}, or lower num_tasks."
+            )
+        used = classes_per_task * self.num_tasks
+        if used < n:
+            left_out = sorted(order[used:])
+            rank_zero_warn(
+                f"TaskStreamDataModule: classes_per_task={classes_per_task} x num_tasks={self.num_tasks} uses {used}"
+                f" of the {n} classes, so class(es) {left_out} are in no task: never trained and never evaluated. To"
+                f" use every class, set num_tasks and classes_per_task so that their product is {n}; to leave classes"
+                " out on purpose (and silence this warning), pass `class_order` listing only the classes to keep.",
+                category=UserWarning,
             )
         return [sorted(order[k * classes_per_task : (k + 1) * classes_per_task]) for k in range(self.num_tasks)]
 
@@ -376,13 +445,19 @@ class TaskStreamDataModule(pl.LightningDataModule):
         indices = {"train": self._train_idx, "val": self._val_idx, "test": self._test_idx}[split][task]
         return _TaskView(base, indices, task)
 
-    def _loader(self, dataset: Dataset, shuffle: bool, batch_size: int, seed_offset: int = 0) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle_seed: Optional[int] = None) -> DataLoader:
+        """A loader over ``dataset``; with ``shuffle_seed``, epoch ``e`` is shuffled by ``(shuffle_seed, e)`` only."""
         self._build()
+        sampler = None
+        if shuffle_seed is not None:
+            sampler = EpochShuffleSampler(len(dataset), shuffle_seed)  # type: ignore[arg-type]
+            sampler.set_epoch(self._epoch())  # Lightning sets it again at the epoch's start
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
-            generator=torch.Generator().manual_seed(self.seed + seed_offset) if shuffle else None,
+            sampler=sampler,
+            # the loader draws its workers' base seed from this generator, never from the global one
+            generator=torch.Generator().manual_seed(shuffle_seed) if shuffle_seed is not None else None,
             collate_fn=self._collate,
             num_workers=self.num_workers,
         )
@@ -391,10 +466,9 @@ class TaskStreamDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.joint:
             dataset: Dataset = ConcatDataset([self.task_dataset(t) for t in range(self.num_tasks)])
-            return self._loader(dataset, shuffle=True, batch_size=self.batch_size, seed_offset=self._epoch())
+            return self._loader(dataset, self.batch_size, shuffle_seed=self.seed)
         task = self.current_task
-        return self._loader(self.task_dataset(task), shuffle=True, batch_size=self.batch_size,
-                            seed_offset=1000 * task + self._epoch())  # fmt: skip
+        return self._loader(self.task_dataset(task), self.batch_size, shuffle_seed=self.seed + 1000 * task)
 
     def _epoch(self) -> int:
         return self._trainer.current_epoch if self._trainer is not None else 0
@@ -418,7 +492,7 @@ class TaskStreamDataModule(pl.LightningDataModule):
             view = dataset
             assert isinstance(view, _TaskView)
             dataset = _TaskView(view.base, view.indices[rank::world_size], task)
-        return self._loader(dataset, shuffle=False, batch_size=self.eval_batch_size)
+        return self._loader(dataset, self.eval_batch_size)
 
     def logit_mask(self, device: Optional[torch.device] = None) -> Optional[Tensor]:
         """For ``task_incremental``, a ``(num_tasks, num_classes)`` bool mask of each task's classes; else ``None``."""

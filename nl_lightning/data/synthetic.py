@@ -55,6 +55,7 @@ from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from nl_lightning._validation import check_int, is_int
+from nl_lightning.data.sampling import EpochShuffleSampler
 
 __all__ = ["MQARDataModule", "MQARDataset", "NeedleDataModule", "NeedleDataset"]
 
@@ -222,7 +223,8 @@ class NeedleDataset(_TaskDataset):
 
 
 class _SyntheticDataModule(pl.LightningDataModule):
-    """Loaders shared by the synthetic tasks: a shuffled training set and one evaluation set per length multiplier."""
+    """Loaders shared by the synthetic tasks: a training set shuffled by ``(seed, epoch)`` and one evaluation set per
+    length multiplier."""
 
     def __init__(
         self,
@@ -275,8 +277,10 @@ class _SyntheticDataModule(pl.LightningDataModule):
     @override
     def train_dataloader(self) -> DataLoader:
         self._check_setup()
-        g = torch.Generator().manual_seed(_mix(self.seed, 2, 0))
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=g)
+        seed = _mix(self.seed, 2, 0)
+        sampler = EpochShuffleSampler(len(self.train_set), seed)  # epoch e's order depends on (seed, e) only
+        g = torch.Generator().manual_seed(seed)  # the loader's own draws stay off the global generator
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, generator=g)
 
     @override
     def val_dataloader(self) -> list[DataLoader]:
@@ -292,7 +296,8 @@ class _SyntheticDataModule(pl.LightningDataModule):
 class MQARDataModule(_SyntheticDataModule):
     """Multi-query associative recall (Zoology) with evaluation at several lengths.
 
-    Training: ``train_samples`` sequences of ``seq_len`` tokens, shuffled with a seeded generator. Evaluation: one
+    Training: ``train_samples`` sequences of ``seq_len`` tokens, shuffled by ``(seed, epoch)`` (an
+    :class:`~nl_lightning.data.sampling.EpochShuffleSampler`, so a resumed run keeps the order). Evaluation: one
     loader of ``val_samples`` sequences per multiplier ``m``, of length ``m * seq_len`` with the same numbers of pairs
     and queries (longer filler, so more distance to recall over). All sets are distinct, fixed functions of ``seed``.
     Batches are ``{"tokens", "targets"}``; the metric of the query positions is the recall accuracy.
@@ -352,10 +357,11 @@ class MQARDataModule(_SyntheticDataModule):
 class NeedleDataModule(_SyntheticDataModule):
     """Key-value needle in a haystack, evaluated at several lengths with depths spread uniformly over ``[0, 1]``.
 
-    Training: ``train_samples`` sequences of ``seq_len`` tokens with uniform random needle depths, shuffled with a
-    seeded generator. Evaluation: one loader per multiplier ``m`` of ``val_samples`` sequences of length
-    ``m * seq_len``, sample ``i`` at depth ``i / (val_samples - 1)`` (its dataset's ``depths``). The only target of a
-    sequence, at its last position, is the needle's value, so ``val_acc`` is the exact-match retrieval rate.
+    Training: ``train_samples`` sequences of ``seq_len`` tokens with uniform random needle depths, shuffled by
+    ``(seed, epoch)`` (an :class:`~nl_lightning.data.sampling.EpochShuffleSampler`). Evaluation: one loader per
+    multiplier ``m`` of ``val_samples`` sequences of length ``m * seq_len``, sample ``i`` at depth
+    ``i / (val_samples - 1)`` (its dataset's ``depths``). The only target of a sequence, at its last position, is the
+    needle's value, so ``val_acc`` is the exact-match retrieval rate.
 
     Args:
         seq_len: Training length ``T``, ``>= 5``.

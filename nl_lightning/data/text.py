@@ -89,6 +89,7 @@ def load_corpus(paths: Optional[Union[str, os.PathLike, Sequence[Union[str, os.P
         The bytes as a 1-D ``uint8`` tensor.
 
     Raises:
+        IsADirectoryError: If a path is a directory (the message says to pass the files inside it).
         FileNotFoundError: If a path is not a file (the message names it).
         ValueError: If ``paths`` is empty or the corpus has no bytes.
 
@@ -112,6 +113,11 @@ def _as_paths(paths: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]])
     if not files:
         raise ValueError("`paths` is an empty list; give at least one file, or None for the default corpus.")
     for path in files:
+        if os.path.isdir(path):
+            raise IsADirectoryError(
+                f"{os.fspath(path)!r} is a directory, not a text file: pass the files themselves, one path or a list"
+                f" of paths (for example sorted(glob.glob({os.path.join(os.fspath(path), '*.txt')!r})))."
+            )
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Text file not found: {os.fspath(path)!r}.")
     return [os.fspath(p) for p in files]
@@ -274,6 +280,7 @@ class TextDataModule(pl.LightningDataModule):
         num_workers: Worker processes per loader.
 
     Raises:
+        IsADirectoryError: If a path is a directory (at construction; pass the files inside it).
         FileNotFoundError: If a path is not a file (at construction).
         ValueError: On a non-positive ``seq_len``, ``batch_size`` or ``samples_per_epoch``, a ``val_fraction`` outside
             ``(0, 1)``, a negative ``num_workers``, or (in ``setup``) a split shorter than ``seq_len + 1`` bytes.

@@ -60,6 +60,7 @@ from dataclasses import replace
 from typing import Literal, Optional, Union
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from nl_lightning._validation import check_int, is_int
@@ -75,9 +76,27 @@ from nl_lightning.models.cms_memory import (
     mlp_forward,
     mlp_grads,
     piece_lengths,
+    write_factor,
 )
 
-__all__ = ["CMSLevel", "CMSState", "ContinuumMemory", "FastWeights"]
+__all__ = ["DEFAULT_MAX_WRITE_NORM", "CMSLevel", "CMSState", "ContinuumMemory", "FastWeights"]
+
+#: default bound on the Frobenius norm of one write's step, per sample and level (all four weights together)
+DEFAULT_MAX_WRITE_NORM = 10.0
+
+
+def _check_max_write_norm(value: Optional[float], writes: bool) -> Optional[float]:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+        raise ValueError(f"`max_write_norm` must be None (unbounded writes, Eq. 31 as printed) or > 0, got {value!r}.")
+    if value is None and writes:
+        rank_zero_warn(
+            "CMS token-axis writes with `max_write_norm=None` are unbounded (Eq. 31 as printed): a large inner or outer"
+            " learning rate can make the fast weights diverge to NaN. Set `max_write_norm` (default"
+            f" {DEFAULT_MAX_WRITE_NORM}) to bound each write's step.",
+            category=UserWarning,
+        )
+    return None if value is None else float(value)
+
 
 NormKind = Optional[Literal["rmsnorm", "layernorm"]]
 
@@ -119,10 +138,15 @@ class CMSLevel(nn.Module):
         gated: A gated MLP ``W_2 (act(W_g k + b_g) * (W_u k + b_u)) + b_2`` (SwiGLU with ``"silu"``, GeGLU with
             ``"gelu"``): ``w1`` ``(2H, D)`` and ``b1`` ``(2H)`` hold the gate's rows, then the up projection's, and
             :attr:`activation` reads ``"glu_<act>"``.
+        max_write_norm: Bound on the Frobenius norm of each write's step ``η ḡ`` (the four weights together), per
+            sample: a larger step is scaled down to it (:func:`~nl_lightning.models.cms_memory.write_factor`), as
+            :class:`~nl_lightning.models.NeuralMemory` clips its inner gradients. Steps below it are unchanged.
+            ``None`` is Eq. 31 as printed (unbounded; it warns): with a large inner or outer learning rate the fast
+            weights can grow without limit and turn NaN.
 
     Raises:
-        ValueError: On an unknown ``activation`` or ``reduction``, a negative ``inner_lr``, or ``retention`` outside
-            ``(0, 1]``.
+        ValueError: On an unknown ``activation`` or ``reduction``, a negative ``inner_lr``, ``retention`` outside
+            ``(0, 1]``, or a ``max_write_norm`` that is not ``None`` or positive.
 
     """
 
@@ -139,6 +163,7 @@ class CMSLevel(nn.Module):
         in_context: bool = True,
         retention: float = 1.0,
         gated: bool = False,
+        max_write_norm: Optional[float] = DEFAULT_MAX_WRITE_NORM,
     ) -> None:
         super().__init__()
         check_activation(activation)
@@ -153,6 +178,7 @@ class CMSLevel(nn.Module):
                 f"`retention` must be in (0, 1] (1: no pull back to the initial weights), got {retention!r}."
             )
         self.retention = float(retention)
+        self.max_write_norm = _check_max_write_norm(max_write_norm, inner_lr > 0)
         self.dim, self.hidden, self.chunk_size = dim, hidden, chunk_size
         self.activation, self.residual, self.reduction = activation, residual, reduction
         self.gated = activation.startswith(GATED)
@@ -220,7 +246,7 @@ class CMSLevel(nn.Module):
             return self._first_order(keys, values, lengths, state)
         ys = []
         for k, v in zip(keys.split(lengths, dim=1), values.split(lengths, dim=1), strict=True):  # (B, n, D)
-            y, _, _, state = self._piece(state, k, v)
+            y, _, _, state, _ = self._piece(state, k, v)
             ys.append(y)
         return torch.cat(ys, dim=1), state
 
@@ -236,10 +262,11 @@ class CMSLevel(nn.Module):
         with torch.no_grad():
             for k, v in zip(keys.detach().split(lengths, dim=1), values.detach().split(lengths, dim=1), strict=True):
                 w1, w2, share = fast.w1, fast.w2, fast.initial_share
-                y, z, a, fast = self._piece(fast, k, v)  # (B, n, D), (B, n, H), (B, n, H)
+                y, z, a, fast, factor = self._piece(fast, k, v)  # (B, n, D), (B, n, H), (B, n, H), (B,) or None
                 ys.append(y)
                 acts.append(a)
-                pieces.append(ReadPiece(w1, w2, share, z, writes=fast.count == 0 and k.shape[1] > 0))
+                writes = fast.count == 0 and k.shape[1] > 0
+                pieces.append(ReadPiece(w1, w2, share, z, writes=writes, factor=factor if writes else None))
             y = torch.cat(ys, dim=1)
         if not torch.is_grad_enabled():
             return y, fast
@@ -260,20 +287,31 @@ class CMSLevel(nn.Module):
             weights.append(w)
         return y, replace(fast, w1=weights[0], b1=weights[1], w2=weights[2], b2=weights[3])
 
-    def _piece(self, state: FastWeights, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, FastWeights]:
+    def _piece(
+        self, state: FastWeights, k: Tensor, v: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, FastWeights, Optional[Tensor]]:
         """Read a piece of a chunk ``k`` ``(B, n, D)`` with the anchor weights, add the gradients of
         ``0.5 * ||MLP(k) - v||^2`` to the pending sums, and write if the chunk is complete. Returns the read, its
-        pre-activations and activations, and the new state."""
+        pre-activations and activations, the new state, and the bound's factor ``(B,)`` of the write (``None``: no
+        write, or no bound)."""
         y, z, a = mlp_forward(k, *state.weights, self.activation)
         state = state.add_pending(mlp_grads(k, z, a, y - v, state.w2, self.activation)).advance(k.shape[1])
+        factor = None
         if state.count == self.chunk_size:
-            state = self.close_chunk(state)
-        return y, z, a, state
+            factor = self.write_factor(state)
+            state = self._close(state, factor)
+        return y, z, a, state, factor
+
+    def write_factor(self, state: FastWeights) -> Optional[Tensor]:
+        """The per-sample factor ``(B,)`` that bounds the step of the write of ``state``'s pending sums to
+        :attr:`max_write_norm` (``None``: no bound or nothing pending)."""
+        return write_factor(state.pending, self._scale(), self.max_write_norm)
 
     def close_chunk(self, state: FastWeights) -> FastWeights:
-        """The write that closes a chunk (Eq. 31): ``W <- lerp(W_0, W, ρ) - s P`` with the level's step ``s`` and
-        retention ``ρ``, ``P`` the pending sums; it keeps the graph of its inputs (wrap it in ``torch.no_grad()`` for
-        a first-order write).
+        """The write that closes a chunk (Eq. 31): ``W <- lerp(W_0, W, ρ) - f s P`` with the level's step ``s`` and
+        retention ``ρ``, ``P`` the pending sums and ``f`` the per-sample factor that bounds the step's norm to
+        :attr:`max_write_norm` (1 without a bound); it keeps the graph of its inputs (wrap it in ``torch.no_grad()``
+        for a first-order write).
 
         Args:
             state: The level's fast weights with the chunk's pending gradient sums.
@@ -282,9 +320,12 @@ class CMSLevel(nn.Module):
             The written weights, with no pending sums and ``count = 0``.
 
         """
+        return self._close(state, self.write_factor(state))
+
+    def _close(self, state: FastWeights, factor: Optional[Tensor]) -> FastWeights:
         if self.retention == 1.0:
-            return state.write(self._scale())
-        return state.write(self._scale(), self.retention, self._initial(state.w1.dtype))
+            return state.write(self._scale(), factor=factor)
+        return state.write(self._scale(), self.retention, self._initial(state.w1.dtype), factor)
 
     def read(self, h: Tensor, weights: tuple[Tensor, ...]) -> Tensor:
         """``h + MLP(Norm(h))`` (the MLP alone without ``residual``) read with the given weights, with their graph.
@@ -319,6 +360,7 @@ class CMSLevel(nn.Module):
             f"dim={self.dim}, hidden={self.hidden}, chunk_size={self.chunk_size}, activation={self.activation},"
             f" residual={self.residual}, inner_lr={self.inner_lr}"
             + (f", retention={self.retention}" if self.retention != 1.0 else "")
+            + (f", max_write_norm={self.max_write_norm}" if self.max_write_norm != DEFAULT_MAX_WRITE_NORM else "")
         )
 
 
@@ -365,6 +407,12 @@ class ContinuumMemory(nn.Module):
     gradients are one GEMM over all tokens where the value projections need no gradient, else one per-sample
     gradient per chunk and a reverse scan over the chunks for the targets.
 
+    **Bounded writes.** With ``max_write_norm`` (default :data:`DEFAULT_MAX_WRITE_NORM`) each write's step is
+    ``f_b s P_b`` with ``f_b = min(1, max_write_norm / ||s P_b||)`` per sample ``b`` (the Frobenius norm over the four
+    weights together), so no write moves a sample's fast weights further than the bound. Differentiable writes
+    backpropagate through ``f_b`` too; first-order writes treat ``f_b`` as a constant: the targets' gradient above
+    is multiplied by it, and its own dependence on the targets is dropped with the rest of the second-order terms.
+
     Args:
         dim: Width ``D`` of the input and output.
         chunk_sizes: ``C_i`` of each level, the fastest first (token axis: tokens per write).
@@ -388,10 +436,13 @@ class ContinuumMemory(nn.Module):
             objective). ``False`` builds levels without it, for writes driven by an outside signal (Hope's
             ``cms_write_signal="task_loss"``, :mod:`nl_lightning.models.task_loss_cms`): their own write pass then
             raises, and reads with ``write=False`` work as usual.
+        max_write_norm: Bound on the norm of each write's step, per sample and level (see "Bounded writes" above);
+            ``None``: Eq. 31 as printed, unbounded (it warns once).
 
     Raises:
         ValueError: On an empty ``chunk_sizes``, a chunk size below 1, per-level lists of the wrong length, or an
-            unknown activation, norm or reduction, or a ``retention`` outside ``(0, 1]``.
+            unknown activation, norm or reduction, a ``retention`` outside ``(0, 1]``, or a ``max_write_norm`` that is
+            not ``None`` or positive.
 
     Example::
 
@@ -418,6 +469,7 @@ class ContinuumMemory(nn.Module):
         retention: Union[float, Sequence[float]] = 1.0,
         value_projection: bool = True,
         gated: Union[bool, Sequence[bool]] = False,
+        max_write_norm: Optional[float] = DEFAULT_MAX_WRITE_NORM,
     ) -> None:
         super().__init__()
         chunk_sizes = list(chunk_sizes)
@@ -427,6 +479,8 @@ class ContinuumMemory(nn.Module):
         k = len(chunk_sizes)
         hidden = list(hidden_dims) if hidden_dims is not None else max(1, round(dim * hidden_mult))
         lrs = [0.01 * 0.3**i for i in range(k)] if inner_lr is None else _per_level(inner_lr, k, "inner_lr")
+        # one check (and one warning) for the whole memory; the levels take the checked value silently
+        max_write_norm = _check_max_write_norm(max_write_norm, in_context and any(lr > 0 for lr in lrs))
         self.in_context, self.differentiable_writes = in_context, differentiable_writes
         self.chunk_sizes = chunk_sizes
         specs = zip(
@@ -444,6 +498,8 @@ class ContinuumMemory(nn.Module):
             CMSLevel(dim, h, c, act, nm, res, lr, reduction, in_context and value_projection, rho, glu)
             for h, act, nm, res, lr, c, rho, glu in specs
         ]
+        for blk in blocks:
+            blk.max_write_norm = max_write_norm
         # Registered under "levels" so that parameters read "levels.<i>.w1" (globs like "*.cms.levels.2.*"), while
         # `levels()` stays the method of the contract; `add_module` would refuse the name of an existing attribute.
         self._modules["levels"] = nn.ModuleList(blocks)

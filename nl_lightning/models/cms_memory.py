@@ -45,6 +45,7 @@ __all__ = [
     "is_gated",
     "mlp_forward",
     "mlp_grads",
+    "write_factor",
 ]
 
 
@@ -202,6 +203,7 @@ class ReadPiece:
         share: :attr:`FastWeights.initial_share` of those weights.
         z: The piece's pre-activations ``(B, n, H)``.
         writes: The piece closes its chunk, so a write follows it in the same call.
+        factor: The per-sample factor ``(B,)`` that bounded that write's step (:func:`write_factor`), ``None``: 1.
 
     """
 
@@ -210,6 +212,7 @@ class ReadPiece:
     share: float
     z: Tensor
     writes: bool = False
+    factor: Optional[Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -233,13 +236,14 @@ def _weight_grads(k: Tensor, a: Tensor, grad: Tensor, gz: Tensor) -> tuple[Tenso
 
 
 def _target_grads(
-    after: tuple[Tensor, ...], k: Tensor, a: Tensor, z: Tensor, w2: Tensor, activation: str, scale: float
+    after: tuple[Tensor, ...], k: Tensor, a: Tensor, z: Tensor, w2: Tensor, activation: str, scale: Any
 ) -> Tensor:
     """``dL/dv_t = s [A_w2 a_t + A_b2 + W2 (act'(z_t) * (A_w1 k_t + A_b1))]`` ``(B, n, D)``: the gradient of the targets
     of the tokens ``k`` ``(B, n, D)`` of a chunk whose write is followed by reads whose gradient w.r.t. the written
     weights is ``A = after``. The write subtracts ``s`` times the pending sums, which are linear in ``v_t``:
     ``g_w2 = sum_t (y_t - v_t) a_t^T``, ``g_b2 = sum_t (y_t - v_t)`` and ``g_w1 = sum_t dz_t k_t^T``, ``g_b1 = sum_t
-    dz_t`` with ``dz_t = act'(z_t) * (W2^T (y_t - v_t))``, ``W2`` ``(B, D, H)`` the anchor."""
+    dz_t`` with ``dz_t = act'(z_t) * (W2^T (y_t - v_t))``, ``W2`` ``(B, D, H)`` the anchor. ``scale``: a number, or
+    per sample ``(B, 1, 1)`` where the write's step was bounded (its factor taken as a constant)."""
     a_w1, a_b1, a_w2, a_b2 = after
     u = torch.baddbmm(a_b1.unsqueeze(1), k, a_w1.transpose(1, 2))  # (B, n, H): A_w1 k_t + A_b1
     du = _activation_jvp(u, z, activation)  # (B, n, H)
@@ -280,7 +284,8 @@ def _value_grads(
         if route[q]:
             routed = [route[q] * g.sum(0) + (0 if r is None else r) for g, r in zip(own, routed, strict=True)]
         if piece.writes and after is not None:
-            out.append(_target_grads(after, k, a, piece.z, piece.w2, activation, rule.scale))
+            scale = rule.scale if piece.factor is None else rule.scale * piece.factor.view(-1, 1, 1)
+            out.append(_target_grads(after, k, a, piece.z, piece.w2, activation, scale))
             after = tuple(g + rule.retention * w for g, w in zip(own, after, strict=True))
         else:  # no write in this call after this piece (only the last piece), or no reads after the write
             out.append(torch.zeros_like(k))
@@ -356,7 +361,9 @@ def first_order_reads(
     forms every piece's per-sample weight gradient and adds them up; only the keys' gradient is taken piece by piece.
     Where the targets need a gradient, the per-piece weight gradients are formed, and a reverse scan over the pieces
     gives each write's ``A = dL/dW`` (its later reads, each later write scaling it by ``ρ``) and each token's
-    ``dL/dv_t = s [A_w2 a_t + A_b2 + W2 (act'(z_t) * (A_w1 k_t + A_b1))]``.
+    ``dL/dv_t = s [A_w2 a_t + A_b2 + W2 (act'(z_t) * (A_w1 k_t + A_b1))]``. A write whose step was bounded
+    (:attr:`ReadPiece.factor` ``f``, :func:`write_factor`) moves the weights by ``f s P``: its tokens' targets get
+    ``f`` times that gradient, ``f`` taken as a constant (its own dependence on the targets is dropped).
 
     Args:
         y: The reads ``(B, S, D)``, computed without a graph.
@@ -380,6 +387,22 @@ def first_order_reads(
     if values is not None and rule is None:
         raise ValueError("The targets' gradient needs the `rule` (scale, retention) of the writes.")
     return _FirstOrderReads.apply(y, pieces, activation, share, rule, keys, *weights, *initial, a, values)
+
+
+def write_factor(pending: Optional[tuple[Tensor, ...]], scale: float, max_norm: Optional[float]) -> Optional[Tensor]:
+    """The per-sample factor that bounds a write's step: ``min(1, max_norm / ||scale * P_b||)`` ``(B,)``, with
+    ``||.||`` the Frobenius norm of the step over all four weights of sample ``b`` together (``P`` the pending sums,
+    batch first). ``None`` where there is no bound, nothing pending or no step (``scale == 0``): the step as it is.
+
+    It is computed from the pending sums with their graph, so a differentiable write backpropagates through the bound
+    too; a first-order write treats it as a constant (see :func:`first_order_reads`). A non-finite step gives a
+    non-finite factor: the bound does not hide it.
+    """
+    if max_norm is None or pending is None or scale == 0:
+        return None
+    sq = sum(p.flatten(1).square().sum(1) for p in pending)  # (B,)
+    norm = abs(scale) * sq.clamp_min(1e-30).sqrt()  # clamped before the root: a finite gradient at a zero step
+    return (max_norm / norm).clamp(max=1.0)
 
 
 def piece_lengths(seq: int, count: int, size: int) -> list[int]:
@@ -433,14 +456,22 @@ class FastWeights:
             return replace(self, pending=grads)
         return replace(self, pending=tuple(p + g for p, g in zip(self.pending, grads, strict=True)))
 
-    def write(self, scale: float, retention: float = 1.0, initial: Optional[tuple[Tensor, ...]] = None) -> FastWeights:
-        """Close the chunk: ``w <- w0 + retention * (w - w0) - scale * pending``.
+    def write(
+        self,
+        scale: float,
+        retention: float = 1.0,
+        initial: Optional[tuple[Tensor, ...]] = None,
+        factor: Optional[Tensor] = None,
+    ) -> FastWeights:
+        """Close the chunk: ``w <- w0 + retention * (w - w0) - factor * scale * pending``.
 
         Args:
             scale: The step on the pending gradient sums (none pending: no step).
             retention: The share of the distance from ``initial`` (``w0``) the weights keep; 1 keeps all of it, the
                 plain ``w <- w - scale * pending`` of Eq. 31.
             initial: ``w0`` (``w1, b1, w2, b2``, broadcast against the weights); needed when ``retention < 1``.
+            factor: A per-sample factor ``(B,)`` on the step (:func:`write_factor`, which bounds its norm); ``None``:
+                1.
 
         Raises:
             ValueError: If ``retention < 1`` and ``initial`` is missing.
@@ -452,7 +483,10 @@ class FastWeights:
         if retention != 1.0:
             new = [torch.lerp(w0, w, retention) for w, w0 in zip(new, initial, strict=True)]  # one op and node each
         if self.pending is not None:
-            new = [torch.add(w, g, alpha=-scale) for w, g in zip(new, self.pending, strict=True)]
+            pending = self.pending
+            if factor is not None:
+                pending = tuple(g * factor.view(-1, *([1] * (g.dim() - 1))) for g in pending)
+            new = [torch.add(w, g, alpha=-scale) for w, g in zip(new, pending, strict=True)]
         share = retention * self.initial_share + 1 - retention
         return FastWeights(*new, pending=None, count=0, initial_share=share)
 

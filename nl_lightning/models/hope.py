@@ -58,11 +58,12 @@ from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
 from nl_lightning._validation import check_int
-from nl_lightning.models.cms import ContinuumMemory
+from nl_lightning.models.cms import DEFAULT_MAX_WRITE_NORM, ContinuumMemory
 from nl_lightning.models.cms_memory import CMSState
 from nl_lightning.models.lm import BlockStackLM
 from nl_lightning.models.self_modifying_titans import SelfModifyingState, SelfModifyingTitans
@@ -187,6 +188,8 @@ class HopeBlock(nn.Module):
             loss (:mod:`nl_lightning.models.task_loss_cms`), which only the :class:`HopeModule` holding the block
             computes: the CMS levels are built without value projections, and the block's own :meth:`forward` then
             reads only (``write=False``).
+        cms_max_write_norm: Bound on the norm of each CMS write's step, per sample and level (see
+            :class:`~nl_lightning.models.ContinuumMemory`); ``None``: unbounded, Eq. 31 as printed (it warns).
 
     Raises:
         ValueError: On an unknown ``variant`` or ``cms_write_signal``, ``"task_loss"`` with the attention variant
@@ -213,6 +216,7 @@ class HopeBlock(nn.Module):
         titans_kwargs: Optional[dict[str, Any]] = None,
         cms_retention: Union[float, Sequence[float]] = DEFAULT_CMS_RETENTION,
         cms_write_signal: WriteSignal = "target",
+        cms_max_write_norm: Optional[float] = DEFAULT_MAX_WRITE_NORM,
     ) -> None:
         super().__init__()
         if variant not in ("titans", "attention"):
@@ -222,6 +226,13 @@ class HopeBlock(nn.Module):
         self.norm = RMSNorm(dim)
         if variant == "titans":
             self.mixer: nn.Module = SelfModifyingTitans(dim, heads, chunk_size, **(titans_kwargs or {}))
+            if self.mixer.max_inner_grad_norm is None:
+                rank_zero_warn(
+                    "HopeBlock with `titans_kwargs={'max_inner_grad_norm': None}`: the self-modifying Titans memories"
+                    " write with unclipped inner gradients (the printed rule) and can diverge to NaN. Leave"
+                    " `max_inner_grad_norm` at its default (1.0) to bound them.",
+                    category=UserWarning,
+                )
         else:
             self.mixer = CausalSelfAttention(dim, heads, window=window)
         cms_kwargs: dict[str, Any] = {} if cms_inner_lr is None else {"inner_lr": cms_inner_lr}
@@ -233,6 +244,7 @@ class HopeBlock(nn.Module):
             differentiable_writes=False,
             retention=cms_retention,
             value_projection=cms_write_signal == "target",
+            max_write_norm=cms_max_write_norm,
             **cms_kwargs,
         )
 
@@ -318,6 +330,8 @@ class HopeModule(BlockStackLM):
             three seeds: learned target, target projection frozen, second-order writes, task loss; the figures are in
             ``benchmarks/results/lm.md``), at the price of a training step about twice as long and an inference pass
             several times as long as ``"target"``: take ``"target"`` where speed matters more.
+        cms_max_write_norm: Bound on the norm of each CMS write's step, per sample and level (both write signals; see
+            :class:`~nl_lightning.models.ContinuumMemory`); ``None``: unbounded, Eq. 31 as printed (it warns).
         **lm_kwargs: :class:`~nl_lightning.models.lm.CausalLM` arguments (``lr``, ``segment_len``,
             ``memorize_at_eval``, ...).
 
@@ -352,6 +366,7 @@ class HopeModule(BlockStackLM):
         tie_embeddings: bool = True,
         cms_retention: Union[float, Sequence[float]] = DEFAULT_CMS_RETENTION,
         cms_write_signal: Optional[WriteSignal] = None,
+        cms_max_write_norm: Optional[float] = DEFAULT_MAX_WRITE_NORM,
         **lm_kwargs: Any,
     ) -> None:
         super().__init__(vocab_size, **lm_kwargs)
@@ -374,6 +389,7 @@ class HopeModule(BlockStackLM):
                 titans_kwargs,
                 cms_retention,
                 cms_write_signal,
+                cms_max_write_norm,
             )
             for _ in range(depth)
         ]

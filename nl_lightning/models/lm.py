@@ -42,10 +42,17 @@ memorization is on by default: the memory keeps writing while it reads the evalu
 bits and the accuracy of the target positions. With several evaluation loaders (a data module with ``eval_lengths``),
 each loader's metrics carry its length (``val_acc_len128``); the first loader also logs the plain names
 (``val_loss``, ``val_bpc``, ``val_acc``) so that checkpoints and the progress bar can monitor one value.
+
+**Non-finite values.** A training or evaluation loss that is NaN or inf is reported in a warning (once per run) that
+names where it started: the first non-finite parameter, else the first non-finite tensor of the memory state in a
+re-run of the batch without gradients, segment by segment and block by block (e.g. ``state.blocks[1].cms.levels[0].w1``:
+block 1, CMS level 0), else the logits. With ``stop_on_nonfinite=True`` the training step then returns ``None`` (no
+optimizer step on the non-finite loss) and sets ``trainer.should_stop``, so the run ends after that step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any, Optional, Union
@@ -54,6 +61,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -116,6 +124,9 @@ class CausalLM(pl.LightningModule):
         optimizer: A callable that builds the optimizer from :meth:`param_groups` (in YAML a ``class_path`` with
             ``init_args``, e.g. ``nl_lightning.optim.M3``); it must set its own learning rate. ``None``: AdamW with
             ``lr``, ``betas`` and the groups' weight decay. The warm-up / cosine schedule applies to either.
+        stop_on_nonfinite: On a non-finite training loss, skip that step's optimizer step and stop the run
+            (``trainer.should_stop``, agreed across processes) after warning where it started. ``False`` (default)
+            warns once and trains on.
 
     Raises:
         ValueError: On ``vocab_size < 2``, ``lr <= 0``, ``weight_decay < 0``, ``warmup_steps < 0``,
@@ -154,6 +165,7 @@ class CausalLM(pl.LightningModule):
         grad_clip: Optional[float] = 1.0,
         min_lr_ratio: float = 0.1,
         optimizer: Optional[OptimizerCallable] = None,
+        stop_on_nonfinite: bool = False,
     ) -> None:
         super().__init__()
         if not is_int(vocab_size) or vocab_size < 2:
@@ -182,6 +194,9 @@ class CausalLM(pl.LightningModule):
         self.vocab_size, self.lr, self.weight_decay, self.betas = vocab_size, float(lr), float(weight_decay), betas
         self.warmup_steps, self.max_steps_schedule, self.min_lr_ratio = warmup_steps, max_steps_schedule, min_lr_ratio
         self.segment_len, self.memorize_at_eval, self.grad_clip = segment_len, bool(memorize_at_eval), grad_clip
+        self.stop_on_nonfinite = bool(stop_on_nonfinite)
+        #: where the first non-finite loss of this run started (``None``: none seen)
+        self.nonfinite_reason: Optional[str] = None
 
     # ------------------------------------------------------------------------------------------------ the network
     @override
@@ -247,10 +262,19 @@ class CausalLM(pl.LightningModule):
         return self.sequence_loss(tokens, targets)[0]
 
     @override
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> Optional[Tensor]:
         tokens, targets = _unpack(batch)
         loss, _, _ = self.sequence_loss(tokens, targets, write=True)
-        n = tokens.shape[0]  # no device sync per step; evaluation weights by target positions
+        bad = not bool(torch.isfinite(loss.detach()))
+        if self.stop_on_nonfinite and self._trainer is not None:
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)  # every process stops together
+        if bad:
+            self._report_nonfinite(loss, tokens, "training", write=True)
+            if self.stop_on_nonfinite:
+                if self._trainer is not None:
+                    self.trainer.should_stop = True
+                return None  # no backward and no optimizer step on a non-finite loss
+        n = tokens.shape[0]  # evaluation weights by target positions
         self.log("train_loss", loss, prog_bar=True, batch_size=n)
         self.log("train_bpc", loss / math.log(2), prog_bar=True, batch_size=n)
         for key, value in self.state_stats().items():
@@ -260,6 +284,8 @@ class CausalLM(pl.LightningModule):
     def _evaluate(self, batch: Any, stage: str, dataloader_idx: int) -> Tensor:
         tokens, targets = _unpack(batch)
         loss, count, hits = self.sequence_loss(tokens, targets, write=self.memorize_at_eval)
+        if not bool(torch.isfinite(loss)):
+            self._report_nonfinite(loss, tokens, stage, write=self.memorize_at_eval)
         n = int(count)  # the epoch value is the mean weighted by target positions
         if n == 0:
             return loss
@@ -278,6 +304,54 @@ class CausalLM(pl.LightningModule):
                     sync_dist=True,
                 )
         return loss
+
+    def locate_nonfinite(self, tokens: Tensor, write: bool = True) -> Optional[str]:
+        """Where a batch's computation first turns non-finite: the first non-finite parameter, else the first
+        non-finite tensor of the memory state (re-running ``tokens`` without gradients, segment by segment, as
+        :meth:`segment_forward` does), else the first segment with non-finite logits.
+
+        Args:
+            tokens: Input tokens ``(B, T)``.
+            write: Passed to every ``forward`` call.
+
+        Returns:
+            A description such as ``"the memory state state.blocks[1].cms.levels[0].w1 after tokens [0, 64)"``, or
+            ``None`` if everything is finite.
+
+        """
+        for name, p in self.named_parameters():
+            if not bool(torch.isfinite(p.detach()).all()):
+                return f"the parameter {name!r}"
+        seg = self.segment_len or tokens.shape[1]
+        state = None
+        with torch.no_grad():
+            for start in range(0, tokens.shape[1], seg):
+                end = min(start + seg, tokens.shape[1])
+                logits, state = self(tokens[:, start:end], state=state, write=write)
+                path = _first_nonfinite(state, "state")
+                if path is not None:
+                    return f"the memory state {path} after tokens [{start}, {end})"
+                if not bool(torch.isfinite(logits).all()):
+                    return f"the logits of tokens [{start}, {end}) (every parameter and memory state finite)"
+        return None
+
+    def _report_nonfinite(self, loss: Tensor, tokens: Tensor, stage: str, write: bool) -> None:
+        """Warn, once per run, that the ``stage`` loss is non-finite and where it started."""
+        if self.nonfinite_reason is not None:
+            return
+        where = self.locate_nonfinite(tokens, write=write) or "the loss (every parameter, state and logit finite)"
+        step = self._trainer.global_step if self._trainer is not None else None
+        self.nonfinite_reason = f"the {stage} loss is {float(loss)} at step {step}; it started in {where}"
+        action = (
+            "Stopping the run (stop_on_nonfinite=True)."
+            if self.stop_on_nonfinite and stage == "training"
+            else "Training goes on; pass stop_on_nonfinite=True to stop instead."
+        )
+        rank_zero_warn(
+            f"{type(self).__name__}: {self.nonfinite_reason}. Lower the learning rates (`lr`, the memories' inner"
+            f" rates) or keep the inner bounds on (`max_inner_grad_norm`, `max_write_norm`). {action}",
+            category=RuntimeWarning,
+        )
 
     @override
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
@@ -447,6 +521,28 @@ class CausalLM(pl.LightningModule):
                     for p in module.parameters():
                         params.pop(id(p), None)
         return sum(p.numel() for p in params.values())
+
+
+def _first_nonfinite(obj: Any, path: str) -> Optional[str]:
+    """The path of the first tensor holding NaN or inf inside a memory state (tensors, dataclasses, named tuples,
+    lists, tuples and dicts, in order), or ``None``."""
+    if isinstance(obj, Tensor):
+        return None if not obj.is_floating_point() or bool(torch.isfinite(obj).all()) else path
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        items: Any = ((f".{f.name}", getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    elif isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        items = ((f".{name}", value) for name, value in zip(obj._fields, obj, strict=True))
+    elif isinstance(obj, (list, tuple)):
+        items = ((f"[{i}]", value) for i, value in enumerate(obj))
+    elif isinstance(obj, Mapping):
+        items = ((f"[{key!r}]", value) for key, value in obj.items())
+    else:
+        return None
+    for suffix, value in items:
+        found = _first_nonfinite(value, path + suffix)
+        if found is not None:
+            return found
+    return None
 
 
 def _sample(logits: Tensor, temperature: float, top_k: Optional[int], generator: Optional[torch.Generator]) -> Tensor:

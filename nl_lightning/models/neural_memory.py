@@ -99,6 +99,7 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from nl_lightning._validation import check_int, is_int
@@ -261,9 +262,9 @@ class NeuralMemory(nn.Module):
         output_gate: Multiply the normalised reads by ``2 * sigmoid(W_G x)`` (``W_G = 0`` at init) before ``W_O``.
         max_inner_grad_norm: Clip each token's inner gradient ``u_i`` (all layers together) to this Frobenius norm
             before the scan (a per-token scalar, so the chunk stays a weighted matmul); ``None`` is the printed
-            equation. Without it, a chunk of similar keys sums many gradients taken at the same anchor and the memory
-            diverged on byte-level text within a few hundred tokens at the default gates (measured: weight norm
-            1e17 after 128 tokens); paper-notes §7 lists the same failure in public implementations.
+            equation (it warns). Without it, a chunk of similar keys sums many gradients taken at the same anchor and
+            the memory diverged on byte-level text within a few hundred tokens at the default gates (measured: weight
+            norm 1e17 after 128 tokens); paper-notes §7 lists the same failure in public implementations.
 
     Raises:
         ValueError: If ``dim`` is not divisible by ``heads``, a size is below 1, ``expansion`` or ``lr_max`` is not
@@ -303,6 +304,13 @@ class NeuralMemory(nn.Module):
             f"`max_inner_grad_norm` must be None (no clipping) or > 0, got {max_inner_grad_norm!r}.",
         )
         self.max_inner_grad_norm = max_inner_grad_norm
+        if max_inner_grad_norm is None:
+            rank_zero_warn(
+                "NeuralMemory with `max_inner_grad_norm=None` writes with unclipped inner gradients (the printed"
+                " equation): on ordinary text its weights can diverge to NaN within a few hundred tokens. Set"
+                " `max_inner_grad_norm` (default 1.0) to bound them.",
+                category=UserWarning,
+            )
         check_int("heads", heads)
         _check(dim % heads == 0, f"`dim` ({dim}) must be divisible by `heads` ({heads}); choose a divisor of dim.")
         check_int("chunk_size", chunk_size)

@@ -234,8 +234,9 @@ class CMSAdapter(nn.Module):
         raise FloatingPointError(
             f"The CMS writes produced non-finite outputs (NaN or inf) from a finite input: the token-axis steps"
             f" (inner_lr={lrs}, retention={rhos}, chunk_sizes={self.cms.chunk_sizes}) are too large for this model's"
-            " activations and the fast weights diverged. Lower inner_lr (for example by 10x), or set retention < 1"
-            " (a bounded drift from the pretrained weights); check_finite=False turns this check off."
+            " activations and the fast weights diverged. Lower inner_lr (for example by 10x), keep max_write_norm set"
+            " (or lower it), or set retention < 1 (a bounded drift from the pretrained weights); check_finite=False"
+            " turns this check off."
         )
 
     def extra_repr(self) -> str:
