@@ -1,6 +1,6 @@
 """Hope vs Hope-Attention vs Transformer++ vs Titans at tiny CPU sizes: bits per byte, recall, streaming memory.
 
-The four causal LMs of ``nl_lightning.models`` (paper-notes Sec. 3.7-3.9), at (nearly) equal parameter counts, in three
+The four causal LMs of ``nl_lightning.models``, at (nearly) equal parameter counts, in three
 parts (``--parts``). Every number is measured in this process or in a subprocess it starts; nothing is copied from the
 paper. The sha256 of each model and data source file is recorded in the JSON.
 
@@ -50,8 +50,8 @@ training loss (mean of the last 10 steps). A run whose training loss or validati
 reported as diverged and left out of the means (the step of the first non-finite loss is in the JSON); training stops
 there.
 
-Part 2, ``recall`` (paper-notes Sec. 6.5, 6.7)
-----------------------------------------------
+Part 2, ``recall`` (MQAR, Arora et al. 2023; needle, Titans Table 2)
+--------------------------------------------------------------------
 - ``mqar``: ``MQARDataModule(num_pairs=8, seq_len=64, vocab_size=64, batch_size=32, train_samples=6400,
   val_samples=256, seed=S)``: 8 key-value pairs at the start, queries of every key at the end; the evaluation sets at
   1x, 2x and 4x the length keep the pairs and the queries and lengthen the filler between them.

@@ -1,11 +1,12 @@
 """The paper's toy optimizer experiments as benchmarks: a 2-D surface, orthogonal-task regression, MLP classifiers.
 
-The deep optimizers of ``nl_lightning.optim`` (paper-notes Sec. 3.2-3.5) against heavy-ball momentum and Adam(W), in
-four parts (``--parts``). Every number is measured in this process; nothing is copied from the paper. The optimizers
-are imported from their submodules, and the sha256 of each one's source file is recorded in the JSON.
+The deep optimizers of ``nl_lightning.optim`` (NL NeurIPS Sec. 4; M3: Algorithm 1 of arXiv:2512.24695) against
+heavy-ball momentum and Adam(W), in four parts (``--parts``). Every number is measured in this process; nothing is
+copied from the paper. The optimizers are imported from their submodules, and the sha256 of each one's source file is
+recorded in the JSON.
 
-Part 1, ``surface`` (paper-notes Sec. 6.1, A Fig. 4, Eq. 53)
--------------------------------------------------------------
+Part 1, ``surface`` (NL arXiv Fig. 4, Eq. 53)
+---------------------------------------------
 ``psi(r, theta) = r^2 + kappa (r - theta + a sin(omega r))^2`` with ``kappa = 10``, ``a = 0.5``, ``omega = 4``, from
 ``(r, theta) = (2, -2)``; the minimum is ``psi(0, 0) = 0`` at the end of a curving valley. The parameter is the
 2-vector ``(r, theta)`` in float64 and its gradient is set in closed form. Each optimizer is grid-tuned with one
@@ -28,8 +29,8 @@ the one with the lowest median count over those starts. Reported: its count from
 ``[min, max]`` over the jittered starts, how many grid settings reach the threshold at all, and the best run's
 trajectory in the JSON (every 10th point).
 
-Part 2, ``regression`` (paper-notes Sec. 6.2, A Sec. 4.3, Eq. 45)
------------------------------------------------------------------
+Part 2, ``regression`` (NL arXiv Sec. 4.3, Eq. 45)
+---------------------------------------------------
 Setup:
 
 - ``K = 8`` tasks in ``d = 32``. A seed draws an orthonormal basis ``u_1 .. u_K`` (QR of a Gaussian matrix) and
@@ -78,8 +79,8 @@ Scores:
   task, and the mean share of each update inside the span of earlier tasks. The JSON has the full curve after a
   switch.
 
-Parts 3 and 4, ``digits`` and ``fmnist`` (paper-notes Sec. 6.8)
----------------------------------------------------------------
+Parts 3 and 4, ``digits`` and ``fmnist``
+---------------------------------------
 Setup:
 
 - ``MLPClassifier(in_features, 10, hidden=[128, 128])``, trained for ``--steps`` (600) optimizer steps of batch 32
@@ -767,13 +768,13 @@ class ClassifierData:
 
 DATASETS: dict[str, ClassifierData] = {
     "digits": ClassifierData(
-        "Digits classifier (paper-notes §6.8)",
+        "Digits classifier",
         64,
         "scikit-learn digits, DigitsDataModule(val_fraction=0.2, seed=S)",
         lambda batch_size, seed: DigitsDataModule(batch_size=batch_size, val_fraction=0.2, seed=seed),
     ),
     "fmnist": ClassifierData(
-        "Fashion-MNIST classifier (paper-notes §6.8)",
+        "Fashion-MNIST classifier",
         784,
         "Fashion-MNIST training images, 50,000 to train on and 10,000 held out for validation (seeded by S)",
         lambda batch_size, seed: FashionMNISTSplit(batch_size, seed),

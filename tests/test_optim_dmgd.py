@@ -191,7 +191,7 @@ def test_sanity_heavy_ball_and_ema(shape, objective, decay):
 
 
 def test_sanity_delta_momentum():
-    """(c) l2 + gradient key: M <- M (alpha I - eta gh gh^T) - eta g gh^T, W <- W + M gh (paper-notes Sec. 3.3)."""
+    """(c) l2 + gradient key: M <- M (alpha I - eta gh gh^T) - eta g gh^T, W <- W + M gh (dmgd docstring)."""
     weights, grads = sanity_run((1, 5), "l2", "gradient")
     w, big_m = weights[0], torch.zeros(5, 5, dtype=torch.float64)
     for t, g in enumerate(grads):

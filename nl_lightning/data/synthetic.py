@@ -1,4 +1,4 @@
-# Copyright The Lightning AI team.
+# Copyright The nl_lightning developers.
 #
 # Licensed under the Apache License, Version 2.0 (the "License");
 # you may not use this file except in compliance with the License.
@@ -17,8 +17,8 @@ Synthetic Recall Tasks
 
 Generated sequence tasks that test in-context memory, with evaluation at longer lengths than training: multi-query
 associative recall (MQAR; Arora et al. 2023, "Zoology") and a key-value needle in a haystack (passkey retrieval,
-paper-notes Sec. 6.7, after RULER S-NIAH and Titans Table 2). Nothing is downloaded; every sample is a function of the
-seed.
+after RULER S-NIAH, Hsieh et al. 2024, and Titans Table 2, Behrouz et al. 2024). Nothing is downloaded; every sample
+is a function of the seed.
 
 **Batch format** (as for text, see :class:`~nl_lightning.models.lm.CausalLM`): ``{"tokens": LongTensor (B, T),
 "targets": LongTensor (B, T)}``. Each sample is one generated sequence ``s`` of ``T + 1`` tokens with ``tokens =

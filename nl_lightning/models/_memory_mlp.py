@@ -1,4 +1,4 @@
-# Copyright The Lightning AI team.
+# Copyright The nl_lightning developers.
 #
 # Licensed under the Apache License, Version 2.0 (the "License");
 # you may not use this file except in compliance with the License.
@@ -24,7 +24,7 @@ The closed-form forward and backward of the Titans memory :math:`\mathcal{M}` (T
     \mathcal{M}(k) = [k +]\, z_L ,
 
 and the layer-wise factors of the gradient of :math:`\ell = \lVert \mathcal{M}(k) - v\rVert^2`. In the column
-convention of the paper notes, :math:`\nabla_{W_l}\ell = \delta_l\, a_{l-1}^\top` with
+convention (``y = W x``), :math:`\nabla_{W_l}\ell = \delta_l\, a_{l-1}^\top` with
 
 .. math::
 

@@ -1,4 +1,4 @@
-# Copyright The Lightning AI team.
+# Copyright The nl_lightning developers.
 #
 # Licensed under the Apache License, Version 2.0 (the "License");
 # you may not use this file except in compliance with the License.
@@ -32,9 +32,10 @@ Hope-Attention: causal softmax attention (RoPE, optionally a sliding window) in 
 followed by the same CMS. :class:`HopeModule` stacks blocks into a byte-level language model with the segment,
 evaluation and generation machinery of :class:`~nl_lightning.models.lm.CausalLM`.
 
-Choices [ours] (paper-notes §3.8, §4): CMS token-axis writes are first order (``differentiable_writes=False``: the
-initial weights learn through every read and the value projections through the targets of every write, while the
-writes carry no graph through their anchor weights), which keeps memory flat in the segment length;
+Choices [ours], where the paper leaves the block open: CMS token-axis writes are first order
+(``differentiable_writes=False``: the initial weights learn through every read and the value projections through
+the targets of every write, while the writes carry no graph through their anchor weights), which keeps memory flat in
+the segment length;
 the self-modifying Titans writes stay differentiable within a segment; between segments every state is detached
 (truncated backpropagation). Hope-Attention carries its attention's key/value cache
 (:class:`~nl_lightning.models.transformer.KVCache`) across segments along with its CMS, so each token attends to every

@@ -1,4 +1,4 @@
-# Copyright The Lightning AI team.
+# Copyright The nl_lightning developers.
 #
 # Licensed under the Apache License, Version 2.0 (the "License");
 # you may not use this file except in compliance with the License.

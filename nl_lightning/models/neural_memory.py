@@ -1,4 +1,4 @@
-# Copyright The Lightning AI team.
+# Copyright The nl_lightning developers.
 #
 # Licensed under the Apache License, Version 2.0 (the "License");
 # you may not use this file except in compliance with the License.
@@ -27,7 +27,7 @@ time* to map keys to values, with surprise momentum and a forgetting gate,
 
 **Chunks.** Every token of a chunk takes its gradient at the chunk-start state (the anchor),
 :math:`u_t = \nabla \ell(\mathcal{M}_{\xi(t)}; x_t)`, and reads that same anchor, so tokens of chunk ``j`` read the
-state at the end of chunk ``j - 1`` (causal; paper notes §4). A chunk is then computed in parallel.
+state at the end of chunk ``j - 1`` (causal [ours]). A chunk is then computed in parallel.
 
 **Streaming.** Chunks are aligned to the stream, not to the call: a call that ends inside a chunk reads its last
 tokens at the anchor and returns them unwritten in the state (their keys, values and gates), and the call that
@@ -84,7 +84,7 @@ sequence at once.
   residual belongs to the block.
 - Stability: with momentum the effective inner learning rate is about ``theta / (1 - eta)`` (``10 theta`` at
   ``eta = 0.9``) on a loss whose gradient carries a factor 2, so keep ``lr_max`` around 0.1 (the default); at
-  ``lr_max = 1`` the memory can blow up within a few chunks (cf. lucidrains #22/#29, paper notes §7).
+  ``lr_max = 1`` the memory can blow up within a few chunks (cf. lucidrains/titans-pytorch issues #22 and #29).
 - Memory state and inner computation in fp32 (fp64 for a float64 input) with autocast disabled; outer gradients
   (to the projections, gates, convolution and initial memory) flow through the writes within a call and across calls
   until :meth:`NeuralMemoryState.detach`.
@@ -264,7 +264,8 @@ class NeuralMemory(nn.Module):
             before the scan (a per-token scalar, so the chunk stays a weighted matmul); ``None`` is the printed
             equation (it warns). Without it, a chunk of similar keys sums many gradients taken at the same anchor and
             the memory diverged on byte-level text within a few hundred tokens at the default gates (measured: weight
-            norm 1e17 after 128 tokens); paper-notes §7 lists the same failure in public implementations.
+            norm 1e17 after 128 tokens); public implementations report the same failure (lucidrains/titans-pytorch
+            issues #22 and #29).
 
     Raises:
         ValueError: If ``dim`` is not divisible by ``heads``, a size is below 1, ``expansion`` or ``lr_max`` is not

@@ -1,4 +1,4 @@
-# Copyright The Lightning AI team.
+# Copyright The nl_lightning developers.
 #
 # Licensed under the Apache License, Version 2.0 (the "License");
 # you may not use this file except in compliance with the License.
@@ -32,20 +32,20 @@ gradient descent (A §8, Eq. 76-93, NL arXiv). Per head (width ``d = dim // head
     L = \lVert \mathcal{M}_\square(k_t) - \hat v_{\square,t} \rVert^2 ,
 
 (Eq. 88: DGD with retention), and the output :math:`o_t = \mathcal{M}_{\mathrm{mem}}(q_t)`, then a projection over the
-heads. Choices the paper leaves open [ours, paper-notes §4]: the input-side matrix ``W_2`` gets the
+heads. Choices the paper leaves open [ours]: the input-side matrix ``W_2`` gets the
 :math:`\alpha I - \eta k k^\top` factor and ``W_1`` the plain retention; ``η`` and ``α`` are scalar readouts (per head)
 of their memories' outputs, ``α`` starting near ``alpha_init`` and ``η <= eta_max <= 1``, so that with
 :math:`\lVert k\rVert = 1` the factor :math:`\alpha I - \eta k k^\top` has its spectrum in ``(-1, 1)``; no inner
 momentum; no biases in the memories.
 
 ``rule="delta"`` replaces :math:`\nabla L` by the gradient of the dot-product objective
-:math:`-\langle \mathcal{M}(k_t), \hat v_t\rangle` (A-Eq. 92 with the sign of the gated delta rule, paper-notes §3.7
-"Linear special cases"): ``∇_{W1} = -v̂ aᵀ``, ``∇_{W2} = -((W_1ᵀ v̂) ⊙ σ'(u)) kᵀ``. For a linear memory ``M(k) = W k``
+:math:`-\langle \mathcal{M}(k_t), \hat v_t\rangle` (Eq. 92, NL arXiv, with the sign of the gated delta
+rule): ``∇_{W1} = -v̂ aᵀ``, ``∇_{W2} = -((W_1ᵀ v̂) ⊙ σ'(u)) kᵀ``. For a linear memory ``M(k) = W k``
 this is exactly the gated delta rule :math:`W \leftarrow W(\alpha I - \eta k k^\top) + \eta \hat v k^\top`, whose
 fixed point is ``W k = v̂``, where the literal L2 form counts ``W k kᵀ`` twice and settles at ``v̂ / 2``. In the MLP,
 ``W_1`` has no ``k kᵀ`` term, so under this rule it takes a gated Hebbian step with no error correction.
 
-**Stability** [ours, paper-notes §7]: ``η_t <= eta_max <= 1`` (a bounded sigmoid, so ``η`` is clamped by construction)
+**Stability** [ours]: ``η_t <= eta_max <= 1`` (a bounded sigmoid, so ``η`` is clamped by construction)
 and each token's inner gradient is clipped to ``max_inner_grad_norm`` (default 1; ``None`` turns it off). The clip
 matters: ``k`` is normalised but ``v`` is not, so the self-generated target ``M(v)`` can move faster than the
 prediction ``M(k)`` it pulls, and at the defaults without the clip both rules overflow within about a hundred tokens
@@ -168,7 +168,7 @@ class SelfModifyingTitans(nn.Module):
         alpha_init: ``α_t`` at initialisation (the readout bias is its logit), in ``(0, 1)``.
         eta_init: ``η_t`` at initialisation, in ``(0, eta_max)``.
         max_inner_grad_norm: Clip each token's inner gradient, per memory and head, to this Frobenius norm (a
-            stability measure, paper-notes §7; the ``k kᵀ`` term is not clipped); ``None`` turns it off. On by
+            stability measure [ours]; the ``k kᵀ`` term is not clipped); ``None`` turns it off. On by
             default, see "Stability" in the module docstring.
 
     Raises:

@@ -1,4 +1,4 @@
-# Copyright The Lightning AI team.
+# Copyright The nl_lightning developers.
 #
 # Licensed under the Apache License, Version 2.0 (the "License");
 # you may not use this file except in compliance with the License.
@@ -30,8 +30,8 @@ attention's key/value cache (:class:`~nl_lightning.models.transformer.KVCache`) 
 that every token attends to the ``window`` tokens ending at it wherever the segment boundaries fall: reading a
 sequence in segments, or one token at a time when generating, gives the outputs of one pass over it. In training the
 cache is detached at segment boundaries like the memory state (truncated backpropagation). MAL is the simplest Titans
-variant to stack; paper-notes §3.9 lists MAC and MAG. Persistent memory tokens are not used [ours] (they add a
-constant prefix to the attention and do not change the memory).
+variant to stack; the Titans paper (Behrouz et al. 2024, Sec. 4) also defines MAC and MAG. Persistent memory tokens
+are not used [ours] (they add a constant prefix to the attention and do not change the memory).
 """
 
 from __future__ import annotations

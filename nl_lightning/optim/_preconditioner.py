@@ -1,4 +1,4 @@
-# Copyright The Lightning AI team.
+# Copyright The nl_lightning developers.
 #
 # Licensed under the Apache License, Version 2.0 (the "License");
 # you may not use this file except in compliance with the License.
@@ -21,7 +21,7 @@ The pieces that :class:`~nl_lightning.optim.preconditioned_momentum.Precondition
 - :func:`precondition`, the map :math:`P(g)` of the preconditioned momentum (Eq. 20, NL NeurIPS):
   ``"identity"`` (:math:`g`), ``"rms"`` (:math:`g / (\sqrt{\hat v} + \epsilon)` with Adam's bias-corrected second
   moment) or ``"newton_schulz"`` (:math:`\mathrm{NS}_T(g)` for matrices, ``"rms"`` for 1-D tensors);
-- :class:`MomentumOptimizer`, the step ``W <- W + m`` with ``m <- retain(m) - lr P(g)`` (paper-notes Sec. 2), whose
+- :class:`MomentumOptimizer`, the step ``W <- W + m`` with ``m <- retain(m) - lr P(g)`` (Eq. 17-18), whose
   ``retain`` is ``alpha m`` for the preconditioned momentum and the delta rule's projection for delta momentum;
 - the constructor checks, which raise ``ValueError`` naming the bad value and the allowed range.
 """

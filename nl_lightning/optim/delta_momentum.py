@@ -1,4 +1,4 @@
-# Copyright The Lightning AI team.
+# Copyright The nl_lightning developers.
 #
 # Licensed under the Apache License, Version 2.0 (the "License");
 # you may not use this file except in compliance with the License.
@@ -16,8 +16,8 @@ Delta Momentum
 ^^^^^^^^^^^^^^
 
 Momentum as a memory trained with an L2 (delta-rule) objective instead of a dot product (Eq. 21-22, NL NeurIPS).
-With :math:`\hat g = g / \max(\lVert g \rVert, 10^{-12})` and :math:`\beta_\Delta \in [0, 1]` (our reading,
-paper-notes Sec. 3.3):
+With :math:`\hat g = g / \max(\lVert g \rVert, 10^{-12})` and :math:`\beta_\Delta \in [0, 1]` (our reading
+[ours], explained below):
 
 .. math::
 

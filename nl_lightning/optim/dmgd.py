@@ -1,4 +1,4 @@
-# Copyright The Lightning AI team.
+# Copyright The nl_lightning developers.
 #
 # Licensed under the Apache License, Version 2.0 (the "License");
 # you may not use this file except in compliance with the License.
@@ -24,7 +24,7 @@ Momentum is a memory of past gradients; DMGD (Eq. 23-24, NL NeurIPS) makes that 
     W \leftarrow W + \mathrm{lr} \cdot \sigma\big(m_\phi(K)\big)
 
 The paper gives the inner objective only loosely ("dot-product similarity") and leaves keys, values and the memory's
-shape open (paper-notes Sec. 3.3 and Sec. 4). Our reading [ours]:
+shape open. Our reading [ours]:
 
 - **Keys and values.** A parameter with ``ndim >= 2`` is viewed as a matrix ``(r, c) = (shape[0], numel // shape[0])``
   (for ``nn.Linear`` the rows are output units, ``c = in_features``). Each gradient row ``g_r`` is one key/value pair:
@@ -35,20 +35,20 @@ shape open (paper-notes Sec. 3.3 and Sec. 4). Our reading [ours]:
   ``W2 (h, c)`` at ``N(0, 1)`` (unit keys give pre-activations of order 1); ``hidden=0`` keeps only the linear
   memory ``M``. Retention ``alpha`` applies to the memory's contents ``M`` and ``W1``; the key projection ``W2`` is
   trained by the same inner gradient without retention (see the class docstring for why).
-- **Objective.** ``"l2"``: ``L = (1/r) sum_r 1/2 ||m(k_r) - v_r||^2`` (the delta rule, paper-notes Sec. 3.1);
+- **Objective.** ``"l2"``: ``L = (1/r) sum_r 1/2 ||m(k_r) - v_r||^2`` (the delta rule, Eq. 21-22);
   ``"dot"``: ``L = -(1/r) sum_r <m(k_r), v_r>`` (the Hebbian write of plain momentum). The mean over rows keeps the
   linear part's decay ``alpha I - (eta/r) K^T K`` inside ``[alpha - eta, alpha]`` (unit keys), so the memory contracts
   whenever ``memory_lr <= momentum``.
 - **Write, then read.** One inner gradient step per optimizer step, computed in closed form (no autograd), then the
   read ``U = m(K)`` with the current keys, the output nonlinearity ``sigma`` and ``W <- W + lr * U``.
 
-Three sanity checks pin the reading down (paper-notes Sec. 3.3). For one row, ``hidden=0``, ``output="none"`` and
+Three sanity checks pin the reading down [ours]. For one row, ``hidden=0``, ``output="none"`` and
 ``lr=1``, with ``m = M k``:
 
 - ``objective="dot"``, ``key="constant"``: heavy-ball momentum ``m <- alpha m - eta g``, ``W <- W + m`` (Eq. 17-18);
 - ``objective="l2"``, ``key="constant"``: the EMA ``m <- (alpha - eta) m - eta g``;
 - ``objective="l2"``, ``key="gradient"``: delta momentum ``M <- M (alpha I - eta gh gh^T) - eta g gh^T`` read at
-  ``gh = g / ||g||``, the [A] form of Eq. 21 (paper-notes Sec. 3.3).
+  ``gh = g / ||g||``, the appendix (NL arXiv) version of Eq. 21.
 
 With a linear memory and ``output="newton_schulz"`` DMGD is Muon-like (Eq. 24): ``W <- W + lr NS_T(K M^T)``.
 """

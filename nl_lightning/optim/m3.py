@@ -1,4 +1,4 @@
-# Copyright The Lightning AI team.
+# Copyright The nl_lightning developers.
 #
 # Licensed under the Apache License, Version 2.0 (the "License");
 # you may not use this file except in compliance with the License.
@@ -15,7 +15,7 @@ r"""
 M3: Multi-scale Momentum Muon
 ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^
 
-M3 (Algorithm 1 and Eq. 75 of arXiv:2512.24695, paper-notes Sec. 3.5) is Adam + Muon + an independent two-level
+M3 (Algorithm 1 and Eq. 75 of arXiv:2512.24695) is Adam + Muon + an independent two-level
 Continuum Memory System over gradients: a fast momentum ``M1`` written every step, a slow momentum ``M2`` written
 once every ``f = slow_every`` steps from the gradients of the block just finished, both orthogonalised by
 Newton-Schulz and divided by Adam's second moment. For a matrix parameter, at step ``t`` (1-based), in the default
@@ -31,9 +31,9 @@ EMA form:
 
 So ``O2 = 0`` for the first ``f`` steps, and steps ``kf+1 .. (k+1)f`` use the slow momentum built from the gradients
 of steps ``(k-1)f+1 .. kf``: the paper's "M2 of block k uses the gradients of block k-1", with exactly ``f`` terms
-(its printed sum from ``(k-1)f`` to ``kf`` has ``f + 1``; paper-notes Sec. 4 fixes this to ``f``).
+(its printed sum from ``(k-1)f`` to ``kf`` has ``f + 1``; we use ``f`` [ours]).
 
-Choices where the paper is open (paper-notes Sec. 3.5 and 4):
+Choices where the paper is open [ours]:
 
 - **EMA or plain sums** (``literal``). Algorithm 1 prints plain sums with no decay and no bias correction:
   ``M1 <- M1 + beta1 g``, ``V <- V + beta2 g^2``, ``M2 <- M2 + beta3 sum(g)``, and

@@ -1,4 +1,4 @@
-# Copyright The Lightning AI team.
+# Copyright The nl_lightning developers.
 #
 # Licensed under the Apache License, Version 2.0 (the "License");
 # you may not use this file except in compliance with the License.
@@ -21,7 +21,7 @@ matrix-multiply iterations. Muon reads each iteration as one gradient step on ``
 
 Two polynomials are offered:
 
-- ``"quintic"`` (default, paper-notes Sec. 4): ``X <- a X + (b A + c A^2) X`` with ``A = X X^T`` and
+- ``"quintic"`` (default [ours]): ``X <- a X + (b A + c A^2) X`` with ``A = X X^T`` and
   ``(a, b, c) = (3.4445, -4.7750, 2.0315)``, the coefficients Muon uses. In 5 steps it maps every singular value
   of at least 0.01 (after the Frobenius normalisation) into about ``[0.68, 1.14]`` rather than exactly to 1, and
   smaller ones less far (below about 0.002 they stay under the band); that is its design (speed over precision).

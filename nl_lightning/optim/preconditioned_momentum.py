@@ -1,4 +1,4 @@
-# Copyright The Lightning AI team.
+# Copyright The nl_lightning developers.
 #
 # Licensed under the Apache License, Version 2.0 (the "License");
 # you may not use this file except in compliance with the License.
@@ -16,7 +16,7 @@ Preconditioned Momentum
 ^^^^^^^^^^^^^^^^^^^^^^^
 
 Momentum is a memory over gradients; Nested Learning changes what it stores by writing a *preconditioned* gradient
-``P(g)`` instead of ``g`` (Eq. 20, NL NeurIPS), with the sign convention of Eq. 17-18 (paper-notes Sec. 2):
+``P(g)`` instead of ``g`` (Eq. 20, NL NeurIPS), with the sign convention of Eq. 17-18 (NL NeurIPS):
 
 .. math::
 
