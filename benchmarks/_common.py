@@ -249,6 +249,41 @@ def interleaved(
     return times
 
 
+def source_hashes(names: Sequence[str]) -> dict[str, Optional[dict[str, str]]]:
+    """``{"nl_lightning/<name>": sha256_of(...)}`` for the package files ``names`` that exist: the code a report ran
+    on."""
+    import nl_lightning
+
+    root = Path(nl_lightning.__file__).parent
+    return {f"nl_lightning/{n}": sha256_of(str(root / n)) for n in names if (root / n).exists()}
+
+
+def environment(threads: int, sources: Optional[Sequence[str]] = None, **extra: Any) -> dict[str, Any]:
+    """Versions, thread settings and machine of a report; ``extra`` fields follow the versions, and ``sources`` (package
+    file names) adds their :func:`source_hashes`."""
+    import platform
+
+    import lightning
+    import torch
+
+    import nl_lightning
+
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "nl_lightning": nl_lightning.__version__,
+        **extra,
+        "torch_num_threads": threads,
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+    }
+    if sources is not None:
+        env["sources"] = source_hashes(sources)
+    return env
+
+
 def same_sources(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Whether two ``{file: sha256_of(file)}`` records name the same files with the same contents (modification times
     may differ, e.g. in a separate checkout of the same commit)."""

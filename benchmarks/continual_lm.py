@@ -117,7 +117,6 @@ import io
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -125,14 +124,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-import lightning
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from _common import cell, emit, finite, num, quiet, report_header, same_sources, sha256_of, summary
+from _common import cell, emit, environment, finite, num, quiet, report_header, same_sources, summary
 from torch import Tensor
 
-import nl_lightning
 from nl_lightning.callbacks import CMSConsolidation, ElasticWeightConsolidation, ExperienceReplay, MultiFrequencyUpdates
 from nl_lightning.data.text_domains import BUILTIN_DOMAINS, TextDomainsDataModule, domain_digest
 from nl_lightning.levels import Level
@@ -931,41 +928,24 @@ def docs_page(report: dict[str, Any], svg_rel: Optional[str]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- driver
-def source_hashes() -> dict[str, Any]:
-    root = Path(nl_lightning.__file__).parent
-    names = [
-        "models/lm.py",
-        "models/hope.py",
-        "models/transformer.py",
-        "models/to_cms.py",
-        "models/_ffn_spec.py",
-        "models/cms.py",
-        "models/cms_memory.py",
-        "models/task_loss_cms.py",
-        "models/self_modifying_titans.py",
-        "callbacks/multi_frequency.py",
-        "callbacks/cms_consolidation.py",
-        "callbacks/replay.py",
-        "callbacks/ewc.py",
-        "levels.py",
-        "data/text.py",
-        "data/text_domains.py",
-    ]
-    return {f"nl_lightning/{n}": sha256_of(str(root / n)) for n in names if (root / n).exists()}
-
-
-def environment(threads: int) -> dict[str, Any]:
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "lightning": lightning.__version__,
-        "nl_lightning": nl_lightning.__version__,
-        "torch_num_threads": threads,
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "sources": source_hashes(),
-    }
+SOURCES = [
+    "models/lm.py",
+    "models/hope.py",
+    "models/transformer.py",
+    "models/to_cms.py",
+    "models/_ffn_spec.py",
+    "models/cms.py",
+    "models/cms_memory.py",
+    "models/task_loss_cms.py",
+    "models/self_modifying_titans.py",
+    "callbacks/multi_frequency.py",
+    "callbacks/cms_consolidation.py",
+    "callbacks/replay.py",
+    "callbacks/ewc.py",
+    "levels.py",
+    "data/text.py",
+    "data/text_domains.py",
+]
 
 
 def domains_info(args: argparse.Namespace) -> dict[str, Any]:
@@ -1117,7 +1097,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "benchmarks/continual_lm.py",
         argv,
         {k: v for k, v in vars(args).items()},
-        environment(args.threads),
+        environment(args.threads, SOURCES),
     )
     report["settings"] = {
         "steps": args.steps,

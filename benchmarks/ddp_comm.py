@@ -75,7 +75,6 @@ import contextlib
 import io
 import json
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -86,20 +85,18 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
 
-import lightning
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from _common import emit, num, quartiles, quiet, report_header
+from _common import emit, environment, num, quartiles, quiet, report_header
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.utils.data import DataLoader, TensorDataset
 
-import nl_lightning
 from nl_lightning import Level
 from nl_lightning.callbacks import MultiFrequencyUpdates
 from nl_lightning.strategies import NestedDDPStrategy
@@ -354,21 +351,6 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def environment(threads: int) -> dict[str, Any]:
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "lightning": lightning.__version__,
-        "nl_lightning": nl_lightning.__version__,
-        "backend": "gloo",
-        "processes": 2,
-        "torch_num_threads": threads,
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-    }
-
-
 # ---------------------------------------------------------------------------------------------------- reports
 def figures(report: dict[str, Any]) -> str:
     """The measured figures as Markdown tables (used by the report and by ``--docs``)."""
@@ -498,7 +480,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "benchmarks/ddp_comm.py",
         argv,
         settings,
-        environment(args.threads),
+        environment(args.threads, backend="gloo", processes=2),
     )
     report["results"] = measure(args)
     report = emit(report, started, markdown, args.out, args.markdown, log)

@@ -131,7 +131,6 @@ import io
 import json
 import math
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -142,13 +141,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-import lightning
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from _common import cell as _cell
 from _common import (
     emit,
+    environment,
     finite,
     num,
     proc_status_kib,
@@ -157,12 +156,10 @@ from _common import (
     report_header,
     reset_peak_rss,
     same_sources,
-    sha256_of,
     summary,
 )
 from torch import Tensor
 
-import nl_lightning
 from nl_lightning.data.synthetic import MQARDataModule, NeedleDataModule
 from nl_lightning.data.text import TextDataModule, load_corpus
 from nl_lightning.models.cms import ContinuumMemory
@@ -1079,44 +1076,21 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def source_hashes() -> dict[str, dict[str, str]]:
-    """sha256 and modification time of the model and data sources (other engineers edit them meanwhile)."""
-    root = Path(nl_lightning.__file__).parent
-    names = [
-        "models/lm.py",
-        "models/hope.py",
-        "models/transformer.py",
-        "models/titans.py",
-        "models/neural_memory.py",
-        "models/_memory_mlp.py",
-        "models/_residual_memory.py",
-        "models/self_modifying_titans.py",
-        "models/cms.py",
-        "models/cms_memory.py",
-        "models/task_loss_cms.py",
-        "data/text.py",
-        "data/synthetic.py",
-    ]
-    out = {}
-    for name in names:
-        path = root / name
-        if path.exists():
-            out[f"nl_lightning/{name}"] = sha256_of(str(path))
-    return out
-
-
-def environment(threads: int) -> dict[str, Any]:
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "lightning": lightning.__version__,
-        "nl_lightning": nl_lightning.__version__,
-        "torch_num_threads": threads,
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "sources": source_hashes(),
-    }
+SOURCES = [
+    "models/lm.py",
+    "models/hope.py",
+    "models/transformer.py",
+    "models/titans.py",
+    "models/neural_memory.py",
+    "models/_memory_mlp.py",
+    "models/_residual_memory.py",
+    "models/self_modifying_titans.py",
+    "models/cms.py",
+    "models/cms_memory.py",
+    "models/task_loss_cms.py",
+    "data/text.py",
+    "data/synthetic.py",
+]
 
 
 # ---------------------------------------------------------------------------------------------------- driver
@@ -1251,7 +1225,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "benchmarks/lm.py",
         argv,
         {k: v for k, v in vars(args).items() if k != "stream_probe"},
-        environment(args.threads),
+        environment(args.threads, SOURCES),
     )
     report.update(threads=args.threads, parts={}, part_seconds={})
     counts = parameter_counts(256)

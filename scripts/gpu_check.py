@@ -84,18 +84,18 @@ from pathlib import Path
 from typing import Any, Optional
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run from a checkout without installing the package
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "tests"):  # run from a checkout without installing the package; the test helpers
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 import yaml  # noqa: E402
 from lightning.pytorch import Callback, Trainer  # noqa: E402
 from lightning.pytorch.plugins import MixedPrecision  # noqa: E402
 from lightning.pytorch.utilities.exceptions import MisconfigurationException  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+from torch import Tensor  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
 
 SECTIONS = ("precision", "strategies", "recipes")
 STATUSES = ("pass", "fail", "error", "unavailable")
@@ -284,7 +284,10 @@ def environment(target: Target) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------- tiny net
-NUM_SAMPLES, NUM_FEATURES, NUM_CLASSES, BATCH = 28, 6, 3, 4  # 7 batches per epoch, as in tests/helpers.py
+# The test suite's tiny classifier, its data and optimizers (tests/helpers.py): the CUDA checks run the CPU tests'
+# setup on the GPU. `make_optimizer(..., "fused_adamw")` is AdamW(lr=0.05, fused=True).
+from helpers import BATCH, TinyNet, make_data, make_optimizer  # noqa: E402
+
 LEVELS_SPEC = {"slow": (["net.0.*"], 3), "mid": (["net.2.weight"], 2)}
 PERIODS = {"net.0.weight": 3, "net.0.bias": 3, "net.2.weight": 2}
 
@@ -293,52 +296,6 @@ def make_levels() -> list[Any]:
     from nl_lightning import Level
 
     return [Level(name, globs, every=every) for name, (globs, every) in LEVELS_SPEC.items()]
-
-
-def make_data() -> TensorDataset:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(NUM_SAMPLES, NUM_FEATURES, generator=g)
-    y = torch.randint(0, NUM_CLASSES, (NUM_SAMPLES,), generator=g)
-    return TensorDataset(x, y)
-
-
-def make_optimizer(name: str, params: Any) -> torch.optim.Optimizer:
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=0.05, weight_decay=0.1)
-    if name == "fused_adamw":
-        return torch.optim.AdamW(params, lr=0.05, weight_decay=0.1, fused=True)
-    raise ValueError(f"unknown optimizer {name!r}; use 'adamw' or 'fused_adamw'.")
-
-
-class TinyNet(pl.LightningModule):
-    """Linear(6, 8) -> tanh -> Linear(8, 3) (``tests/helpers.py``'s ``TinyNet``); the loss of the 1-based
-    ``training_step`` calls in ``inf_calls`` is multiplied by inf, an injected overflow."""
-
-    def __init__(self, optimizer: str = "adamw", inf_calls: Sequence[int] = ()) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Linear(NUM_FEATURES, 8), nn.Tanh(), nn.Linear(8, NUM_CLASSES))
-        self.optimizer_name = optimizer
-        self.inf_calls = set(inf_calls)
-        self.calls = 0
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-    def loss(self, batch: Any) -> Tensor:
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        self.calls += 1
-        loss = self.loss(batch)
-        return loss * math.inf if self.calls in self.inf_calls else loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return make_optimizer(self.optimizer_name, self.parameters())
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(make_data(), batch_size=BATCH, shuffle=False)
 
 
 class ShardedTinyNet(TinyNet):
