@@ -210,7 +210,7 @@ def convert_to_cms(model: TransformerPP) -> TransformerPP:
     """The CMS methods' conversion: every SwiGLU FFN to a static 3-level chain; only levels 1-2 keep gradients."""
     to_cms(model, "blocks.*.mlp", chunk_sizes=CMS_CHUNKS, in_context=False)
     for name, p in model.named_parameters():
-        p.requires_grad_(".cms.levels.1." in name or ".cms.levels.2." in name)
+        p.requires_grad_(".cms.blocks.1." in name or ".cms.blocks.2." in name)
     return model
 
 
@@ -349,12 +349,12 @@ def run_method(method: str, args: argparse.Namespace, seed: int, stage0: Optiona
             if method == "slow_lower":
                 callbacks.append(MultiFrequencyUpdates([Level("lower", LOWER, every=SLOW_EVERY)]))
             elif method == "cms_consolidation":
-                slow = [f"blocks.{b}.mlp.cms.levels.2.*" for b in range(TPP["depth"])]
+                slow = [f"blocks.{b}.mlp.cms.blocks.2.*" for b in range(TPP["depth"])]
                 callbacks.append(MultiFrequencyUpdates([Level("cms_slow", slow, every=SLOW_EVERY)]))
                 pairs = [
                     {
-                        "fast": f"blocks.{b}.mlp.cms.levels.1",
-                        "slow": f"blocks.{b}.mlp.cms.levels.2",
+                        "fast": f"blocks.{b}.mlp.cms.blocks.1",
+                        "slow": f"blocks.{b}.mlp.cms.blocks.2",
                         "alpha": CONSOLIDATION_ALPHA,
                         "params": ["w1", "b1", "w2", "b2"],
                         "name": f"block{b}",

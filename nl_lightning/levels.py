@@ -108,7 +108,7 @@ class Level:
     Args:
         name: A unique name, used in logs (``nested/<name>/...``) and checkpoints.
         params: fnmatch globs over the model's ``named_parameters()`` names, for example ``"backbone.*"`` or
-            ``"*.cms.levels.2.*"``. A single string is taken as one glob. ``torch.compile``'s ``_orig_mod`` segments
+            ``"*.cms.blocks.2.*"``. A single string is taken as one glob. ``torch.compile``'s ``_orig_mod`` segments
             may be left out, and names may be relative to a wrapped model (see :class:`ParameterNames`).
         every: The level's period ``C >= 1``. Parameters matched by no level behave as period 1.
 
@@ -290,7 +290,14 @@ class ParameterNames:
 
     def hint(self, glob: str) -> str:
         """A sentence listing the names closest to ``glob``, for an error message about a glob that matches nothing."""
-        return _name_hint(glob, self.display_names())
+        return _name_hint(glob, self.display_names()) + _legacy_cms_hint(glob)
+
+
+def _legacy_cms_hint(pattern: str) -> str:
+    """A ``ContinuumMemory``'s blocks are named ``blocks.<i>``; point a pattern written as ``levels.<i>`` there."""
+    if "levels." not in pattern:
+        return ""
+    return f" A ContinuumMemory's blocks are named `blocks.<i>`: write {pattern.replace('levels.', 'blocks.')!r}."
 
 
 def resolve_levels(

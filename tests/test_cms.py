@@ -271,7 +271,7 @@ def test_gradients_through_writes_match_autograd_of_the_reference(retention):
     y_ref.pow(2).sum().backward()
     for name, p in cms.named_parameters():
         assert torch.allclose(ours[name], p.grad, atol=1e-4, rtol=1e-4), name
-    assert ours["levels.0.value"].abs().sum() > 0
+    assert ours["blocks.0.value"].abs().sum() > 0
 
 
 @pytest.mark.parametrize(
@@ -410,7 +410,7 @@ def test_first_order_gradients_equal_autograd_of_a_chunk_reference(
     (y, x_grad, grads), (y_ref, x_grad_ref, grads_ref) = outputs
     assert (y - y_ref).abs().max() <= 1e-10
     assert _close(x_grad, x_grad_ref)
-    assert grads_ref["levels.0.value"].abs().max() > 1e-3  # the targets' gradient matters
+    assert grads_ref["blocks.0.value"].abs().max() > 1e-3  # the targets' gradient matters
     for name, grad in grads.items():
         assert _close(grad, grads_ref[name]), (name, (grad - grads_ref[name]).abs().max())
 
@@ -448,7 +448,7 @@ def test_first_order_writes_train_the_value_projections():
     x = torch.randn(2, 17, 6)
     cms(x)[0].pow(2).sum().backward()
     assert all(blk.value.grad is not None and blk.value.grad.abs().sum() > 0 for blk in cms.blocks)
-    names = [f"levels.{i}.{w}" for i in range(2) for w in ("w1", "b1", "w2", "b2")]
+    names = [f"blocks.{i}.{w}" for i in range(2) for w in ("w1", "b1", "w2", "b2")]
     with_value = {n: p.grad.clone() for n, p in cms.named_parameters() if n in names}
     cms.zero_grad(set_to_none=True)
     for blk in cms.blocks:
@@ -502,12 +502,12 @@ def test_levels_own_only_their_parameters():
     book = LevelSet(levels, cms.named_parameters())
     for i, lvl in enumerate(levels):
         assert {n for n, _ in book.params(lvl.name)} == {
-            n for n, _ in cms.named_parameters() if n.startswith(f"levels.{i}.")
+            n for n, _ in cms.named_parameters() if n.startswith(f"blocks.{i}.")
         }
     model = torch.nn.Module()
     model.cms = cms
     nested = cms.levels("cms", every=[1, 2, 4])
-    assert [lvl.params for lvl in nested][2] == ("cms.levels.2.*",) and nested[1].every == 2
+    assert [lvl.params for lvl in nested][2] == ("cms.blocks.2.*",) and nested[1].every == 2
     LevelSet(nested, model.named_parameters())
 
 
@@ -558,3 +558,23 @@ def test_write_false_reads_without_writing():
     assert torch.allclose(y_read, y_ref, atol=1e-6)
     y_write, _ = cms(x, state)
     assert not torch.allclose(y_read, y_write, atol=1e-4)  # with writes the later chunks read other weights
+
+
+def test_checkpoint_with_blocks_named_levels_still_loads():
+    """State dicts written when the blocks were registered as ``levels.<i>`` load into ``blocks.<i>``."""
+    cms = ContinuumMemory(8, [1, 4])
+    legacy = {k.replace("blocks.", "levels.", 1): v.clone() + 1 for k, v in cms.state_dict().items()}
+    fresh = ContinuumMemory(8, [1, 4])
+    fresh.load_state_dict(legacy)
+    for key, value in legacy.items():
+        assert torch.equal(fresh.state_dict()[key.replace("levels.", "blocks.", 1)], value)
+
+
+def test_glob_written_with_levels_names_the_fix():
+    """A level glob naming ``cms.levels.<i>`` matches nothing and the error names ``cms.blocks.<i>``."""
+    from nl_lightning.levels import Level
+
+    model = torch.nn.Sequential()
+    model.add_module("cms", ContinuumMemory(8, [1, 4]))
+    with pytest.raises(ValueError, match=r"write 'cms\.blocks\.1\.\*'"):
+        LevelSet([Level("slow", ["cms.levels.1.*"], every=4)], model.named_parameters())

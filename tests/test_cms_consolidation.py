@@ -21,7 +21,7 @@ from nl_lightning.callbacks.cms_consolidation import CMSConsolidation, Consolida
 from nl_lightning.data import DigitsDataset, TaskStreamDataModule
 from nl_lightning.models import ContinuumMemory
 
-FAST, SLOW = "cms.levels.0", "cms.levels.1"
+FAST, SLOW = "cms.blocks.0", "cms.blocks.1"
 NAME = f"{FAST}_to_{SLOW}"
 RELATIVE = ["b1", "b2", "norm.weight", "w1", "w2"]  # a static CMS level has no value projection
 
@@ -355,7 +355,7 @@ def test_resume_mid_period_is_exact(tmp_path, config):
         (dict(pairs=[{"fast": FAST, "slow": SLOW, "mode": "copy"}]), "mode.*'copy'"),
         (dict(pairs=[{"fast": FAST, "slow": SLOW, "every": 0}]), "every.*>= 1.*got 0"),
         (dict(pairs=[{"fast": FAST, "slow": SLOW, "params": []}]), "params.*non-empty"),
-        (dict(pairs=[{"fast": FAST, "slow": FAST}]), "both 'cms.levels.0'"),
+        (dict(pairs=[{"fast": FAST, "slow": FAST}]), "both 'cms.blocks.0'"),
         (dict(pairs=[{"fast": "", "slow": SLOW}]), "`fast` must be"),
         (dict(pairs=[{"fast": FAST}]), "needs `fast` and `slow`"),
         (dict(pairs=[{"fast": FAST, "slow": SLOW, "speed": 2}]), "may have only"),
@@ -374,7 +374,7 @@ def test_construction_errors(kwargs, match):
 @pytest.mark.parametrize(
     ("pairs", "model_kwargs", "match"),
     [
-        ([{"fast": "cms.levels.7", "slow": SLOW, "every": 1}], {}, r"no parameter is named 'cms.levels.7'"),
+        ([{"fast": "cms.blocks.7", "slow": SLOW, "every": 1}], {}, r"no parameter is named 'cms.blocks.7'"),
         ([{"fast": FAST, "slow": "head", "every": 1}], {}, r"no partner.*params"),
         ([{"fast": FAST, "slow": SLOW, "every": 1}], {"hidden_dims": [16, 8]}, r"differ in shape.*w1: \(16, 8\)"),
         ([{"fast": "cms", "slow": SLOW, "every": 1}], {}, "share parameters"),

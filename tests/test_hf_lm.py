@@ -270,7 +270,7 @@ def test_freeze_errors():
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_cms_checkpoint_round_trip(kind, tmp_path):
     cms = {"targets": CMS[kind], "chunk_sizes": [1, 4], "in_context": False}
-    model = tiny(kind, cms=cms, freeze=["*"], train=["*.cms.levels.1.*"])
+    model = tiny(kind, cms=cms, freeze=["*"], train=["*.cms.blocks.1.*"])
     assert sum(isinstance(m, CMSAdapter) for m in model.modules()) == 2
     trainer = fit(model, [], tmp_path, train_dataloaders=windows(), max_steps=2)
     path = tmp_path / "model.ckpt"
@@ -320,7 +320,7 @@ def test_recipe_cms_frozen():
     adapters = [m for m in model.modules() if isinstance(m, CMSAdapter)]
     assert len(adapters) == model.hf_model.config.num_hidden_layers
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    new = (".mlp.cms.levels.1.", ".mlp.cms.levels.2.", ".mlp.cms.levels.0.value")  # the pretrained weights stay frozen
+    new = (".mlp.cms.blocks.1.", ".mlp.cms.blocks.2.", ".mlp.cms.blocks.0.value")  # the pretrained weights stay frozen
     assert trainable and all(any(part in n for part in new) for n in trainable)
     assert all(a.cms.in_context for a in adapters)  # token-axis writes on
     (updates,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, MultiFrequencyUpdates)]

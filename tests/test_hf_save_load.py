@@ -132,7 +132,7 @@ def test_plain_from_pretrained_reinitialises_the_ffns_and_names_the_loader(tmp_p
     plain, info = transformers.LlamaForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     assert plain.config.nl_cms["loader"] == "nl_lightning.models.from_pretrained_cms"
     assert "model.layers.0.mlp.gate_proj.weight" in info["missing_keys"]
-    assert "model.layers.0.mlp.cms.levels.0.w1" in info["unexpected_keys"]
+    assert "model.layers.0.mlp.cms.blocks.0.w1" in info["unexpected_keys"]
     assert not any(isinstance(m, CMSAdapter) for m in plain.modules())
     level0 = model.model.layers[0].mlp.cms.blocks[0]
     assert not torch.equal(plain.model.layers[0].mlp.down_proj.weight, level0.w2)

@@ -94,7 +94,7 @@ class Reference:
         # CMS: per level the initial weights theta_0, the fast weights theta and the pending gradient sum S
         self.theta0, self.theta, self.pending = [], [], []
         for i in range(len(s.cms_chunks)):
-            theta0 = {n: self.p[f"cms.levels.{i}.{n}"] for n in ("w1", "b1", "w2", "b2")}
+            theta0 = {n: self.p[f"cms.blocks.{i}.{n}"] for n in ("w1", "b1", "w2", "b2")}
             self.theta0.append(theta0)
             self.theta.append({n: t.unsqueeze(0).expand(batch, *t.shape).clone() for n, t in theta0.items()})
             self.pending.append(None)
@@ -144,8 +144,8 @@ class Reference:
         r = x + o.reshape(b, self.dim) @ p["mixer.out_proj.weight"].T
         # the CMS levels, fastest first
         for i, size in enumerate(s.cms_chunks):
-            key = rms_norm(r, p[f"cms.levels.{i}.norm.weight"])
-            value = key @ p[f"cms.levels.{i}.value"].T
+            key = rms_norm(r, p[f"cms.blocks.{i}.norm.weight"])
+            value = key @ p[f"cms.blocks.{i}.value"].T
             theta = self.theta[i]
             read = cms_mlp(key, theta)
             leaves = {name: t.clone().requires_grad_() for name, t in theta.items()}

@@ -162,16 +162,16 @@ def test_consolidation_prefixes_may_be_relative_to_the_parameter_root():
     """CMSConsolidation's fast/slow prefixes, like level globs, may leave out the wrapper's root and `_orig_mod`."""
     from nl_lightning.callbacks.cms_consolidation import _match
 
-    fast = {f"hf_model._orig_mod.mlp.cms.levels.1.{n}": torch.zeros(2) for n in ("w1", "b1")}
-    slow = {f"hf_model._orig_mod.mlp.cms.levels.2.{n}": torch.zeros(2) for n in ("w1", "b1")}
+    fast = {f"hf_model._orig_mod.mlp.cms.blocks.1.{n}": torch.zeros(2) for n in ("w1", "b1")}
+    slow = {f"hf_model._orig_mod.mlp.cms.blocks.2.{n}": torch.zeros(2) for n in ("w1", "b1")}
     named = {**fast, **slow}
-    pair = ConsolidationPair(name="p", fast="mlp.cms.levels.1", slow="mlp.cms.levels.2", mode="drift", every=4)
+    pair = ConsolidationPair(name="p", fast="mlp.cms.blocks.1", slow="mlp.cms.blocks.2", mode="drift", every=4)
     matches = _match(pair, named, root="hf_model")
     assert [(rel, f, s) for rel, f, _, s, _ in matches] == [
-        ("b1", "hf_model._orig_mod.mlp.cms.levels.1.b1", "hf_model._orig_mod.mlp.cms.levels.2.b1"),
-        ("w1", "hf_model._orig_mod.mlp.cms.levels.1.w1", "hf_model._orig_mod.mlp.cms.levels.2.w1"),
+        ("b1", "hf_model._orig_mod.mlp.cms.blocks.1.b1", "hf_model._orig_mod.mlp.cms.blocks.2.b1"),
+        ("w1", "hf_model._orig_mod.mlp.cms.blocks.1.w1", "hf_model._orig_mod.mlp.cms.blocks.2.w1"),
     ]
     full = ConsolidationPair(
-        name="p", fast="hf_model._orig_mod.mlp.cms.levels.1", slow="hf_model.mlp.cms.levels.2", mode="drift", every=4
+        name="p", fast="hf_model._orig_mod.mlp.cms.blocks.1", slow="hf_model.mlp.cms.blocks.2", mode="drift", every=4
     )
     assert [m[1] for m in _match(full, named, root="hf_model")] == [m[1] for m in matches]

@@ -80,7 +80,7 @@ class ManualNet(_Sharded, ManualTinyNet):
 
 
 class CMSNet(_Sharded, LightningModule):
-    """A static two-level ContinuumMemory (``cms.levels.0`` every step, ``cms.levels.1`` every 4) and a linear head."""
+    """A static two-level ContinuumMemory (``cms.blocks.0`` every step, ``cms.blocks.1`` every 4) and a linear head."""
 
     def __init__(self, seed: int = 0) -> None:
         super().__init__()
@@ -333,16 +333,16 @@ def scenario_replay(tmp: Path) -> dict[str, Any]:
     return out
 
 
-CMS_PAIR = "cms.levels.0_to_cms.levels.1"
+CMS_PAIR = "cms.blocks.0_to_cms.blocks.1"
 
 
 def scenario_cms(tmp: Path) -> dict[str, Any]:
-    """CMSConsolidation drift pair cms.levels.0 -> cms.levels.1, at the updates of the slow level (every 4)."""
+    """CMSConsolidation drift pair cms.blocks.0 -> cms.blocks.1, at the updates of the slow level (every 4)."""
     rank = int(os.environ["LOCAL_RANK"])
     levels = CMSNet().cms.levels("cms")
     out = {}
     for s in ("ddp", "nested"):
-        consolidation = CMSConsolidation([{"fast": "cms.levels.0", "slow": "cms.levels.1", "alpha": 0.5}])
+        consolidation = CMSConsolidation([{"fast": "cms.blocks.0", "slow": "cms.blocks.1", "alpha": 0.5}])
         spy = _CountDDPBytes()
         result = _run(s, tmp / s, model=CMSNet(seed=rank), callbacks=[consolidation, spy], levels=levels)
         out[s] = {**_plain(result), "transfers": consolidation.transfers, "ignored": spy.ignored}
@@ -611,7 +611,7 @@ def test_cms_consolidation(runs):
     assert r0["nested"]["num_updates"] == {"cms.level_0": 14, "cms.level_1": 3}
     assert r0["nested"]["transfers"] == r0["ddp"]["transfers"] == {CMS_PAIR: 3}
     assert r0["ddp"]["ignored"] == []
-    assert r0["nested"]["ignored"] == sorted(n for n in r0["nested"]["params"] if n.startswith("cms.levels.1."))
+    assert r0["nested"]["ignored"] == sorted(n for n in r0["nested"]["params"] if n.startswith("cms.blocks.1."))
 
 
 def test_continual_evaluation(runs):

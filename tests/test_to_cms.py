@@ -284,7 +284,7 @@ def test_cms_levels_resolve_against_the_converted_model():
     assert [lvl.every for lvl in levels] == [1, 2] * 3
     owned = resolve_levels(levels, converted.named_parameters())
     assert {n for n, _ in owned["blocks.2.ffn.cms.level_1"]} == {
-        f"blocks.2.ffn.cms.levels.1.{p}" for p in ("w1", "b1", "w2", "b2", "value", "norm.weight")
+        f"blocks.2.ffn.cms.blocks.1.{p}" for p in ("w1", "b1", "w2", "b2", "value", "norm.weight")
     }
     cms_params = {n for n, _ in converted.named_parameters() if ".cms." in n}
     assert {n for pairs in owned.values() for n, _ in pairs} == cms_params

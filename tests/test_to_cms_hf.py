@@ -65,7 +65,7 @@ def test_writes_train_the_added_levels_of_a_frozen_llama():
     model.requires_grad_(False)
     to_cms(model, target, [2, 4], inner_lr=0.1)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(".cms.levels.1." in n or n.endswith(".value") for n in trainable)  # level 0: frozen
+    assert trainable and all(".cms.blocks.1." in n or n.endswith(".value") for n in trainable)  # level 0: frozen
     assert [lvl.name for lvl in cms_levels(model)][:2] == [
         "model.layers.0.mlp.cms.level_0",
         "model.layers.0.mlp.cms.level_1",
@@ -79,4 +79,4 @@ def test_writes_train_the_added_levels_of_a_frozen_llama():
         loss.backward()
         optimizer.step()
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    assert moved <= trainable and "model.layers.1.mlp.cms.levels.1.w2" in moved
+    assert moved <= trainable and "model.layers.1.mlp.cms.blocks.1.w2" in moved

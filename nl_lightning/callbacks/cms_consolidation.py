@@ -53,7 +53,7 @@ from nl_lightning._validation import is_int
 from nl_lightning.callbacks._state import ConfiguredStateKey
 from nl_lightning.callbacks._step_hooks import StepHookCallback
 from nl_lightning.callbacks.multi_frequency import MultiFrequencyUpdates, parameter_root
-from nl_lightning.levels import strip_compile_prefix
+from nl_lightning.levels import _legacy_cms_hint, strip_compile_prefix
 
 __all__ = ["CMSConsolidation", "ConsolidationPair"]
 
@@ -67,11 +67,11 @@ class ConsolidationPair:
     """A fast level whose knowledge :class:`CMSConsolidation` moves into a slow level.
 
     Args:
-        fast: Module-name prefix of the fast level, for example ``"cms.levels.0"``. Like level globs, a prefix may
+        fast: Module-name prefix of the fast level, for example ``"cms.blocks.0"``. Like level globs, a prefix may
             leave out ``torch.compile``'s ``_orig_mod`` and a wrapping module's parameter root (``HFCausalLM``:
-            ``"model.layers.0.mlp.cms.levels.1"``, see :func:`~nl_lightning.callbacks.multi_frequency.parameter_root`).
-        slow: Module-name prefix of the slow level, for example ``"cms.levels.1"``. Parameters are paired by their
-            name relative to the prefixes (``cms.levels.0.w1`` with ``cms.levels.1.w1``).
+            ``"model.layers.0.mlp.cms.blocks.1"``, see :func:`~nl_lightning.callbacks.multi_frequency.parameter_root`).
+        slow: Module-name prefix of the slow level, for example ``"cms.blocks.1"``. Parameters are paired by their
+            name relative to the prefixes (``cms.blocks.0.w1`` with ``cms.blocks.1.w1``).
         mode: ``"drift"`` or ``"distill"``.
         alpha: The share of the fast level's drift that is transferred, in ``(0, 1]``.
         every: Consolidate every ``every`` committed steps (steps with gradients) of the optimizer holding the fast
@@ -98,7 +98,7 @@ class ConsolidationPair:
         for side in ("fast", "slow"):
             value = getattr(self, side)
             if not isinstance(value, str) or not value.strip("."):
-                raise ValueError(f"`{side}` must be a module-name prefix such as 'cms.levels.0', got {value!r}.")
+                raise ValueError(f"`{side}` must be a module-name prefix such as 'cms.blocks.0', got {value!r}.")
             object.__setattr__(self, side, value.strip("."))
         if self.fast == self.slow:
             raise ValueError(f"`fast` and `slow` are both {self.fast!r}; pair two different levels.")
@@ -198,7 +198,7 @@ class CMSConsolidation(ConfiguredStateKey, StepHookCallback):
         from nl_lightning.callbacks import CMSConsolidation, MultiFrequencyUpdates
 
         cms_levels = model.cms.levels("cms")  # level_0 every step, level_1 every 4
-        consolidation = CMSConsolidation([{"fast": "cms.levels.0", "slow": "cms.levels.1", "alpha": 0.5}])
+        consolidation = CMSConsolidation([{"fast": "cms.blocks.0", "slow": "cms.blocks.1", "alpha": 0.5}])
         trainer = Trainer(callbacks=[MultiFrequencyUpdates(cms_levels), consolidation])
 
     """
@@ -214,8 +214,8 @@ class CMSConsolidation(ConfiguredStateKey, StepHookCallback):
         super().__init__()
         if isinstance(pairs, (str, bytes, Mapping)) or not isinstance(pairs, Sequence) or not pairs:
             raise MisconfigurationException(
-                f"`pairs` must be a non-empty list of pairs such as [{{'fast': 'cms.levels.0', 'slow':"
-                f" 'cms.levels.1'}}], got {pairs!r}."
+                f"`pairs` must be a non-empty list of pairs such as [{{'fast': 'cms.blocks.0', 'slow':"
+                f" 'cms.blocks.1'}}], got {pairs!r}."
             )
         try:
             self._pairs = tuple(ConsolidationPair.from_spec(p) for p in pairs)
@@ -589,6 +589,7 @@ def _match(pair: ConsolidationPair, named: Mapping[str, Tensor], root: Optional[
             tops = sorted({n.rsplit(".", 1)[0] for n in named})[:8]
             raise MisconfigurationException(
                 f"Pair {pair.name!r}: no parameter is named {prefix!r}.*; module prefixes include {tops}."
+                + _legacy_cms_hint(prefix)
             )
         sides.append(under)
     fast, slow = sides

@@ -5,7 +5,7 @@ is imported only when one is built.
 """
 
 from nl_lightning.models.classifier import MLPClassifier
-from nl_lightning.models.cms import CMSLevel, CMSState, ContinuumMemory
+from nl_lightning.models.cms import CMSBlock, CMSState, ContinuumMemory
 from nl_lightning.models.cms_classifier import CMSClassifier
 from nl_lightning.models.hf_checkpoint import from_pretrained_cms, is_cms_checkpoint, save_pretrained_cms
 from nl_lightning.models.hf_cms import install_generation_hooks
@@ -28,7 +28,7 @@ from nl_lightning.models.transformer import KVCache, TransformerPP
 __all__ = [
     "CMSAdapter",
     "CMSClassifier",
-    "CMSLevel",
+    "CMSBlock",
     "CMSState",
     "CMSTransformerDecoderLayer",
     "CMSTransformerEncoderLayer",

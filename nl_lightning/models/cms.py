@@ -57,7 +57,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -79,7 +79,7 @@ from nl_lightning.models.cms_memory import (
     write_factor,
 )
 
-__all__ = ["DEFAULT_MAX_WRITE_NORM", "CMSLevel", "CMSState", "ContinuumMemory", "FastWeights"]
+__all__ = ["DEFAULT_MAX_WRITE_NORM", "CMSBlock", "CMSState", "ContinuumMemory", "FastWeights"]
 
 #: default bound on the Frobenius norm of one write's step, per sample and level (all four weights together)
 DEFAULT_MAX_WRITE_NORM = 10.0
@@ -111,7 +111,7 @@ def _norm(kind: NormKind, dim: int) -> nn.Module:
     raise ValueError(f"`norm` must be 'rmsnorm', 'layernorm' or None, got {kind!r}.")
 
 
-class CMSLevel(nn.Module):
+class CMSBlock(nn.Module):
     """One level of the chain: ``h <- h + MLP(Norm(h))`` with fast weights written every ``chunk_size`` tokens.
 
     The parameters ``w1 (H, D)``, ``b1 (H)``, ``w2 (D, H)``, ``b2 (D)`` are the MLP's weights on the optimizer-step axis
@@ -235,7 +235,7 @@ class CMSLevel(nn.Module):
         """Read and write along ``x`` ``(B, S, D)`` chunk by chunk; returns the reads ``(B, S, D)`` and the state."""
         if self.value is None:
             raise RuntimeError(
-                "This CMSLevel has no value projection (built static, in_context=False, or for writes driven by an"
+                "This CMSBlock has no value projection (built static, in_context=False, or for writes driven by an"
                 " outside signal, value_projection=False), so it cannot write with its local objective."
             )
         lengths = piece_lengths(x.shape[1], state.count, self.chunk_size)
@@ -421,7 +421,7 @@ class ContinuumMemory(nn.Module):
         hidden_dims: Explicit hidden width of each level.
         activation: One activation name, or one per level (``gelu``, ``gelu_tanh``, ``gelu_new``, ``silu``, ``relu``,
             ``tanh``).
-        gated: Gated MLP levels (SwiGLU with ``"silu"``, GeGLU with ``"gelu"``; see :class:`CMSLevel`); one value or one
+        gated: Gated MLP levels (SwiGLU with ``"silu"``, GeGLU with ``"gelu"``; see :class:`CMSBlock`); one value or one
             per level.
         norm: ``"rmsnorm"`` (default), ``"layernorm"`` or ``None``; one value or one per level.
         residual: Whether each level adds its input back; one value or one per level.
@@ -430,7 +430,7 @@ class ContinuumMemory(nn.Module):
         reduction: A write uses the mean (default) or the sum of its chunk's gradients.
         differentiable_writes: Backpropagate through the writes (see above).
         retention: Share of their distance from the initial weights that each level's fast weights keep at every
-            write, in ``(0, 1]`` (one value or one per level; see :class:`CMSLevel`). 1 (default): Eq. 31 as printed,
+            write, in ``(0, 1]`` (one value or one per level; see :class:`CMSBlock`). 1 (default): Eq. 31 as printed,
             with no pull back, so the fast weights can wander arbitrarily far over a long stream.
         value_projection: Give each token-axis level its value projection ``W_v`` (the targets of the local
             objective). ``False`` builds levels without it, for writes driven by an outside signal (Hope's
@@ -495,19 +495,13 @@ class ContinuumMemory(nn.Module):
             strict=True,
         )
         blocks = [
-            CMSLevel(dim, h, c, act, nm, res, lr, reduction, in_context and value_projection, rho, glu)
+            CMSBlock(dim, h, c, act, nm, res, lr, reduction, in_context and value_projection, rho, glu)
             for h, act, nm, res, lr, c, rho, glu in specs
         ]
         for blk in blocks:
             blk.max_write_norm = max_write_norm
-        # Registered under "levels" so that parameters read "levels.<i>.w1" (globs like "*.cms.levels.2.*"), while
-        # `levels()` stays the method of the contract; `add_module` would refuse the name of an existing attribute.
-        self._modules["levels"] = nn.ModuleList(blocks)
-
-    @property
-    def blocks(self) -> nn.ModuleList:
-        """The :class:`CMSLevel` modules, the fastest first."""
-        return self._modules["levels"]  # type: ignore[return-value]
+        self.blocks = nn.ModuleList(blocks)  # parameters read "blocks.<i>.w1"; globs like "*.cms.blocks.2.*"
+        self._register_load_state_dict_pre_hook(_rename_legacy_keys)
 
     def levels(self, prefix: str = "", every: Optional[Sequence[int]] = None) -> list[Level]:
         """The step-axis :class:`~nl_lightning.Level` of each CMS level, for ``MultiFrequencyUpdates``.
@@ -523,7 +517,7 @@ class ContinuumMemory(nn.Module):
         periods = list(every) if every is not None else self.chunk_sizes
         if len(periods) != len(self.chunk_sizes):
             raise ValueError(f"`every` needs {len(self.chunk_sizes)} periods, got {periods!r}.")
-        return [Level(f"{prefix}level_{i}", [f"{prefix}levels.{i}.*"], every=int(c)) for i, c in enumerate(periods)]
+        return [Level(f"{prefix}level_{i}", [f"{prefix}blocks.{i}.*"], every=int(c)) for i, c in enumerate(periods)]
 
     def initial_state(
         self, batch: int, device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32
@@ -554,6 +548,13 @@ class ContinuumMemory(nn.Module):
             x, fast = blk(x, fast, self.differentiable_writes, write)
             new.append(fast)
         return x, CMSState(new)
+
+
+def _rename_legacy_keys(state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Load checkpoints written when the blocks were registered as ``levels.<i>`` (now ``blocks.<i>``)."""
+    legacy = f"{prefix}levels."
+    for key in [k for k in state_dict if k.startswith(legacy)]:
+        state_dict[f"{prefix}blocks.{key[len(legacy):]}"] = state_dict.pop(key)
 
 
 def inner_dtype(x: Tensor) -> torch.dtype:

@@ -52,7 +52,7 @@ class CMSBackbone(nn.Module):
 class CMSClassifier(MLPClassifier):
     """An :class:`~nl_lightning.models.MLPClassifier` whose backbone is a Continuum Memory System.
 
-    Parameter names: ``backbone.embed.*``, ``backbone.cms.levels.<i>.*`` (level ``i``, the fastest first),
+    Parameter names: ``backbone.embed.*``, ``backbone.cms.blocks.<i>.*`` (level ``i``, the fastest first),
     ``backbone.norm.*`` and ``head.*``. :meth:`cms_levels` returns the CMS levels as
     :class:`~nl_lightning.Level` objects with periods ``chunk_sizes`` (optimizer steps).
 

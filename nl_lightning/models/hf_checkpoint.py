@@ -16,7 +16,7 @@ Converted Hugging Face Models: Saving and Loading
 ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^
 
 ``model.save_pretrained`` writes the CMS parameters of a model converted by :func:`~nl_lightning.models.to_cms` under
-their own names (``...mlp.cms.levels.0.w1``), which the plain architecture does not have: a plain ``from_pretrained``
+their own names (``...mlp.cms.blocks.0.w1``), which the plain architecture does not have: a plain ``from_pretrained``
 of such a directory builds the original FFNs, initialises them at random (transformers' load report lists them as
 missing and the CMS tensors as unexpected) and drops the CMS. Save with :func:`save_pretrained_cms` and load with
 :func:`from_pretrained_cms`, which re-applies the recorded conversions and loads every tensor strictly. The directory

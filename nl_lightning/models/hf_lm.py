@@ -45,7 +45,7 @@ from typing_extensions import override
 
 from nl_lightning._validation import is_int
 from nl_lightning.levels import ParameterNames
-from nl_lightning.models.cms import CMSLevel
+from nl_lightning.models.cms import CMSBlock
 from nl_lightning.models.hf_checkpoint import from_pretrained_cms, is_cms_checkpoint
 from nl_lightning.models.lm import CausalLM
 
@@ -180,7 +180,7 @@ class HFCausalLM(CausalLM):
     fnmatch patterns (``*`` also matches dots) over ``hf_model.named_parameters()`` names, such as
     ``"model.layers.*.mlp.*"``; full names (``"hf_model.…"``) and, for tied weights, every alias (GPT-2's
     ``"lm_head.weight"`` and ``"transformer.wte.weight"``) match too. "Freeze the backbone, train the CMS levels" is
-    ``freeze=["*"], train=["*.cms.levels.1.*", "*.cms.levels.2.*", "*.cms.levels.0.value"]`` (the added levels, and
+    ``freeze=["*"], train=["*.cms.blocks.1.*", "*.cms.blocks.2.*", "*.cms.blocks.0.value"]`` (the added levels, and
     the value projection that makes the pretrained level's write targets).
 
     Args:
@@ -219,9 +219,9 @@ class HFCausalLM(CausalLM):
             config={"model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
             cms={"targets": "model.layers.*.mlp", "chunk_sizes": [1, 4, 16]},
-            freeze=["*"], train=["*.cms.levels.1.*", "*.cms.levels.2.*", "*.cms.levels.0.value"], lr=3e-3,
+            freeze=["*"], train=["*.cms.blocks.1.*", "*.cms.blocks.2.*", "*.cms.blocks.0.value"], lr=3e-3,
         )
-        levels = [Level("cms_1", ["*.cms.levels.1.*"], every=4), Level("cms_2", ["*.cms.levels.2.*"], every=16)]
+        levels = [Level("cms_1", ["*.cms.blocks.1.*"], every=4), Level("cms_2", ["*.cms.blocks.2.*"], every=16)]
         updates = MultiFrequencyUpdates(levels)
         Trainer(max_steps=100, callbacks=[updates]).fit(model, datamodule=TextDataModule())
 
@@ -311,7 +311,7 @@ class HFCausalLM(CausalLM):
         if not any(p.requires_grad for i, p in enumerate(index.params) if i not in frozen - kept):
             raise MisconfigurationException(
                 f"HFCausalLM: `freeze` {freeze} with `train` {train} leaves no parameter to train. Name the parameters"
-                " to keep training in `train`, for example ['*.cms.levels.1.*']."
+                " to keep training in `train`, for example ['*.cms.blocks.1.*']."
             )
         for i in frozen - kept:
             index.params[i].requires_grad_(False)
@@ -355,7 +355,7 @@ class HFCausalLM(CausalLM):
         """
         if write:
             return self.hf_model(input_ids=tokens, use_cache=False).logits, None
-        levels = [m for m in self.hf_model.modules() if isinstance(m, CMSLevel)]
+        levels = [m for m in self.hf_model.modules() if isinstance(m, CMSBlock)]
         rates = [level.inner_lr for level in levels]
         try:
             for level in levels:

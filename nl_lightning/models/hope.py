@@ -76,7 +76,7 @@ __all__ = ["DEFAULT_CMS_RETENTION", "HopeBlock", "HopeBlockState", "HopeModule",
 Variant = Literal["titans", "attention"]
 WriteSignal = Literal["target", "task_loss"]
 
-#: Retention of the CMS fast weights per write in Hope [ours]; see :class:`~nl_lightning.models.cms.CMSLevel`.
+#: Retention of the CMS fast weights per write in Hope [ours]; see :class:`~nl_lightning.models.cms.CMSBlock`.
 DEFAULT_CMS_RETENTION = 0.8
 
 
@@ -182,7 +182,7 @@ class HopeBlock(nn.Module):
         titans_kwargs: Further :class:`~nl_lightning.models.self_modifying_titans.SelfModifyingTitans` arguments.
         cms_retention: Share of their distance from the learned initial weights that the CMS fast weights keep at
             every write (one value or one per level, in ``(0, 1]``; see
-            :class:`~nl_lightning.models.cms.CMSLevel`). Below 1 keeps a long stream's fast weights near the state
+            :class:`~nl_lightning.models.cms.CMSBlock`). Below 1 keeps a long stream's fast weights near the state
             the model was trained to read; 1 is Eq. 31 as printed.
         cms_write_signal: What writes the CMS on the token axis: ``"target"`` (default), the gradient of each level's
             local objective ``0.5 ||MLP(k_t) - W_v k_t||^2``; ``"task_loss"``, the gradient of the model's next-token

@@ -76,7 +76,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nl_lightning.models._residual_memory import residual_forward
-from nl_lightning.models.cms import CMSLevel, inner_dtype
+from nl_lightning.models.cms import CMSBlock, inner_dtype
 from nl_lightning.models.cms_memory import CMSState, FastWeights, _portable
 from nl_lightning.models.self_modifying_titans import MEMORIES, SelfModifyingState, SelfModifyingTitans
 
@@ -148,7 +148,7 @@ class _Level:
 
     """
 
-    module: CMSLevel
+    module: CMSBlock
     fast: FastWeights
     start: Weights
     share: float
@@ -158,7 +158,7 @@ class _Level:
         return self.module.inner_lr > 0
 
     def weights(self) -> Weights:
-        """The read weights: the values, plus the routing terms of the first-order path (``CMSLevel._first_order``)."""
+        """The read weights: the values, plus the routing terms of the first-order path (``CMSBlock._first_order``)."""
         if not torch.is_grad_enabled():
             return self.fast.weights
         extra = self.fast.initial_share - self.share

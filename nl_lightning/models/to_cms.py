@@ -499,7 +499,7 @@ def cms_levels(model: nn.Module, every: Optional[Sequence[int]] = None) -> list[
 
     Collects ``cms.levels(prefix=<name>)`` of every :class:`~nl_lightning.models.ContinuumMemory` (those inside a
     :class:`CMSAdapter` are named ``<adapter>.cms``), whose globs match ``model.named_parameters()``: level ``i`` of
-    the chain ``blocks.0.ffn`` is named ``blocks.0.ffn.cms.level_i`` and owns ``blocks.0.ffn.cms.levels.i.*``.
+    the chain ``blocks.0.ffn`` is named ``blocks.0.ffn.cms.level_i`` and owns ``blocks.0.ffn.cms.blocks.i.*``.
 
     Args:
         model: The model (for example a converted one, or a LightningModule holding it: the names then start with
