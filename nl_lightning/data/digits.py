@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
-from nl_lightning._validation import is_int
+from nl_lightning._validation import check_float, check_int
 from nl_lightning.data.sampling import EpochShuffleSampler
 
 __all__ = ["DigitsDataModule", "DigitsDataset", "load_digits_tensors"]
@@ -126,12 +126,8 @@ class DigitsDataset(Dataset):
     def __init__(self, train: bool = True, test_fraction: float = 0.2, seed: int = 0) -> None:
         if not isinstance(train, bool):
             raise ValueError(f"`train` must be a bool, got {train!r}; use True for the training part, False for test.")
-        if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
-            raise ValueError(
-                f"`test_fraction` must be a number strictly between 0 and 1, got {test_fraction!r}; use e.g. 0.2."
-            )
-        if not is_int(seed):
-            raise ValueError(f"`seed` must be an integer, got {seed!r}.")
+        check_float("test_fraction", test_fraction, 0, 1, low_open=True, high_open=True, hint="use e.g. 0.2")
+        check_int("seed", seed, None)
         self.train = train
         self.test_fraction = float(test_fraction)
         self.seed = seed
@@ -184,18 +180,11 @@ class DigitsDataModule(pl.LightningDataModule):
 
     def __init__(self, batch_size: int = 32, val_fraction: float = 0.2, seed: int = 0, num_workers: int = 0) -> None:
         super().__init__()
-        if not is_int(batch_size) or batch_size < 1:
-            raise MisconfigurationException(f"`batch_size` must be an integer >= 1, got {batch_size!r}; use e.g. 32.")
-        if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
-            raise MisconfigurationException(
-                f"`val_fraction` must be a number strictly between 0 and 1, got {val_fraction!r}; use e.g. 0.2."
-            )
-        if not is_int(seed):
-            raise MisconfigurationException(f"`seed` must be an integer, got {seed!r}.")
-        if not is_int(num_workers) or num_workers < 0:
-            raise MisconfigurationException(
-                f"`num_workers` must be an integer >= 0, got {num_workers!r}; use 0 to load in the main process."
-            )
+        error = MisconfigurationException
+        check_int("batch_size", batch_size, hint="use e.g. 32", error=error)
+        check_float("val_fraction", val_fraction, 0, 1, low_open=True, high_open=True, hint="use e.g. 0.2", error=error)
+        check_int("seed", seed, None, error=error)
+        check_int("num_workers", num_workers, 0, hint="use 0 to load in the main process", error=error)
         self.save_hyperparameters()
         self.batch_size = batch_size
         self.val_fraction = float(val_fraction)

@@ -65,14 +65,12 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
+from nl_lightning._validation import check_int, check_unit
+
 __all__ = ["SlowlyChangingRegression", "SlowlyChangingRegressionDataModule"]
 
 _BLOCK = 4096  # rows per random block: sample t's randomness depends on (seed, t // _BLOCK) only
 _TARGET_STREAM, _INIT_STREAM, _FLIP_STREAM, _NOISE_STREAM = 0, 1, 2, 3
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def _blocked_integers(seed: int, stream: int, rows: int, cols: int, high: int) -> np.ndarray:
@@ -147,15 +145,16 @@ class SlowlyChangingRegression(Dataset):
             ("num_bits", num_bits, 1),
             ("num_target_features", num_target_features, 1),
         ):
-            if not _is_int(value) or value < low:
-                raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
-        if not _is_int(num_slow_bits) or not 1 <= num_slow_bits <= num_bits:
-            raise ValueError(
-                f"`num_slow_bits` must be an integer in [1, num_bits={num_bits}], got {num_slow_bits!r}; the paper "
-                "uses 15 of 20."
-            )
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta <= 1:
-            raise ValueError(f"`beta` must be a number in [0, 1], got {beta!r}; the paper uses 0.7.")
+            check_int(name, value, low, allow_numpy=True)
+        check_int(
+            "num_slow_bits",
+            num_slow_bits,
+            1,
+            num_bits,
+            allow_numpy=True,
+            hint="at most num_bits; the paper uses 15 of 20",
+        )
+        check_unit("beta", beta, hint="the paper uses 0.7")
         if not isinstance(bias_bit, bool):
             raise ValueError(f"`bias_bit` must be a bool, got {bias_bit!r}.")
         self.num_steps, self.change_every, self.seed = int(num_steps), int(change_every), int(seed)
@@ -285,8 +284,7 @@ class SlowlyChangingRegressionDataModule(pl.LightningDataModule):
             ("seed", seed, 0, "use e.g. 0"),
             ("num_workers", num_workers, 0, "use 0 to load in the main process"),
         ):
-            if not _is_int(value) or value < low:
-                raise MisconfigurationException(f"`{name}` must be an integer >= {low}, got {value!r}; {hint}.")
+            check_int(name, value, low, allow_numpy=True, hint=hint, error=MisconfigurationException)
         if not isinstance(bias_bit, bool):
             raise MisconfigurationException(f"`bias_bit` must be a bool, got {bias_bit!r}.")
         self.save_hyperparameters()

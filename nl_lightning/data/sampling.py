@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Sampler
 
-from nl_lightning._validation import check_int, is_int
+from nl_lightning._validation import check_int
 
 __all__ = ["EpochShuffleSampler"]
 
@@ -63,8 +63,7 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __init__(self, num_samples: int, seed: int = 0) -> None:
         check_int("num_samples", num_samples)
-        if not is_int(seed):
-            raise ValueError(f"`seed` must be an integer, got {seed!r}.")
+        check_int("seed", seed, None)
         self.num_samples, self.seed, self.epoch = num_samples, seed, 0
 
     def set_epoch(self, epoch: int) -> None:

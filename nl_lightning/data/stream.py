@@ -46,7 +46,7 @@ from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from typing_extensions import override
 
-from nl_lightning._validation import is_int
+from nl_lightning._validation import check_choice, check_int, check_unit, is_int
 from nl_lightning.data.sampling import EpochShuffleSampler
 
 __all__ = ["Scenario", "TaskStreamDataModule"]
@@ -204,22 +204,20 @@ class TaskStreamDataModule(pl.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        if scenario not in _SCENARIOS:
-            raise MisconfigurationException(f"`scenario` must be one of {_SCENARIOS}, got {scenario!r}.")
-        if protocol not in ("offline", "online"):
-            raise MisconfigurationException(f"`protocol` must be 'offline' or 'online', got {protocol!r}.")
+        error = MisconfigurationException
+        check_choice("scenario", scenario, _SCENARIOS, error=error)
+        check_choice("protocol", protocol, ("offline", "online"), error=error)
         for name, value in (("num_tasks", num_tasks), ("epochs_per_task", epochs_per_task),
                             ("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):  # fmt: skip
-            if not is_int(value) or value < 1:
-                raise MisconfigurationException(f"`{name}` must be an integer >= 1, got {value!r}.")
+            check_int(name, value, error=error)
+        check_int("num_workers", num_workers, 0, hint="use 0 to load in the main process", error=error)
         if protocol == "online" and epochs_per_task != 1:
             raise MisconfigurationException(
                 f"The online protocol is a single pass over each task: set epochs_per_task=1, got {epochs_per_task}."
             )
-        if not 0.0 <= val_fraction < 1.0:
-            raise MisconfigurationException(f"`val_fraction` must be in [0, 1), got {val_fraction!r}.")
-        if samples_per_task is not None and samples_per_task < 1:
-            raise MisconfigurationException(f"`samples_per_task` must be >= 1 or None, got {samples_per_task!r}.")
+        check_unit("val_fraction", val_fraction, closed=False, error=error)
+        if samples_per_task is not None:
+            check_int("samples_per_task", samples_per_task, hint="or None to keep every sample", error=error)
         self.train_dataset, self.test_dataset = train_dataset, test_dataset
         self.scenario: Scenario = scenario
         self.num_tasks, self.epochs_per_task = num_tasks, epochs_per_task

@@ -122,8 +122,7 @@ class MQARDataset(_TaskDataset):
     ) -> None:
         num_queries = num_pairs if num_queries is None else num_queries
         _check_mqar(num_samples, seq_len, num_pairs, vocab_size, num_queries)
-        if not is_int(seed):
-            raise ValueError(f"`seed` must be an integer, got {seed!r}.")
+        check_int("seed", seed, None)
         g = torch.Generator().manual_seed(seed)
         n, q, half, length = num_pairs, num_queries, vocab_size // 2, seq_len + 1
         keys = _random_subset(num_samples, 1, half, n, g)  # (N, n), distinct per row
@@ -151,10 +150,7 @@ def _check_mqar(num_samples: int, seq_len: int, num_pairs: int, vocab_size: int,
             f"`num_pairs`={num_pairs} needs that many distinct keys (1..{half - 1}) and values"
             f" ({half}..{vocab_size - 1}); use num_pairs <= {min(half - 1, vocab_size - half)} or a larger vocab."
         )
-    if not is_int(num_queries) or not 1 <= num_queries <= num_pairs:
-        raise ValueError(
-            f"`num_queries` must be an integer in [1, num_pairs={num_pairs}] or None, got {num_queries!r}."
-        )
+    check_int("num_queries", num_queries, 1, num_pairs, hint="at most num_pairs, or None for num_pairs")
     if 2 * (num_pairs + num_queries) > seq_len + 1:
         raise ValueError(
             f"{num_pairs} pairs and {num_queries} queries need seq_len >= {2 * (num_pairs + num_queries) - 1}, got"
@@ -199,8 +195,7 @@ class NeedleDataset(_TaskDataset):
         check_int("num_samples", num_samples, 1)
         check_int("seq_len", seq_len, 5)
         check_int("vocab_size", vocab_size, 4)
-        if not is_int(seed):
-            raise ValueError(f"`seed` must be an integer, got {seed!r}.")
+        check_int("seed", seed, None)
         g = torch.Generator().manual_seed(seed)
         if depths is None:
             depths = torch.rand(num_samples, generator=g, dtype=torch.float64)
@@ -247,8 +242,7 @@ class _SyntheticDataModule(pl.LightningDataModule):
             or len(set(multipliers)) != len(multipliers)
         ):
             raise ValueError(f"`eval_multipliers` must be distinct integers >= 1, got {list(eval_multipliers)!r}.")
-        if not is_int(seed):
-            raise ValueError(f"`seed` must be an integer, got {seed!r}.")
+        check_int("seed", seed, None)
         self.seq_len, self.vocab_size, self.batch_size = seq_len, vocab_size, batch_size
         self.train_samples, self.val_samples, self.seed = train_samples, val_samples, seed
         self.eval_multipliers = multipliers

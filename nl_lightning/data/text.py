@@ -47,7 +47,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from typing_extensions import override
 
-from nl_lightning._validation import check_int, is_int
+from nl_lightning._validation import check_float, check_int
 
 __all__ = [
     "RandomCropSampler",
@@ -195,8 +195,7 @@ class TextDataset(Dataset):
     def __init__(self, data: Union[Tensor, bytes], seq_len: int, stride: Optional[int] = None) -> None:
         check_int("seq_len", seq_len)
         stride = seq_len if stride is None else stride
-        if not is_int(stride) or stride < 1:
-            raise ValueError(f"`stride` must be an integer >= 1 or None, got {stride!r}.")
+        check_int("stride", stride, hint="or None for seq_len")
         if isinstance(data, (bytes, bytearray)):
             data = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         if data.dim() != 1:
@@ -310,12 +309,9 @@ class TextDataModule(pl.LightningDataModule):
         super().__init__()
         for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("samples_per_epoch", samples_per_epoch)):
             check_int(name, value)
-        if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
-            raise ValueError(f"`val_fraction` must be a number strictly between 0 and 1, got {val_fraction!r}.")
-        if not is_int(seed):
-            raise ValueError(f"`seed` must be an integer, got {seed!r}.")
-        if not is_int(num_workers) or num_workers < 0:
-            raise ValueError(f"`num_workers` must be an integer >= 0, got {num_workers!r}; 0: no workers.")
+        check_float("val_fraction", val_fraction, 0, 1, low_open=True, high_open=True, hint="use e.g. 0.05")
+        check_int("seed", seed, None)
+        check_int("num_workers", num_workers, 0, hint="use 0 to load in the main process")
         self.paths = None if paths is None else _as_paths(paths)  # fails early on a missing file
         self.save_hyperparameters()
         self.seq_len, self.batch_size, self.val_fraction = seq_len, batch_size, float(val_fraction)

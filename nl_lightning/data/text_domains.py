@@ -69,7 +69,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 from typing_extensions import override
 
-from nl_lightning._validation import is_int
+from nl_lightning._validation import check_float, check_int, is_int
 from nl_lightning.data.text import VOCAB_SIZE, RandomCropSampler, TextDataset, _as_paths, _read, default_corpus
 
 __all__ = [
@@ -271,8 +271,7 @@ def builtin_domain(
     if name not in BUILTIN_DOMAINS:
         raise ValueError(f"Unknown built-in domain {name!r}; choose among {list(BUILTIN_DOMAINS)}.")
     for arg, value in (("bytes_per_domain", bytes_per_domain), ("bytes_per_file", bytes_per_file)):
-        if not is_int(value) or value < 1:
-            raise ValueError(f"`{arg}` must be an integer >= 1, got {value!r}.")
+        check_int(arg, value)
     if name == "prose":
         return default_corpus()[:bytes_per_domain]
     root = None if stdlib_root is None else os.fspath(stdlib_root)
@@ -342,24 +341,15 @@ class TextDomainsDataModule(pl.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
+        error = MisconfigurationException
         for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("samples_per_epoch", samples_per_epoch),
                             ("bytes_per_file", bytes_per_file)):  # fmt: skip
-            if not is_int(value) or value < 1:
-                raise MisconfigurationException(f"`{name}` must be an integer >= 1, got {value!r}.")
-        if bytes_per_domain is not None and (not is_int(bytes_per_domain) or bytes_per_domain < 1):
-            raise MisconfigurationException(
-                f"`bytes_per_domain` must be an integer >= 1 or None (keep every byte), got {bytes_per_domain!r}."
-            )
-        if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
-            raise MisconfigurationException(
-                f"`val_fraction` must be a number strictly between 0 and 1, got {val_fraction!r}."
-            )
-        if not is_int(seed):
-            raise MisconfigurationException(f"`seed` must be an integer, got {seed!r}.")
-        if not is_int(num_workers) or num_workers < 0:
-            raise MisconfigurationException(
-                f"`num_workers` must be an integer >= 0, got {num_workers!r}; 0: no workers."
-            )
+            check_int(name, value, error=error)
+        if bytes_per_domain is not None:
+            check_int("bytes_per_domain", bytes_per_domain, hint="or None to keep every byte", error=error)
+        check_float("val_fraction", val_fraction, 0, 1, low_open=True, high_open=True, hint="use e.g. 0.1", error=error)
+        check_int("seed", seed, None, error=error)
+        check_int("num_workers", num_workers, 0, hint="use 0 to load in the main process", error=error)
         if domains is None:
             if bytes_per_domain is None:
                 raise MisconfigurationException(

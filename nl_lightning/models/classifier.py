@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from nl_lightning._validation import is_int
+from nl_lightning._validation import check_int, check_nonnegative, check_positive
 
 __all__ = ["MLPClassifier"]
 
@@ -90,19 +90,14 @@ class MLPClassifier(pl.LightningModule):
     ) -> None:
         super().__init__()
         hidden = (128, 128) if hidden is None else tuple(hidden)
+        error = MisconfigurationException
         for name, value in (("in_features", in_features), ("num_classes", num_classes)):
-            if not is_int(value) or value < 1:
-                raise MisconfigurationException(f"`{name}` must be an integer >= 1, got {value!r}.")
-        for width in hidden:
-            if not is_int(width) or width < 1:
-                raise MisconfigurationException(
-                    f"Every entry of `hidden` must be an integer >= 1, got {width!r} in {list(hidden)}; use e.g."
-                    " [128, 128] (or [] for a linear classifier)."
-                )
-        if not lr > 0:
-            raise MisconfigurationException(f"`lr` must be > 0, got {lr!r}; use e.g. 1e-3.")
-        if not weight_decay >= 0:
-            raise MisconfigurationException(f"`weight_decay` must be >= 0, got {weight_decay!r}; use 0 to disable it.")
+            check_int(name, value, error=error)
+        for i, width in enumerate(hidden):
+            hint = f"hidden={list(hidden)}; use e.g. [128, 128] (or [] for a linear classifier)"
+            check_int(f"hidden[{i}]", width, hint=hint, error=error)
+        check_positive("lr", lr, hint="use e.g. 1e-3", error=error)
+        check_nonnegative("weight_decay", weight_decay, hint="use 0 to disable it", error=error)
         self.save_hyperparameters(ignore=["optimizer"])  # a callable: checkpoints hold tensors and primitives only
         self.optimizer = optimizer
         self.lr = lr

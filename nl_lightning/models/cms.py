@@ -63,7 +63,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from nl_lightning._validation import check_int, is_int
+from nl_lightning._validation import check_choice, check_float, check_int, check_nonnegative, check_positive
 from nl_lightning.levels import Level
 from nl_lightning.models.cms_memory import (
     GATED,
@@ -86,8 +86,8 @@ DEFAULT_MAX_WRITE_NORM = 10.0
 
 
 def _check_max_write_norm(value: Optional[float], writes: bool) -> Optional[float]:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
-        raise ValueError(f"`max_write_norm` must be None (unbounded writes, Eq. 31 as printed) or > 0, got {value!r}.")
+    if value is not None:
+        check_positive("max_write_norm", value, hint="or None for unbounded writes (Eq. 31 as printed)")
     if value is None and writes:
         rank_zero_warn(
             "CMS token-axis writes with `max_write_norm=None` are unbounded (Eq. 31 as printed): a large inner or outer"
@@ -169,14 +169,9 @@ class CMSBlock(nn.Module):
         check_activation(activation)
         if gated and not activation.startswith(GATED):
             activation = GATED + activation
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"`reduction` must be 'mean' or 'sum', got {reduction!r}.")
-        if not inner_lr >= 0:
-            raise ValueError(f"`inner_lr` must be >= 0, got {inner_lr!r}.")
-        if isinstance(retention, bool) or not isinstance(retention, (int, float)) or not 0 < retention <= 1:
-            raise ValueError(
-                f"`retention` must be in (0, 1] (1: no pull back to the initial weights), got {retention!r}."
-            )
+        check_choice("reduction", reduction, ("mean", "sum"))
+        check_nonnegative("inner_lr", inner_lr, hint="0 disables the token-axis writes")
+        check_float("retention", retention, 0, 1, low_open=True, hint="1 is no pull back to the initial weights")
         self.retention = float(retention)
         self.max_write_norm = _check_max_write_norm(max_write_norm, inner_lr > 0)
         self.dim, self.hidden, self.chunk_size = dim, hidden, chunk_size
@@ -473,8 +468,10 @@ class ContinuumMemory(nn.Module):
     ) -> None:
         super().__init__()
         chunk_sizes = list(chunk_sizes)
-        if not chunk_sizes or any(not is_int(c) or c < 1 for c in chunk_sizes):
-            raise ValueError(f"`chunk_sizes` must be a non-empty list of integers >= 1, got {chunk_sizes!r}.")
+        if not chunk_sizes:
+            raise ValueError("`chunk_sizes` must be a non-empty list of integers >= 1, got [].")
+        for i, c in enumerate(chunk_sizes):
+            check_int(f"chunk_sizes[{i}]", c, hint=f"chunk_sizes={chunk_sizes!r}")
         check_int("dim", dim)
         k = len(chunk_sizes)
         hidden = list(hidden_dims) if hidden_dims is not None else max(1, round(dim * hidden_mult))
@@ -551,10 +548,10 @@ class ContinuumMemory(nn.Module):
 
 
 def _rename_legacy_keys(state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-    """Load checkpoints written when the blocks were registered as ``levels.<i>`` (now ``blocks.<i>``)."""
+    """Rename the keys ``levels.<i>.*`` of checkpoints in the older layout to ``blocks.<i>.*`` before loading."""
     legacy = f"{prefix}levels."
     for key in [k for k in state_dict if k.startswith(legacy)]:
-        state_dict[f"{prefix}blocks.{key[len(legacy):]}"] = state_dict.pop(key)
+        state_dict[f"{prefix}blocks.{key[len(legacy) :]}"] = state_dict.pop(key)
 
 
 def inner_dtype(x: Tensor) -> torch.dtype:

@@ -43,7 +43,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from nl_lightning._validation import is_int
+from nl_lightning._validation import check_int, is_int
 from nl_lightning.levels import ParameterNames
 from nl_lightning.models.cms import CMSBlock
 from nl_lightning.models.hf_checkpoint import from_pretrained_cms, is_cms_checkpoint
@@ -255,9 +255,9 @@ class HFCausalLM(CausalLM):
                 "HFCausalLM: `cms` must be a dict of to_cms arguments with at least `targets` and `chunk_sizes`, e.g."
                 f" {{'targets': 'model.layers.*.mlp', 'chunk_sizes': [1, 4, 16]}}, got {cms!r}."
             )
-        if max_context is not None and (not is_int(max_context) or max_context < 1):
-            raise MisconfigurationException(
-                f"HFCausalLM: `max_context` must be None or an integer >= 1, got {max_context!r}."
+        if max_context is not None:
+            check_int(
+                "max_context", max_context, hint="or None for max_position_embeddings", error=MisconfigurationException
             )
         hf_model = _build_hf_model(config, pretrained, dtype, model_kwargs)
         model_vocab = _model_vocab_size(hf_model)

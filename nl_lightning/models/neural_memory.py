@@ -79,9 +79,8 @@ sequence at once.
   starts at ``init_lr = lr_max / 2``), ``eta = sigmoid(.)`` (momentum decay, starts near 0.9), ``alpha = sigmoid(.)``
   (forget fraction, starts near 0.01), through the biases.
 - Output: per-head ``RMSNorm`` of the reads, times ``2 * sigmoid(W_G x)`` with ``W_G = 0`` at init (``output_gate``;
-  it starts as the identity; a randomly initialised ``SiLU`` gate multiplies the reads by noise, and with it the
-  recall test of the test suite did not learn in 60 steps), then ``W_O``. The output is not added to ``x``: the
-  residual belongs to the block.
+  it starts as the identity, whereas a randomly initialised ``SiLU`` gate would start by multiplying the reads by
+  noise), then ``W_O``. The output is not added to ``x``: the residual belongs to the block.
 - Stability: with momentum the effective inner learning rate is about ``theta / (1 - eta)`` (``10 theta`` at
   ``eta = 0.9``) on a loss whose gradient carries a factor 2, so keep ``lr_max`` around 0.1 (the default); at
   ``lr_max = 1`` the memory can blow up within a few chunks (cf. lucidrains/titans-pytorch issues #22 and #29).
@@ -102,7 +101,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from nl_lightning._validation import check_int, is_int
+from nl_lightning._validation import check_choice, check_float, check_int, check_positive
 from nl_lightning.models._memory_mlp import memory_backward, memory_forward
 from nl_lightning.models.cms_memory import ACTIVATIONS, _portable
 
@@ -222,15 +221,6 @@ def _logit(p: float) -> float:
     return math.log(p / (1.0 - p))
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
-
-
-def _is_int(value: Any, low: int) -> bool:
-    return is_int(value) and value >= low
-
-
 class NeuralMemory(nn.Module):
     r"""The Titans long-term memory: a deep MLP per head, written at test time with momentum and forgetting.
 
@@ -262,14 +252,15 @@ class NeuralMemory(nn.Module):
         output_gate: Multiply the normalised reads by ``2 * sigmoid(W_G x)`` (``W_G = 0`` at init) before ``W_O``.
         max_inner_grad_norm: Clip each token's inner gradient ``u_i`` (all layers together) to this Frobenius norm
             before the scan (a per-token scalar, so the chunk stays a weighted matmul); ``None`` is the printed
-            equation (it warns). Without it, a chunk of similar keys sums many gradients taken at the same anchor and
-            the memory diverged on byte-level text within a few hundred tokens at the default gates (measured: weight
-            norm 1e17 after 128 tokens); public implementations report the same failure (lucidrains/titans-pytorch
-            issues #22 and #29).
+            equation (it warns). Without it, a chunk of similar keys sums many gradients taken at the same anchor,
+            and nothing bounds the write: on ordinary text the memory can diverge to NaN within a few hundred tokens
+            at the default gates, a failure public implementations report too (lucidrains/titans-pytorch issues #22
+            and #29).
 
     Raises:
-        ValueError: If ``dim`` is not divisible by ``heads``, a size is below 1, ``expansion`` or ``lr_max`` is not
-            positive, an initial gate is out of range, or the activation is unknown.
+        ValueError: If ``dim`` is not divisible by ``heads``, a size is below 1 (``conv_size`` below 0),
+            ``expansion``, ``lr_max`` or ``max_inner_grad_norm`` is not positive, an initial gate is out of range, or
+            the activation is unknown.
 
     Example::
 
@@ -300,10 +291,8 @@ class NeuralMemory(nn.Module):
     ) -> None:
         super().__init__()
         check_int("dim", dim)
-        _check(
-            max_inner_grad_norm is None or max_inner_grad_norm > 0,
-            f"`max_inner_grad_norm` must be None (no clipping) or > 0, got {max_inner_grad_norm!r}.",
-        )
+        if max_inner_grad_norm is not None:
+            check_positive("max_inner_grad_norm", max_inner_grad_norm, hint="or None for no clipping")
         self.max_inner_grad_norm = max_inner_grad_norm
         if max_inner_grad_norm is None:
             rank_zero_warn(
@@ -313,17 +302,18 @@ class NeuralMemory(nn.Module):
                 category=UserWarning,
             )
         check_int("heads", heads)
-        _check(dim % heads == 0, f"`dim` ({dim}) must be divisible by `heads` ({heads}); choose a divisor of dim.")
+        if dim % heads:
+            raise ValueError(f"`dim` ({dim}) must be divisible by `heads` ({heads}); choose a divisor of dim.")
         check_int("chunk_size", chunk_size)
-        _check(_is_int(depth, 1), f"`depth` must be an integer >= 1 (1 = linear memory), got {depth!r}.")
-        _check(expansion > 0, f"`expansion` must be > 0, got {expansion!r}.")
-        _check(activation in ACTIVATIONS, f"`activation` must be one of {sorted(ACTIVATIONS)}, got {activation!r}.")
-        _check(0 < lr_max < math.inf, f"`lr_max` must be a positive number, got {lr_max!r}.")
+        check_int("depth", depth, 1, hint="1 is a linear memory")
+        check_positive("expansion", expansion)
+        check_choice("activation", activation, sorted(ACTIVATIONS))
+        check_positive("lr_max", lr_max)
         init_lr = lr_max / 2 if init_lr is None else init_lr
-        _check(0 < init_lr < lr_max, f"`init_lr` must be in (0, lr_max={lr_max}), got {init_lr!r}.")
-        _check(0 < init_mom_decay < 1, f"`init_mom_decay` must be in (0, 1), got {init_mom_decay!r}.")
-        _check(0 < init_forget < 1, f"`init_forget` must be in (0, 1), got {init_forget!r}.")
-        _check(_is_int(conv_size, 0), f"`conv_size` must be an integer >= 0 (0: no convolution), got {conv_size!r}.")
+        check_float("init_lr", init_lr, 0, lr_max, low_open=True, high_open=True, hint="the upper bound is lr_max")
+        check_float("init_mom_decay", init_mom_decay, 0, 1, low_open=True, high_open=True)
+        check_float("init_forget", init_forget, 0, 1, low_open=True, high_open=True)
+        check_int("conv_size", conv_size, 0, hint="0 for no convolution")
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
         self.chunk_size, self.depth, self.activation = chunk_size, depth, activation
         self.residual = depth >= 2 if residual is None else bool(residual)

@@ -47,6 +47,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from nl_lightning._validation import check_choice
 from nl_lightning.levels import Level
 from nl_lightning.models._ffn_spec import FFNSpec, read_ffn, read_torch_layer_ffn
 from nl_lightning.models.cms import CMSState, ContinuumMemory
@@ -301,8 +302,8 @@ def _adapter(
     cms_kwargs: dict[str, Any],
 ) -> CMSAdapter:
     """The adapter that replaces ``ffn`` (an FFN, or a torch transformer layer whose FFN it replaces)."""
-    if activation is not None and activation not in ACTIVATIONS:
-        raise ValueError(f"`activation` must be one of {sorted(ACTIVATIONS)}, got {activation!r}.")
+    if activation is not None:
+        check_choice("activation", activation, sorted(ACTIVATIONS), hint="or None to read it from the FFN")
     cms_kwargs = dict(cms_kwargs)
     check_finite = cms_kwargs.pop("check_finite", True)
     is_layer = isinstance(ffn, _TORCH_LAYERS)

@@ -23,12 +23,12 @@ The pieces that :class:`~nl_lightning.optim.preconditioned_momentum.Precondition
   moment) or ``"newton_schulz"`` (:math:`\mathrm{NS}_T(g)` for matrices, ``"rms"`` for 1-D tensors);
 - :class:`MomentumOptimizer`, the step ``W <- W + m`` with ``m <- retain(m) - lr P(g)`` (Eq. 17-18), whose
   ``retain`` is ``alpha m`` for the preconditioned momentum and the delta rule's projection for delta momentum;
-- the constructor checks, which raise ``ValueError`` naming the bad value and the allowed range.
+- the hyper-parameter checks of :meth:`MomentumOptimizer._check_group` (with :mod:`nl_lightning._validation`),
+  which raise ``ValueError`` naming the bad value and the allowed range.
 """
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
@@ -37,38 +37,10 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
+from nl_lightning._validation import check_choice, check_int, check_nonnegative, check_positive, check_unit
 from nl_lightning.optim.newton_schulz import newton_schulz
 
 PRECONDITIONERS = ("identity", "rms", "newton_schulz")
-
-
-# ----------------------------------------------------------------------------------------------------------- checks
-def check_nonnegative(name: str, value: Any) -> None:
-    if not float(value) >= 0:  # also rejects NaN
-        raise ValueError(f"`{name}` must be >= 0, got {value}.")
-
-
-def check_positive(name: str, value: Any) -> None:
-    if not float(value) > 0:
-        raise ValueError(f"`{name}` must be > 0, got {value}.")
-
-
-def check_unit(name: str, value: Any, closed: bool = True) -> None:
-    """``value`` in ``[0, 1]`` (``closed``) or ``[0, 1)``."""
-    ok = 0 <= float(value) <= 1 if closed else 0 <= float(value) < 1
-    if not ok:
-        raise ValueError(f"`{name}` must be in [0, 1{']' if closed else ')'}, got {value}.")
-
-
-def check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
-
-
-def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
-    if value not in choices:
-        allowed = ", ".join(repr(c) for c in choices)
-        raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}.")
 
 
 # ----------------------------------------------------------------------------------------------------------- tensors
@@ -162,7 +134,7 @@ class MomentumOptimizer(Optimizer):
         check_choice("preconditioner", group["preconditioner"], PRECONDITIONERS)
         check_unit("beta2", group["beta2"], closed=False)
         check_positive("eps", group["eps"])
-        check_int("ns_steps", group["ns_steps"], 0)
+        check_int("ns_steps", group["ns_steps"], 0, allow_numpy=True)
         check_nonnegative("weight_decay", group["weight_decay"])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

@@ -48,7 +48,8 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from nl_lightning.optim._preconditioner import MomentumOptimizer, check_choice, check_unit
+from nl_lightning._validation import check_choice, check_unit
+from nl_lightning.optim._preconditioner import MomentumOptimizer
 
 __all__ = ["DeltaMomentum"]
 

@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nl_lightning._validation import is_int
+from nl_lightning._validation import check_choice, check_float, check_int, check_nonnegative, check_unit
 from nl_lightning.optim.newton_schulz import newton_schulz
 
 __all__ = ["DMGD"]
@@ -86,7 +86,7 @@ def _act(name: str, x: Tensor) -> tuple[Tensor, Tensor]:
 
 def _memory_seed(seed: int, index: int) -> int:
     """The seed of parameter ``index``'s generator: depends on ``seed`` and the index only, never on the global RNG."""
-    return (seed * 1_000_003 + index) % 2**32  # the CPU generator keeps only the low 32 bits
+    return (int(seed) * 1_000_003 + index) % 2**32  # the CPU generator keeps only the low 32 bits
 
 
 def _state_dtype(p: Tensor) -> torch.dtype:
@@ -128,29 +128,25 @@ class DMGD(torch.optim.Optimizer):
       All other hyper-parameters are read from the parameter group at every step, so a schedule may change them;
       ``group["momentum"]`` is ``alpha`` (a momentum rule may scale it). The contraction condition
       ``memory_lr <= momentum`` is checked at construction only.
-    - Memory cost per matrix parameter: ``c^2 + 2 h c`` numbers (``M``, ``W1``, ``W2``); compute ``O(r c (c + h))``.
-    - **Defaults**, from scikit-learn digits (MLP 64-128-10, 300 steps of batch 64, final train loss, mean of 3
-      seeds; ``AdamW(lr=1e-3)`` reaches 0.21): ``output="newton_schulz"``, ``hidden=16``, ``lr=0.02``. Newton-Schulz
-      makes the step scale-free (singular values near 1 whatever the gradient's size and the row count), so ``lr`` is
-      the spectral size of each change as in Muon; 0.02, Muon's usual value, reached 0.12 (0.067 at 0.05, 0.055 at
-      0.1; ``hidden=0``: 0.11, 0.073, 0.060). With ``output="none"`` the read's scale depends on the row count: for
-      orthogonal gradient rows the linear memory settles at reading ``-eta / (r (1 - alpha) + eta) * g``
-      (``0.008 g`` for ``r = 128``), so ``lr`` acts as an SGD rate shrunk by about ``r (1 - alpha) / eta``,
-      differently in every layer; the best of lr in {0.1, 0.3, 1, 3} reached 0.34 (lr = 1; ``hidden=0``: 0.60).
-      ``momentum=0.95`` with ``memory_lr=0.05`` gives the linear memory a decay in ``[0.90, 0.95]``.
-    - **No retention on ``W2``, initialized at ``N(0, 1)``.** With retention on every tensor (the first version) the
-      nonlinear branch died out: ``W2`` shrank as ``alpha^t`` while its gradient, which passes through ``W1``
-      (initialized at 0), is second order, so after 300 steps on digits the branch read below 1e-15 of the linear
-      read and ``hidden=16`` trained exactly like ``hidden=0`` (0.073 at lr 0.05). Keeping the key projection out of
-      the retention and at the fan-in scale of unit keys keeps the branch at about 3 times the linear read; measured
-      on the same task: 0.065 (``"newton_schulz"``, lr 0.05) and 0.36 (``"none"``, lr 1, vs 0.60 for ``hidden=0``).
-      The branch has a cost besides time: it generalises across keys, so on the orthogonal-task regression of
-      ``benchmarks/optimizers.py`` (20 steps per task) 68 % of each update fell in earlier tasks' directions with
-      ``hidden=16`` against 10 % with ``hidden=0`` (forgetting 0.043 vs 0.0001 at 100 steps per task), and on the
-      classifiers ``hidden=0`` was as good or better (digits 0.968 vs 0.965, Fashion-MNIST 0.793 vs 0.781). Use
-      ``hidden=0`` where tasks must stay apart.
-    - Cost: on that MLP (CPU, one thread, a busy machine) a step took 1.4 ms (``hidden=0``) / 1.8 ms (``hidden=16``)
-      with ``"newton_schulz"`` (mostly the iterations), 0.39 / 0.65 ms with ``"none"``, against 0.40 ms for ``AdamW``.
+    - Memory cost per matrix parameter: ``c^2 + 2 h c`` numbers (``M``, ``W1``, ``W2``); compute ``O(r c (c + h))``,
+      plus the Newton-Schulz iterations with ``output="newton_schulz"`` (step times: the ``ms/step`` columns of
+      ``benchmarks/results/optimizers.md``).
+    - **Defaults**: ``output="newton_schulz"``, ``hidden=16``, ``lr=0.02``. Newton-Schulz makes the step scale-free
+      (singular values near 1 whatever the gradient's size and the row count), so ``lr`` is the spectral size of each
+      change as in Muon, and 0.02 is Muon's usual value. With ``output="none"`` the read's scale depends on the row
+      count: for orthogonal gradient rows the linear memory settles at reading ``-eta / (r (1 - alpha) + eta) * g``
+      (``0.008 g`` for ``r = 128`` at the defaults), so ``lr`` acts as an SGD rate shrunk by about
+      ``r (1 - alpha) / eta``, differently in every layer. ``momentum=0.95`` with ``memory_lr=0.05`` gives the linear
+      memory a decay in ``[0.90, 0.95]``.
+    - **No retention on ``W2``, initialized at ``N(0, 1)``.** With retention on every tensor the nonlinear branch
+      would die out: ``W2`` would shrink as ``alpha^t`` while its gradient, which passes through ``W1`` (initialized
+      at 0), is second order, so the branch's read would vanish next to the linear read and ``hidden > 0`` would train
+      like ``hidden=0``. Keeping the key projection out of the retention and at the fan-in scale of unit keys keeps
+      the branch's read of the order of the linear read.
+    - **``hidden=0`` keeps tasks apart.** The nonlinear branch generalises across keys, so a write for the current
+      gradients also moves the read of earlier, orthogonal gradient directions; the linear memory does not. Use
+      ``hidden=0`` where tasks must stay apart (the orthogonal-task regression of ``benchmarks/optimizers.py``
+      compares both: ``benchmarks/results/optimizers.md``).
 
     Args:
         params: Parameters or parameter groups. A group may override any hyper-parameter below.
@@ -338,28 +334,24 @@ def _dmgd_update(p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Non
 
 def _validate(hp: dict[str, Any]) -> None:
     """Raise ``ValueError`` naming the offending value and the fix."""
-    lr, momentum, memory_lr = hp["lr"], hp["momentum"], hp["memory_lr"]
-    if not lr >= 0:
-        raise ValueError(f"`lr` must be >= 0, got {lr!r}.")
-    if not 0 <= momentum <= 1:
-        raise ValueError(f"`momentum` (the memory's retention alpha) must be in [0, 1], got {momentum!r}.")
-    if not 0 <= memory_lr <= momentum:
-        raise ValueError(
-            f"`memory_lr` must be in [0, momentum] = [0, {momentum!r}] so that the memory's decay"
-            f" alpha I - eta K^T K / r stays a contraction, got memory_lr={memory_lr!r}. Lower memory_lr or raise"
-            " momentum."
-        )
-    for name in ("hidden", "ns_steps", "seed"):
-        val = hp[name]
-        if not is_int(val) or (name != "seed" and val < 0):
-            raise ValueError(f"`{name}` must be an integer{' >= 0' if name != 'seed' else ''}, got {val!r}.")
+    check_nonnegative("lr", hp["lr"])
+    momentum = check_unit("momentum", hp["momentum"], hint="it is the memory's retention alpha")
+    check_float(
+        "memory_lr",
+        hp["memory_lr"],
+        0,
+        momentum,
+        hint=f"memory_lr <= momentum = {momentum!r} keeps the memory's decay alpha I - eta K^T K / r a contraction;"
+        " lower memory_lr or raise momentum",
+    )
+    check_int("hidden", hp["hidden"], 0, allow_numpy=True, hint="0 keeps only the linear memory")
+    check_int("ns_steps", hp["ns_steps"], 0, allow_numpy=True)
+    check_int("seed", hp["seed"], None, allow_numpy=True)
     for name, allowed in (
         ("objective", _OBJECTIVES),
         ("key", _KEYS),
         ("output", _OUTPUTS),
         ("activation", _ACTIVATIONS),
     ):
-        if hp[name] not in allowed:
-            raise ValueError(f"`{name}` must be one of {', '.join(map(repr, allowed))}; got {hp[name]!r}.")
-    if not hp["weight_decay"] >= 0:
-        raise ValueError(f"`weight_decay` must be >= 0, got {hp['weight_decay']!r}.")
+        check_choice(name, hp[name], allowed)
+    check_nonnegative("weight_decay", hp["weight_decay"])

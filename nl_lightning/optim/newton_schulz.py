@@ -38,6 +38,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from nl_lightning._validation import check_choice, check_int
+
 __all__ = ["newton_schulz"]
 
 _QUINTIC = (3.4445, -4.7750, 2.0315)
@@ -58,7 +60,7 @@ def newton_schulz(
         A tensor of ``g``'s shape and dtype whose singular values are close to 1 (0 stays 0).
 
     Raises:
-        ValueError: If ``g`` has fewer than 2 dimensions, ``steps < 0`` or ``kind`` is unknown.
+        ValueError: If ``g`` has fewer than 2 dimensions, ``steps`` is not an integer ``>= 0`` or ``kind`` is unknown.
 
     Example::
 
@@ -68,10 +70,8 @@ def newton_schulz(
     """
     if g.ndim < 2:
         raise ValueError(f"newton_schulz needs a matrix (..., rows, cols), got a tensor of shape {tuple(g.shape)}.")
-    if steps < 0:
-        raise ValueError(f"`steps` must be >= 0, got {steps}.")
-    if kind not in ("quintic", "cubic"):
-        raise ValueError(f"`kind` must be 'quintic' or 'cubic', got {kind!r}.")
+    check_int("steps", steps, 0, allow_numpy=True)
+    check_choice("kind", kind, ("quintic", "cubic"))
     x = g.float()
     tall = x.shape[-2] > x.shape[-1]
     if tall:  # iterate on the wide orientation: A = X X^T is the smaller Gram matrix
