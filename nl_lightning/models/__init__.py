@@ -10,12 +10,12 @@ from nl_lightning.models.cms_classifier import CMSClassifier
 from nl_lightning.models.hf_checkpoint import from_pretrained_cms, is_cms_checkpoint, save_pretrained_cms
 from nl_lightning.models.hf_cms import install_generation_hooks
 from nl_lightning.models.hf_lm import HFCausalLM
-from nl_lightning.models.hope import HopeBlock, HopeBlockState, HopeModule, HopeState
+from nl_lightning.models.hope import HopeBlock, HopeBlockState, HopeConfig, HopeModule, HopeState
 from nl_lightning.models.lm import CausalLM
 from nl_lightning.models.neural_memory import NeuralMemory, NeuralMemoryState
 from nl_lightning.models.self_modifying_titans import SelfModifyingState, SelfModifyingTitans
 from nl_lightning.models.task_loss_cms import TaskLossContext
-from nl_lightning.models.titans import TitansMAL, TitansState
+from nl_lightning.models.titans import TitansBlock, TitansConfig, TitansMAL, TitansState
 from nl_lightning.models.to_cms import (
     CMSAdapter,
     CMSTransformerDecoderLayer,
@@ -37,6 +37,7 @@ __all__ = [
     "HFCausalLM",
     "HopeBlock",
     "HopeBlockState",
+    "HopeConfig",
     "HopeModule",
     "HopeState",
     "KVCache",
@@ -46,6 +47,8 @@ __all__ = [
     "SelfModifyingState",
     "SelfModifyingTitans",
     "TaskLossContext",
+    "TitansBlock",
+    "TitansConfig",
     "TitansMAL",
     "TitansState",
     "TransformerPP",

@@ -30,7 +30,8 @@ A :class:`HopeBlock` is, with pre-norm residuals,
 (each CMS level is itself a pre-norm residual MLP, written every ``C_i`` tokens). ``variant="attention"`` is
 Hope-Attention: causal softmax attention (RoPE, optionally a sliding window) in place of the self-modifying Titans,
 followed by the same CMS. :class:`HopeModule` stacks blocks into a byte-level language model with the segment,
-evaluation and generation machinery of :class:`~nl_lightning.models.lm.CausalLM`.
+evaluation and generation machinery of :class:`~nl_lightning.models.lm.CausalLM`. Both are built from a
+:class:`HopeConfig`, the architecture checked once.
 
 Choices [ours], where the paper leaves the block open: CMS token-axis writes are first order
 (``differentiable_writes=False``: the initial weights learn through every read and the value projections through
@@ -54,8 +55,8 @@ of the chunk's last position); see :mod:`nl_lightning.models.task_loss_cms`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from typing import Any, Literal, Optional, Union
 
 import torch
@@ -63,7 +64,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from nl_lightning._validation import check_int
+from nl_lightning._validation import check_int, is_int
 from nl_lightning.models.cms import DEFAULT_MAX_WRITE_NORM, ContinuumMemory
 from nl_lightning.models.cms_memory import CMSState
 from nl_lightning.models.lm import BlockStackLM
@@ -71,7 +72,7 @@ from nl_lightning.models.self_modifying_titans import SelfModifyingState, SelfMo
 from nl_lightning.models.task_loss_cms import TaskLossContext, task_loss_forward
 from nl_lightning.models.transformer import CausalSelfAttention, KVCache, RMSNorm
 
-__all__ = ["DEFAULT_CMS_RETENTION", "HopeBlock", "HopeBlockState", "HopeModule", "HopeState"]
+__all__ = ["DEFAULT_CMS_RETENTION", "HopeBlock", "HopeBlockState", "HopeConfig", "HopeModule", "HopeState"]
 
 Variant = Literal["titans", "attention"]
 WriteSignal = Literal["target", "task_loss"]
@@ -115,6 +116,185 @@ class HopeBlockState:
         titans = None if state["titans"] is None else SelfModifyingState.from_state_dict(state["titans"])
         attention = None if state["attention"] is None else KVCache.from_state_dict(state["attention"])
         return cls(titans, CMSState.from_state_dict(state["cms"]), attention)
+
+
+@dataclass(frozen=True)
+class HopeConfig:
+    """The architecture of a Hope model, which :class:`HopeBlock` and :class:`HopeModule` are built from.
+
+    The values are checked once, here: a bad one raises a ``ValueError`` naming the field and the value when the
+    config is made (the sub-modules' own checks, such as the CMS's inner learning rates and write bound, run when they
+    are built). Sequences are stored as tuples and ``titans_kwargs`` as a dict, and ``cms_write_signal=None`` resolves
+    to the variant's default, so two configs describing the same model compare equal.
+
+    Attributes:
+        vocab_size: Vocabulary size (256 for bytes).
+        dim: Model width.
+        depth: Number of Hope blocks.
+        heads: Heads of the self-modifying Titans (or the attention).
+        chunk_size: Tokens per write of the self-modifying Titans memories.
+        cms_chunk_sizes: CMS levels' periods ``C_i`` in tokens, the fastest first.
+        cms_hidden_mult: CMS MLP hidden width as a multiple of ``dim``.
+        cms_inner_lr: Token-axis learning rate of the CMS levels (``None``: the ContinuumMemory default).
+        variant: ``"titans"`` (Hope) or ``"attention"`` (Hope-Attention).
+        window: The attention variant's sliding window (``None``: full causal attention over the whole stream).
+        titans_kwargs: Further :class:`~nl_lightning.models.self_modifying_titans.SelfModifyingTitans` arguments
+            (``hidden_mult``, ``rule``, ``eta_max``, ...); checked with the Titans variant, unused with the other.
+        tie_embeddings: Share the input embedding and the output head.
+        cms_retention: Share of their distance from the learned initial weights that the CMS fast weights keep at
+            every write (one value or one per level, in ``(0, 1]``; see :class:`~nl_lightning.models.cms.CMSBlock`).
+            Below 1 keeps a long stream's fast weights near the state the model was trained to read; 1 is Eq. 31 as
+            printed.
+        cms_write_signal: What writes the CMS on the token axis (see :class:`HopeModule`): ``"target"``, the
+            gradient of each level's local objective ``0.5 ||MLP(k_t) - W_v k_t||^2``; ``"task_loss"``, the gradient
+            of the model's next-token loss (Titans variant only); ``None``: ``"task_loss"`` for Hope, ``"target"`` for
+            Hope-Attention.
+        cms_max_write_norm: Bound on the norm of each CMS write's step, per sample and level (see
+            :class:`~nl_lightning.models.ContinuumMemory`); ``None``: unbounded, Eq. 31 as printed (it warns).
+
+    Raises:
+        ValueError: On sizes below 1, ``dim`` not divisible by ``heads``, an unknown ``variant`` or
+            ``cms_write_signal``, ``"task_loss"`` with the attention variant, a ``cms_retention`` outside ``(0, 1]``
+            or with a length other than the levels', or a bad ``titans_kwargs`` name or value.
+
+    Example::
+
+        config = HopeConfig(dim=64, depth=2, heads=4, cms_chunk_sizes=[16, 64])
+        block = HopeBlock(config)
+        model = HopeModule.from_config(config, segment_len=128)
+
+    """
+
+    vocab_size: int = 256
+    dim: int = 256
+    depth: int = 4
+    heads: int = 4
+    chunk_size: int = 16
+    cms_chunk_sizes: Sequence[int] = (16, 64, 256)
+    cms_hidden_mult: float = 2.0
+    cms_inner_lr: Optional[float] = None
+    variant: Variant = "titans"
+    window: Optional[int] = None
+    titans_kwargs: Optional[dict[str, Any]] = None
+    tie_embeddings: bool = True
+    cms_retention: Union[float, Sequence[float]] = DEFAULT_CMS_RETENTION
+    cms_write_signal: Optional[WriteSignal] = None
+    cms_max_write_norm: Optional[float] = DEFAULT_MAX_WRITE_NORM
+
+    def __post_init__(self) -> None:
+        check_int("vocab_size", self.vocab_size, low=2)
+        for name in ("dim", "depth", "heads", "chunk_size"):
+            check_int(name, getattr(self, name))
+        if self.dim % self.heads:
+            raise ValueError(
+                f"`dim` ({self.dim}) must be divisible by `heads` ({self.heads}); pick heads among its divisors."
+            )
+        sizes = self.cms_chunk_sizes
+        if (
+            isinstance(sizes, (str, bytes))
+            or not isinstance(sizes, Sequence)
+            or not sizes
+            or not all(is_int(c) and c >= 1 for c in sizes)
+        ):
+            raise ValueError(f"`cms_chunk_sizes` must be a non-empty list of integers >= 1, got {sizes!r}.")
+        self._set("cms_chunk_sizes", tuple(sizes))
+        if not self.cms_hidden_mult > 0:
+            raise ValueError(f"`cms_hidden_mult` must be > 0, got {self.cms_hidden_mult!r}.")
+        if self.variant not in ("titans", "attention"):
+            raise ValueError(
+                f"`variant` must be 'titans' (Hope) or 'attention' (Hope-Attention), got {self.variant!r}."
+            )
+        if self.window is not None and (not is_int(self.window) or self.window < 1):
+            raise ValueError(f"`window` must be None (full causal attention) or an integer >= 1, got {self.window!r}.")
+        self._set("cms_retention", _check_retention(self.cms_retention, len(sizes)))
+        signal = self.cms_write_signal
+        if signal is None:
+            signal = "task_loss" if self.variant == "titans" else "target"
+        _check_write_signal(signal, self.variant)
+        self._set("cms_write_signal", signal)
+        self._set("titans_kwargs", self._checked_titans_kwargs())
+
+    def _set(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)  # the config is frozen once checked
+
+    def _checked_titans_kwargs(self) -> dict[str, Any]:
+        kwargs = self.titans_kwargs
+        if kwargs is None:
+            return {}
+        if not isinstance(kwargs, Mapping):
+            raise ValueError(
+                f"`titans_kwargs` must be None or a dict of SelfModifyingTitans arguments, got {kwargs!r}."
+            )
+        kwargs = dict(kwargs)
+        if self.variant != "titans":
+            return kwargs
+        owned = sorted({"dim", "heads", "chunk_size"} & set(kwargs))
+        if owned:
+            raise ValueError(f"`titans_kwargs` sets {owned}; set them as fields of the config instead.")
+        try:
+            SelfModifyingTitans.check_arguments(self.dim, self.heads, self.chunk_size, **kwargs)
+        except ValueError as err:
+            raise ValueError(f"`titans_kwargs`: {err}") from None
+        if "max_inner_grad_norm" in kwargs and kwargs["max_inner_grad_norm"] is None:
+            rank_zero_warn(
+                "Hope with `titans_kwargs={'max_inner_grad_norm': None}`: the self-modifying Titans memories"
+                " write with unclipped inner gradients (the printed rule) and can diverge to NaN. Leave"
+                " `max_inner_grad_norm` at its default (1.0) to bound them.",
+                category=UserWarning,
+            )
+        return kwargs
+
+    def to_kwargs(self) -> dict[str, Any]:
+        """The fields as keyword arguments of :class:`HopeModule` (tuples as lists, as YAML writes them)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def _check_retention(value: Any, levels: int) -> Union[float, tuple[float, ...]]:
+    """``cms_retention`` checked: one value for every level, or one per level, each in ``(0, 1]``."""
+    many = isinstance(value, Sequence) and not isinstance(value, str)
+    values = list(value) if many else [value]
+    if many and len(values) != levels:
+        raise ValueError(
+            f"`cms_retention` needs one value per level ({levels}), got {values!r}; or give one value for all levels."
+        )
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+            raise ValueError(
+                f"`cms_retention` must be in (0, 1] (1: Eq. 31, no pull back to the initial weights), got {v!r}."
+            )
+    return tuple(values) if many else value
+
+
+def _block_config(
+    dim: int,
+    heads: int = 4,
+    chunk_size: int = 16,
+    cms_chunk_sizes: Sequence[int] = (16, 64, 256),
+    cms_hidden_mult: float = 2.0,
+    cms_inner_lr: Optional[float] = None,
+    variant: Variant = "titans",
+    window: Optional[int] = None,
+    titans_kwargs: Optional[dict[str, Any]] = None,
+    cms_retention: Union[float, Sequence[float]] = DEFAULT_CMS_RETENTION,
+    cms_write_signal: WriteSignal = "target",
+    cms_max_write_norm: Optional[float] = DEFAULT_MAX_WRITE_NORM,
+) -> HopeConfig:
+    """The config of ``HopeBlock(dim, heads, ...)``, the keyword form (whose ``cms_write_signal`` is ``"target"``)."""
+    return HopeConfig(
+        dim=dim,
+        heads=heads,
+        chunk_size=chunk_size,
+        cms_chunk_sizes=cms_chunk_sizes,
+        cms_hidden_mult=cms_hidden_mult,
+        cms_inner_lr=cms_inner_lr,
+        variant=variant,
+        window=window,
+        titans_kwargs=titans_kwargs,
+        cms_retention=cms_retention,
+        cms_write_signal=cms_write_signal,
+        cms_max_write_norm=cms_max_write_norm,
+    )
 
 
 def _check_write_signal(signal: Any, variant: str) -> None:
@@ -170,82 +350,58 @@ class HopeState:
 class HopeBlock(nn.Module):
     """Self-modifying Titans (or softmax attention) then a Continuum Memory System, each with a residual.
 
+    Built from a :class:`HopeConfig` (its ``vocab_size``, ``depth`` and ``tie_embeddings`` are the model's and unused
+    here): ``HopeBlock(config)``. The keyword form ``HopeBlock(dim, heads=4, chunk_size=16, cms_chunk_sizes=(16, 64,
+    256), cms_hidden_mult=2.0, cms_inner_lr=None, variant="titans", window=None, titans_kwargs=None,
+    cms_retention=DEFAULT_CMS_RETENTION, cms_write_signal="target", cms_max_write_norm=DEFAULT_MAX_WRITE_NORM)`` makes
+    that config from the same names (see :class:`HopeConfig`), with the block's own default write signal,
+    ``"target"``.
+
+    With ``cms_write_signal="task_loss"`` the CMS levels are built without value projections and the block's own
+    :meth:`forward` reads only (``write=False``): only the :class:`HopeModule` holding the block computes the
+    next-token loss that writes them (:mod:`nl_lightning.models.task_loss_cms`).
+
     Args:
-        dim: Model width.
-        heads: Heads of the self-modifying Titans (or the attention).
-        chunk_size: Tokens per write of the self-modifying memories.
-        cms_chunk_sizes: ``C_i`` of each CMS level, the fastest first.
-        cms_hidden_mult: Hidden width of each CMS MLP as a multiple of ``dim``.
-        cms_inner_lr: Token-axis learning rate of the CMS levels (``None``: ContinuumMemory's default).
-        variant: ``"titans"`` (Hope) or ``"attention"`` (Hope-Attention).
-        window: Sliding window of the attention variant (``None``: full causal attention over the whole stream).
-        titans_kwargs: Further :class:`~nl_lightning.models.self_modifying_titans.SelfModifyingTitans` arguments.
-        cms_retention: Share of their distance from the learned initial weights that the CMS fast weights keep at
-            every write (one value or one per level, in ``(0, 1]``; see
-            :class:`~nl_lightning.models.cms.CMSBlock`). Below 1 keeps a long stream's fast weights near the state
-            the model was trained to read; 1 is Eq. 31 as printed.
-        cms_write_signal: What writes the CMS on the token axis: ``"target"`` (default), the gradient of each level's
-            local objective ``0.5 ||MLP(k_t) - W_v k_t||^2``; ``"task_loss"``, the gradient of the model's next-token
-            loss (:mod:`nl_lightning.models.task_loss_cms`), which only the :class:`HopeModule` holding the block
-            computes: the CMS levels are built without value projections, and the block's own :meth:`forward` then
-            reads only (``write=False``).
-        cms_max_write_norm: Bound on the norm of each CMS write's step, per sample and level (see
-            :class:`~nl_lightning.models.ContinuumMemory`); ``None``: unbounded, Eq. 31 as printed (it warns).
+        config: The architecture; or, in the keyword form, ``dim``.
+        *args: The keyword form's further positional arguments (``heads``, ``chunk_size``, ...).
+        **kwargs: The keyword form's arguments.
 
     Raises:
-        ValueError: On an unknown ``variant`` or ``cms_write_signal``, ``"task_loss"`` with the attention variant
-            (and the sub-modules' own errors).
+        ValueError: On a bad value (see :class:`HopeConfig`, and the sub-modules' own errors).
+        TypeError: On further arguments after a :class:`HopeConfig`, or an unknown keyword.
 
     Example::
 
-        block = HopeBlock(dim=64, heads=4, cms_chunk_sizes=[16, 64])
+        block = HopeBlock(HopeConfig(dim=64, heads=4, cms_chunk_sizes=[16, 64], cms_write_signal="target"))
+        # the same block: HopeBlock(dim=64, heads=4, cms_chunk_sizes=[16, 64])
         y, state = block(torch.randn(2, 128, 64))
         y2, state = block(torch.randn(2, 128, 64), state)  # continues the stream
 
     """
 
-    def __init__(
-        self,
-        dim: int,
-        heads: int = 4,
-        chunk_size: int = 16,
-        cms_chunk_sizes: Sequence[int] = (16, 64, 256),
-        cms_hidden_mult: float = 2.0,
-        cms_inner_lr: Optional[float] = None,
-        variant: Variant = "titans",
-        window: Optional[int] = None,
-        titans_kwargs: Optional[dict[str, Any]] = None,
-        cms_retention: Union[float, Sequence[float]] = DEFAULT_CMS_RETENTION,
-        cms_write_signal: WriteSignal = "target",
-        cms_max_write_norm: Optional[float] = DEFAULT_MAX_WRITE_NORM,
-    ) -> None:
+    def __init__(self, config: Union[HopeConfig, int, None] = None, *args: Any, **kwargs: Any) -> None:
         super().__init__()
-        if variant not in ("titans", "attention"):
-            raise ValueError(f"`variant` must be 'titans' (Hope) or 'attention' (Hope-Attention), got {variant!r}.")
-        _check_write_signal(cms_write_signal, variant)
-        self.variant, self.cms_write_signal = variant, cms_write_signal
-        self.norm = RMSNorm(dim)
-        if variant == "titans":
-            self.mixer: nn.Module = SelfModifyingTitans(dim, heads, chunk_size, **(titans_kwargs or {}))
-            if self.mixer.max_inner_grad_norm is None:
-                rank_zero_warn(
-                    "HopeBlock with `titans_kwargs={'max_inner_grad_norm': None}`: the self-modifying Titans memories"
-                    " write with unclipped inner gradients (the printed rule) and can diverge to NaN. Leave"
-                    " `max_inner_grad_norm` at its default (1.0) to bound them.",
-                    category=UserWarning,
-                )
+        if not isinstance(config, HopeConfig):
+            config = _block_config(*([] if config is None else [config]), *args, **kwargs)
+        elif args or kwargs:
+            raise TypeError(f"HopeBlock(config) takes no further arguments, got {args or ''}{kwargs or ''}.")
+        self.config = config
+        self.variant, self.cms_write_signal = config.variant, config.cms_write_signal
+        self.norm = RMSNorm(config.dim)
+        if config.variant == "titans":
+            self.mixer: nn.Module = SelfModifyingTitans.from_config(config)
         else:
-            self.mixer = CausalSelfAttention(dim, heads, window=window)
-        cms_kwargs: dict[str, Any] = {} if cms_inner_lr is None else {"inner_lr": cms_inner_lr}
+            self.mixer = CausalSelfAttention(config.dim, config.heads, window=config.window)
+        cms_kwargs: dict[str, Any] = {} if config.cms_inner_lr is None else {"inner_lr": config.cms_inner_lr}
         self.cms = ContinuumMemory(
-            dim,
-            list(cms_chunk_sizes),
-            hidden_mult=cms_hidden_mult,
+            config.dim,
+            list(config.cms_chunk_sizes),
+            hidden_mult=config.cms_hidden_mult,
             in_context=True,
             differentiable_writes=False,
-            retention=cms_retention,
-            value_projection=cms_write_signal == "target",
-            max_write_norm=cms_max_write_norm,
+            retention=config.cms_retention,
+            value_projection=config.cms_write_signal == "target",
+            max_write_norm=config.cms_max_write_norm,
             **cms_kwargs,
         )
 
@@ -303,6 +459,10 @@ class HopeModule(BlockStackLM):
     token (see :class:`~nl_lightning.models.lm.CausalLM`). After every training step it logs, per layer ``i``,
     ``train_layer<i>/<stat>``: the inner (surprise) loss of each self-modifying memory and their weight norms.
 
+    The architecture arguments (``vocab_size`` to ``cms_max_write_norm``) make a :class:`HopeConfig`
+    (``model.config``, checked once there) that every :class:`HopeBlock` is built from; :meth:`from_config` builds the
+    model from one. The hyper-parameters saved in checkpoints are the keyword arguments, as passed.
+
     Args:
         vocab_size: Vocabulary size (256 for bytes).
         dim: Model width.
@@ -337,8 +497,9 @@ class HopeModule(BlockStackLM):
             ``memorize_at_eval``, ...).
 
     Raises:
-        ValueError: On sizes below 1, an unknown variant or ``cms_write_signal``, ``"task_loss"`` with the attention
-            variant, or a bad sub-module / CausalLM argument.
+        ValueError: On a bad architecture value (see :class:`HopeConfig`: sizes below 1, an unknown variant or
+            ``cms_write_signal``, ``"task_loss"`` with the attention variant, ...) or a bad sub-module / CausalLM
+            argument.
 
     Example::
 
@@ -371,30 +532,32 @@ class HopeModule(BlockStackLM):
         **lm_kwargs: Any,
     ) -> None:
         super().__init__(vocab_size, **lm_kwargs)
-        for name, value in (("dim", dim), ("depth", depth), ("heads", heads)):
-            check_int(name, value)
-        if cms_write_signal is None:
-            cms_write_signal = "task_loss" if variant == "titans" else "target"
-        _check_write_signal(cms_write_signal, variant)
-        self.dim, self.variant, self.cms_write_signal = dim, variant, cms_write_signal
-        blocks = [
-            HopeBlock(
-                dim,
-                heads,
-                chunk_size,
-                cms_chunk_sizes,
-                cms_hidden_mult,
-                cms_inner_lr,
-                variant,
-                window,
-                titans_kwargs,
-                cms_retention,
-                cms_write_signal,
-                cms_max_write_norm,
-            )
-            for _ in range(depth)
-        ]
-        self.build(dim, blocks, tie_embeddings)
+        self.config = HopeConfig(
+            vocab_size=vocab_size,
+            dim=dim,
+            depth=depth,
+            heads=heads,
+            chunk_size=chunk_size,
+            cms_chunk_sizes=cms_chunk_sizes,
+            cms_hidden_mult=cms_hidden_mult,
+            cms_inner_lr=cms_inner_lr,
+            variant=variant,
+            window=window,
+            titans_kwargs=titans_kwargs,
+            tie_embeddings=tie_embeddings,
+            cms_retention=cms_retention,
+            cms_write_signal=cms_write_signal,
+            cms_max_write_norm=cms_max_write_norm,
+        )
+        self.dim, self.variant, self.cms_write_signal = dim, variant, self.config.cms_write_signal
+        self.build(dim, [HopeBlock(self.config) for _ in range(depth)], tie_embeddings)
+
+    @classmethod
+    def from_config(cls, config: HopeConfig, **lm_kwargs: Any) -> HopeModule:
+        """A :class:`HopeModule` of architecture ``config``; ``lm_kwargs`` are the
+        :class:`~nl_lightning.models.lm.CausalLM` arguments (``lr``, ``segment_len``, ...). Its hyper-parameters are
+        the config's fields and ``lm_kwargs``, as if they had been passed as keywords."""
+        return cls(**config.to_kwargs(), **lm_kwargs)
 
     @override
     def forward(self, tokens: Tensor, state: Optional[HopeState] = None, write: bool = True) -> tuple[Tensor, Any]:

@@ -68,10 +68,11 @@ autocast disabled (fp64 for fp64 inputs) and needs no autograd, so it works unde
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -81,11 +82,13 @@ from nl_lightning._validation import check_int
 from nl_lightning.models._residual_memory import clip_factor, dgd_chunk, input_side_factor, residual_forward
 from nl_lightning.models.cms_memory import ACTIVATIONS, _portable, piece_lengths
 
+if TYPE_CHECKING:
+    from nl_lightning.models.hope import HopeConfig
+
 __all__ = ["MEMORIES", "SelfModifyingState", "SelfModifyingTitans"]
 
 #: The order of the five memories along dimension 1 of the weights.
 MEMORIES = ("k", "v", "eta", "alpha", "mem")
-_GEN, _MEM = slice(0, 4), slice(4, 5)
 
 
 @dataclass
@@ -141,6 +144,43 @@ class SelfModifyingState:
         return cls(**tensors, count=int(state["count"]), mem_count=int(state["mem_count"]))
 
 
+def _check_arguments(
+    dim: int,
+    heads: int,
+    chunk_size: int,
+    mem_chunk_size: int,
+    hidden_mult: float,
+    conv_size: int,
+    rule: str,
+    eta_max: float,
+    activation: str,
+    alpha_init: float,
+    eta_init: float,
+    max_inner_grad_norm: Optional[float],
+) -> None:
+    """The checks of :class:`SelfModifyingTitans`' arguments (``mem_chunk_size`` resolved); see its ``Raises``."""
+    for name, value in [("dim", dim), ("heads", heads), ("chunk_size", chunk_size)]:
+        check_int(name, value)
+    check_int("mem_chunk_size", mem_chunk_size)
+    check_int("conv_size", conv_size)
+    if dim % heads:
+        raise ValueError(f"`dim` ({dim}) must be divisible by `heads` ({heads}); pick heads among its divisors.")
+    if not hidden_mult > 0:
+        raise ValueError(f"`hidden_mult` must be > 0, got {hidden_mult!r}.")
+    if rule not in ("paper", "delta"):
+        raise ValueError(f"`rule` must be 'paper' or 'delta', got {rule!r}.")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"`activation` must be one of {sorted(ACTIVATIONS)}, got {activation!r}.")
+    if not 0 < eta_max <= 1:
+        raise ValueError(f"`eta_max` must be in (0, 1] so that αI - ηkkᵀ contracts, got {eta_max!r}.")
+    if not 0 < alpha_init < 1:
+        raise ValueError(f"`alpha_init` must be in (0, 1), got {alpha_init!r}.")
+    if not 0 < eta_init < eta_max:
+        raise ValueError(f"`eta_init` must be in (0, eta_max={eta_max}), got {eta_init!r}.")
+    if max_inner_grad_norm is not None and not max_inner_grad_norm > 0:
+        raise ValueError(f"`max_inner_grad_norm` must be > 0 or None, got {max_inner_grad_norm!r}.")
+
+
 class SelfModifyingTitans(nn.Module):
     r"""Self-modifying Titans (A §8, Eq. 76-93, NL arXiv): five self-referential memories written by DGD (Eq. 88).
 
@@ -153,7 +193,9 @@ class SelfModifyingTitans(nn.Module):
     ``α`` readouts, ``conv`` the depthwise causal convolution, ``q_proj`` ``W_q``, ``out_proj`` the output projection.
     ``last_stats`` holds detached scalars of the last call: ``inner_loss/<memory>`` (mean
     :math:`\lVert\mathcal{M}(k) - \hat v\rVert^2` at the anchors), ``norm/<memory>`` (mean Frobenius norm of the final
-    ``(W_1, W_2)``), ``eta`` and ``alpha`` (means).
+    ``(W_1, W_2)``), ``eta`` and ``alpha`` (means). A Hope block builds it from its
+    :class:`~nl_lightning.models.hope.HopeConfig` with :meth:`from_config`; :meth:`check_arguments` runs the checks
+    below without building it.
 
     Args:
         dim: Model width; must be divisible by ``heads``.
@@ -201,26 +243,20 @@ class SelfModifyingTitans(nn.Module):
     ) -> None:
         super().__init__()
         mem_chunk_size = chunk_size if mem_chunk_size is None else mem_chunk_size
-        for name, value in [("dim", dim), ("heads", heads), ("chunk_size", chunk_size)]:
-            check_int(name, value)
-        check_int("mem_chunk_size", mem_chunk_size)
-        check_int("conv_size", conv_size)
-        if dim % heads:
-            raise ValueError(f"`dim` ({dim}) must be divisible by `heads` ({heads}); pick heads among its divisors.")
-        if not hidden_mult > 0:
-            raise ValueError(f"`hidden_mult` must be > 0, got {hidden_mult!r}.")
-        if rule not in ("paper", "delta"):
-            raise ValueError(f"`rule` must be 'paper' or 'delta', got {rule!r}.")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"`activation` must be one of {sorted(ACTIVATIONS)}, got {activation!r}.")
-        if not 0 < eta_max <= 1:
-            raise ValueError(f"`eta_max` must be in (0, 1] so that αI - ηkkᵀ contracts, got {eta_max!r}.")
-        if not 0 < alpha_init < 1:
-            raise ValueError(f"`alpha_init` must be in (0, 1), got {alpha_init!r}.")
-        if not 0 < eta_init < eta_max:
-            raise ValueError(f"`eta_init` must be in (0, eta_max={eta_max}), got {eta_init!r}.")
-        if max_inner_grad_norm is not None and not max_inner_grad_norm > 0:
-            raise ValueError(f"`max_inner_grad_norm` must be > 0 or None, got {max_inner_grad_norm!r}.")
+        _check_arguments(
+            dim,
+            heads,
+            chunk_size,
+            mem_chunk_size,
+            hidden_mult,
+            conv_size,
+            rule,
+            eta_max,
+            activation,
+            alpha_init,
+            eta_init,
+            max_inner_grad_norm,
+        )
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
         self.hidden = max(1, round(hidden_mult * self.head_dim))
         self.chunk_size, self.mem_chunk_size, self.conv_size = chunk_size, mem_chunk_size, conv_size
@@ -236,6 +272,39 @@ class SelfModifyingTitans(nn.Module):
         self.q_proj = nn.Linear(dim, dim, bias=False)
         self.out_proj = nn.Linear(dim, dim, bias=False)
         self.last_stats: dict[str, Tensor] = {}
+
+    @classmethod
+    def from_config(cls, config: HopeConfig) -> SelfModifyingTitans:
+        """The self-modifying Titans of a Hope block: ``config``'s ``dim``, ``heads``, ``chunk_size`` and
+        ``titans_kwargs``."""
+        return cls(config.dim, config.heads, config.chunk_size, **config.titans_kwargs)
+
+    @classmethod
+    def check_arguments(cls, dim: int, heads: int = 4, chunk_size: int = 16, **kwargs: Any) -> None:
+        """Raise the ``ValueError`` that ``SelfModifyingTitans(dim, heads, chunk_size, **kwargs)`` would raise, without
+        building it (:class:`~nl_lightning.models.hope.HopeConfig` checks its ``titans_kwargs`` with it).
+
+        Args:
+            dim: Model width.
+            heads: Number of heads.
+            chunk_size: Tokens per chunk of the ``k, v, η, α`` memories.
+            **kwargs: The other arguments of :class:`SelfModifyingTitans`.
+
+        Raises:
+            ValueError: On a name :class:`SelfModifyingTitans` does not take, or a bad value (see the class).
+
+        """
+        signature = inspect.signature(cls.__init__)
+        unknown = sorted(set(kwargs) - (set(signature.parameters) - {"self"}))
+        if unknown:
+            allowed = sorted(set(signature.parameters) - {"self", "dim", "heads", "chunk_size"})
+            raise ValueError(f"SelfModifyingTitans takes no argument(s) {unknown}; the others are {allowed}.")
+        bound = signature.bind(None, dim, heads, chunk_size, **kwargs)
+        bound.apply_defaults()
+        args = {name: value for name, value in bound.arguments.items() if name != "self"}
+        if args["mem_chunk_size"] is None:
+            args["mem_chunk_size"] = chunk_size
+        _check_arguments(**args)
 
     def initial_state(
         self, batch: int, device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32
@@ -263,7 +332,8 @@ class SelfModifyingTitans(nn.Module):
             if write and x.shape[1] > 0:
                 o, state = self._write_pass(xh, q, state)
             else:
-                o = residual_forward(q, state.anchor_w1[:, 4], state.anchor_w2[:, 4], self.activation)[0]
+                mem_w1, mem_w2 = state.anchor_w1[:, 4], state.anchor_w2[:, 4]  # M_mem (B, H, ., .) at its anchor
+                o = residual_forward(q, mem_w1, mem_w2, self.activation)[0]  # (B, H, T, d)
                 self.last_stats = self._norm_stats(state)
             o = o.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.dim)  # (B, T, D)
         return self.out_proj(o.to(x.dtype)).to(x.dtype), state
@@ -305,61 +375,107 @@ class SelfModifyingTitans(nn.Module):
         return w1, w2, error.detach().pow(2).sum(-1)
 
     def _write_pass(self, xh: Tensor, q: Tensor, state: SelfModifyingState) -> tuple[Tensor, SelfModifyingState]:
-        """Pass 1: the generators over their chunks, giving every token's ``k, v, η, α``; pass 2: ``M_mem``.
+        """Write the five memories along the tokens (Eq. 88, chunked as in Eq. 90) and read ``M_mem`` with ``q``.
 
-        Inside, the weights are ``(5, B, H, ., .)`` (memories first, see :func:`dgd_chunk`); the state keeps
-        ``(B, 5, H, ., .)``.
+        Pass 1 scans the chunks of the generators ``M_k, M_v, M_η, M_α``: each chunk's tokens generate their ``k, v,
+        η, α`` with the chunk's anchors, then write the generators. Pass 2 scans ``M_mem``'s chunks: each chunk's
+        queries read ``M_mem`` at its anchor (the output ``o_t``), then the chunk writes ``M_mem`` with its tokens' ``k,
+        v, η, α`` from pass 1. When both chunkings are the same (equal sizes, same position in the current chunk),
+        one scan does both passes, all five memories batched.
+
+        Args:
+            xh: The convolution's output per head ``(B, H, T, d)``.
+            q: The normalised queries ``(B, H, T, d)``.
+            state: The state before the tokens.
+
+        Returns:
+            The outputs ``o`` ``(B, H, T, d)`` and the state after the tokens.
+
         """
-        seq, act = xh.shape[2], self.activation
-        # M_mem rides along with the generators when their chunks coincide: one batched write for all five
-        merged = self.mem_chunk_size == self.chunk_size and state.count == state.mem_count
-        tokens, outs, losses, mem_losses = [], [], [], []
-        weights = [t.transpose(0, 1).contiguous() for t in (state.w1, state.w2, state.anchor_w1, state.anchor_w2)]
+        memories = _Memories.from_state(state)  # (5, B, H, ., .): memories first
+        if self.mem_chunk_size == self.chunk_size and state.count == state.mem_count:
+            memories, out, tokens, loss = self._scan_generators(xh, memories, q=q)  # loss (5, B, H, T)
+            generators, memory = memories.generators(), memories.memory()
+        else:
+            generators, _, tokens, gen_loss = self._scan_generators(xh, memories.generators())  # loss (4, B, H, T)
+            memory = replace(memories.memory(), count=state.mem_count)  # M_mem at its own place in its chunk
+            memory, out, mem_loss = self._scan_memory(q, tokens, memory)  # loss (1, B, H, T)
+            loss = torch.cat([gen_loss, mem_loss])  # (5, B, H, T)
+        state = _Memories.to_state(generators, memory, state)
+        self.last_stats = self._write_stats(state, loss, tokens)
+        return out, state
 
-        lengths = piece_lengths(seq, state.count, self.chunk_size)
-        xs, qs = xh.split(lengths, dim=2), q.split(lengths, dim=2)  # split, not slices: a cheap backward
+    def _scan_generators(
+        self, xh: Tensor, memories: _Memories, q: Optional[Tensor] = None
+    ) -> tuple[_Memories, Optional[Tensor], _Tokens, Tensor]:
+        """Pass 1: the generators over their chunks of ``chunk_size`` tokens (Eq. 90).
 
-        def generators(i: int, w1: Tensor, w2: Tensor, anchor1: Tensor, anchor2: Tensor) -> tuple[Tensor, Tensor]:
-            z = torch.stack([xs[i]] * 4 + [qs[i]]) if merged else xs[i]  # M_mem reads q
-            y = residual_forward(z, anchor1, anchor2, act)[0]  # (G, B, H, n, d)
-            k, v, eta, log_alpha = self._generate(y[_GEN])
-            if merged:
-                outs.append(y[4])
-            w1, w2, loss = self._write(w1, w2, anchor1, anchor2, k, v, eta, log_alpha)
-            tokens.append((k, v, eta, log_alpha))
-            losses.append(loss)
-            return w1, w2
+        Each chunk reads the generators at their anchors, turns their outputs into the tokens' ``k, v, η, α`` (see
+        :meth:`_generate`) and writes them (Eq. 88, :meth:`_write`). With ``q``, ``memories`` holds all five memories
+        and ``M_mem`` rides along: it reads ``q`` and writes with the same ``k, v, η, α``.
 
-        group = slice(0, 5) if merged else _GEN
-        gen, count = _scan([w[group] for w in weights], lengths, state.count, self.chunk_size, generators)
-        k, v, eta, log_alpha = (torch.cat(ts, dim=2 if i < 2 else -1) for i, ts in enumerate(zip(*tokens, strict=True)))
-        parts, mem_count = [gen], count
-        if not merged:
-            lengths = piece_lengths(seq, state.mem_count, self.mem_chunk_size)
-            qs, ks, vs = q.split(lengths, dim=2), k.split(lengths, dim=2), v.split(lengths, dim=2)
-            etas, log_alphas = eta.split(lengths, dim=-1), log_alpha.split(lengths, dim=-1)
+        Args:
+            xh: The convolution's output per head ``(B, H, T, d)``.
+            memories: The four generators ``(4, B, H, ., .)``, or all five with ``q``.
+            q: The queries ``(B, H, T, d)`` when ``M_mem`` rides along.
 
-            def memory(i: int, w1: Tensor, w2: Tensor, anchor1: Tensor, anchor2: Tensor) -> tuple[Tensor, Tensor]:
-                outs.append(residual_forward(qs[i], anchor1[0], anchor2[0], act)[0])
-                w1, w2, loss = self._write(w1, w2, anchor1, anchor2, ks[i], vs[i], etas[i], log_alphas[i])
-                mem_losses.append(loss)
-                return w1, w2
+        Returns:
+            The memories after the tokens, ``M_mem``'s outputs ``(B, H, T, d)`` (``None`` without ``q``), every
+            token's ``k, v, η, log α`` and the inner losses ``(G, B, H, T)``.
 
-            mem, mem_count = _scan([w[_MEM] for w in weights], lengths, state.mem_count, self.mem_chunk_size, memory)
-            parts.append(mem)
-        w1, w2, anchor1, anchor2 = (torch.cat(ts).transpose(0, 1) for ts in zip(*parts, strict=True))
-        state = replace(state, w1=w1, w2=w2, anchor_w1=anchor1, anchor_w2=anchor2, count=count, mem_count=mem_count)
-        with torch.no_grad():
-            loss = torch.cat(losses, dim=-1)  # (4 or 5, B, H, T)
-            if not merged:
-                loss = torch.cat([loss, torch.cat(mem_losses, dim=-1)])
-            self.last_stats = {
-                **{f"inner_loss/{name}": loss[i].mean() for i, name in enumerate(MEMORIES)},
-                **self._norm_stats(state),
-                "eta": eta.detach().mean(),
-                "alpha": log_alpha.detach().exp().mean(),
-            }
-        return torch.cat(outs, dim=2), state
+        """
+        lengths = piece_lengths(xh.shape[2], memories.count, self.chunk_size)
+        x_pieces = xh.split(lengths, dim=2)  # (B, H, n, d) each; split, not slices: a cheap backward
+        q_pieces = [None] * len(lengths) if q is None else q.split(lengths, dim=2)
+        outs, tokens, losses = [], [], []
+        for x, q_chunk in zip(x_pieces, q_pieces, strict=True):
+            z = x if q_chunk is None else torch.stack([x, x, x, x, q_chunk])  # (B, H, n, d) or (5, B, H, n, d)
+            y = residual_forward(z, memories.anchor_w1, memories.anchor_w2, self.activation)[0]  # (G, B, H, n, d)
+            if q_chunk is not None:
+                y, out = y[:4], y[4]  # the generators' outputs (4, B, H, n, d); M_mem's read of q (B, H, n, d)
+                outs.append(out)
+            chunk = _Tokens(*self._generate(y))  # k, v (B, H, n, d); η, log α (B, H, n)
+            w1, w2, loss = self._write(memories.w1, memories.w2, memories.anchor_w1, memories.anchor_w2, *chunk)
+            memories = memories.advance(w1, w2, x.shape[2], self.chunk_size)
+            tokens.append(chunk)
+            losses.append(loss)  # (G, B, H, n)
+        out = torch.cat(outs, dim=2) if outs else None  # (B, H, T, d)
+        return memories, out, _Tokens.cat(tokens), torch.cat(losses, dim=-1)
+
+    def _scan_memory(self, q: Tensor, tokens: _Tokens, memory: _Memories) -> tuple[_Memories, Tensor, Tensor]:
+        """Pass 2: ``M_mem`` over its chunks of ``mem_chunk_size`` tokens (Eq. 90).
+
+        Each chunk's queries read ``M_mem`` at its anchor, giving the outputs ``o_t = M_mem(q_t)``; then the chunk
+        writes ``M_mem`` (Eq. 88) with its tokens' ``k, v, η, α`` from pass 1.
+
+        Args:
+            q: The queries ``(B, H, T, d)``.
+            tokens: Every token's ``k, v, η, log α`` from :meth:`_scan_generators`.
+            memory: ``M_mem`` ``(1, B, H, ., .)``.
+
+        Returns:
+            ``M_mem`` after the tokens, the outputs ``(B, H, T, d)`` and the inner losses ``(1, B, H, T)``.
+
+        """
+        lengths = piece_lengths(q.shape[2], memory.count, self.mem_chunk_size)
+        outs, losses = [], []
+        for q_chunk, chunk in zip(q.split(lengths, dim=2), tokens.split(lengths), strict=True):
+            read = residual_forward(q_chunk, memory.anchor_w1[0], memory.anchor_w2[0], self.activation)[0]
+            outs.append(read)  # (B, H, n, d)
+            w1, w2, loss = self._write(memory.w1, memory.w2, memory.anchor_w1, memory.anchor_w2, *chunk)
+            memory = memory.advance(w1, w2, q_chunk.shape[2], self.mem_chunk_size)
+            losses.append(loss)  # (1, B, H, n)
+        return memory, torch.cat(outs, dim=2), torch.cat(losses, dim=-1)
+
+    @torch.no_grad()
+    def _write_stats(self, state: SelfModifyingState, loss: Tensor, tokens: _Tokens) -> dict[str, Tensor]:
+        """``last_stats`` of a write pass: the inner losses ``loss`` ``(5, B, H, T)``, the norms, the mean gates."""
+        return {
+            **{f"inner_loss/{name}": loss[i].mean() for i, name in enumerate(MEMORIES)},
+            **self._norm_stats(state),
+            "eta": tokens.eta.detach().mean(),
+            "alpha": tokens.log_alpha.detach().exp().mean(),
+        }
 
     @torch.no_grad()
     def _norm_stats(self, state: SelfModifyingState) -> dict[str, Tensor]:
@@ -373,21 +489,75 @@ class SelfModifyingTitans(nn.Module):
         )
 
 
-Weights = tuple[Tensor, Tensor, Tensor, Tensor]
+class _Tokens(NamedTuple):
+    """The tokens' self-generated keys, values, learning rates and log retention gates (``k, v, η, log α``)."""
+
+    k: Tensor  # (B, H, n, d), normalised
+    v: Tensor  # (B, H, n, d)
+    eta: Tensor  # (B, H, n)
+    log_alpha: Tensor  # (B, H, n)
+
+    @staticmethod
+    def cat(chunks: Sequence[_Tokens]) -> _Tokens:
+        """The chunks joined along the tokens."""
+        return _Tokens(*(torch.cat(parts, dim=2) for parts in zip(*chunks, strict=True)))
+
+    def split(self, lengths: list[int]) -> list[_Tokens]:
+        """Pieces of ``lengths`` tokens."""
+        return [_Tokens(*parts) for parts in zip(*(t.split(lengths, dim=2) for t in self), strict=True)]
 
 
-def _scan(
-    weights: Sequence[Tensor], lengths: list[int], count: int, size: int, write: Callable[..., tuple[Tensor, Tensor]]
-) -> tuple[Weights, int]:
-    """Walk the pieces ``lengths`` of the stream, whose current chunk of ``size`` tokens has ``count`` tokens read.
+@dataclass
+class _Memories:
+    """``G`` memories' weights during a write pass, memories first (the layout of :func:`dgd_chunk`)."""
 
-    ``write(i, w1, w2, anchor1, anchor2)`` returns the weights after piece ``i``; at a chunk's end they become the
-    anchor. Returns the final ``(w1, w2, anchor1, anchor2)`` and the position in the current chunk.
-    """
-    w1, w2, anchor1, anchor2 = weights
-    for i, n in enumerate(lengths):
-        w1, w2 = write(i, w1, w2, anchor1, anchor2)
-        count += n
-        if count == size:
-            anchor1, anchor2, count = w1, w2, 0
-    return (w1, w2, anchor1, anchor2), count
+    w1: Tensor  # (G, B, H, d, h): after the last token read
+    w2: Tensor  # (G, B, H, h, d)
+    anchor_w1: Tensor  # (G, B, H, d, h): at the last chunk boundary
+    anchor_w2: Tensor  # (G, B, H, h, d)
+    count: int  # tokens read in the current chunk
+
+    @staticmethod
+    def from_state(state: SelfModifyingState) -> _Memories:
+        """All five memories of ``state`` (which keeps ``(B, 5, H, ., .)``), with the generators' ``count``."""
+        w1, w2, anchor_w1, anchor_w2 = (
+            t.transpose(0, 1).contiguous() for t in (state.w1, state.w2, state.anchor_w1, state.anchor_w2)
+        )
+        return _Memories(w1, w2, anchor_w1, anchor_w2, state.count)
+
+    def generators(self) -> _Memories:
+        """``M_k, M_v, M_η, M_α``: the first four."""
+        return _Memories(self.w1[:4], self.w2[:4], self.anchor_w1[:4], self.anchor_w2[:4], self.count)
+
+    def memory(self) -> _Memories:
+        """``M_mem``: the last one (with this object's ``count``)."""
+        return _Memories(self.w1[4:], self.w2[4:], self.anchor_w1[4:], self.anchor_w2[4:], self.count)
+
+    def advance(self, w1: Tensor, w2: Tensor, n: int, chunk_size: int) -> _Memories:
+        """The memories after ``n`` more tokens written to ``(w1, w2)``; at a chunk's end these become the anchor."""
+        count = self.count + n
+        if count == chunk_size:
+            return _Memories(w1, w2, w1, w2, 0)
+        return _Memories(w1, w2, self.anchor_w1, self.anchor_w2, count)
+
+    @staticmethod
+    def to_state(generators: _Memories, memory: _Memories, state: SelfModifyingState) -> SelfModifyingState:
+        """``state`` with the weights and counts of the generators and ``M_mem`` (back to ``(B, 5, H, ., .)``)."""
+        w1, w2, anchor_w1, anchor_w2 = (
+            torch.cat([a, b]).transpose(0, 1)
+            for a, b in [
+                (generators.w1, memory.w1),
+                (generators.w2, memory.w2),
+                (generators.anchor_w1, memory.anchor_w1),
+                (generators.anchor_w2, memory.anchor_w2),
+            ]
+        )
+        return replace(
+            state,
+            w1=w1,
+            w2=w2,
+            anchor_w1=anchor_w1,
+            anchor_w2=anchor_w2,
+            count=generators.count,
+            mem_count=memory.count,
+        )

@@ -36,7 +36,9 @@ are not used [ours] (they add a constant prefix to the attention and do not chan
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from typing import Any, Optional
 
 from torch import Tensor, nn
@@ -47,7 +49,7 @@ from nl_lightning.models.lm import BlockStackLM
 from nl_lightning.models.neural_memory import NeuralMemory, NeuralMemoryState
 from nl_lightning.models.transformer import CausalSelfAttention, KVCache, RMSNorm, SwiGLU
 
-__all__ = ["TitansBlock", "TitansMAL", "TitansState"]
+__all__ = ["TitansBlock", "TitansConfig", "TitansMAL", "TitansState"]
 
 
 @dataclass
@@ -72,24 +74,104 @@ class TitansState:
         return TitansState([s.select(index) for s in self.blocks], [c.select(index) for c in self.attention])
 
 
-class TitansBlock(nn.Module):
-    """``h + LMM(norm h)``, then ``h + SWA(norm h)``, then ``h + SwiGLU(norm h)`` (Titans MAL)."""
+@dataclass(frozen=True)
+class TitansConfig:
+    """The architecture of a Titans (MAL) model, which :class:`TitansBlock` and :class:`TitansMAL` are built from.
 
-    def __init__(
-        self,
-        dim: int,
-        heads: int,
-        window: int,
-        chunk_size: int,
-        memory_depth: int,
-        mlp_mult: float,
-        memory_kwargs: Optional[dict[str, Any]] = None,
-    ) -> None:
+    The values are checked once, here: a bad one raises a ``ValueError`` naming the field and the value when the
+    config is made (:class:`~nl_lightning.models.neural_memory.NeuralMemory` checks the values of ``memory_kwargs``
+    when it is built). ``memory_kwargs`` is stored as a dict.
+
+    Attributes:
+        vocab_size: Vocabulary size.
+        dim: Model width.
+        depth: Number of blocks.
+        heads: Heads of the memory and the attention.
+        window: Sliding-window length of the attention.
+        chunk_size: Tokens per memory write.
+        memory_depth: Layers of each memory MLP.
+        mlp_mult: SwiGLU hidden width as a multiple of ``dim``.
+        memory_kwargs: Further :class:`~nl_lightning.models.neural_memory.NeuralMemory` arguments (``lr_max``,
+            ``momentum``, ...).
+        tie_embeddings: Share the input embedding and the output head.
+
+    Raises:
+        ValueError: On sizes below 1, ``dim`` not divisible by ``heads``, ``mlp_mult <= 0`` or a name in
+            ``memory_kwargs`` that NeuralMemory does not take (or that is a field here).
+
+    Example::
+
+        config = TitansConfig(dim=64, depth=2, heads=4, window=64, chunk_size=16, mlp_mult=1.5)
+        block = TitansBlock(config)
+        model = TitansMAL.from_config(config, segment_len=128)
+
+    """
+
+    vocab_size: int = 256
+    dim: int = 256
+    depth: int = 4
+    heads: int = 4
+    window: int = 64
+    chunk_size: int = 16
+    memory_depth: int = 2
+    mlp_mult: float = 8 / 3
+    memory_kwargs: Optional[dict[str, Any]] = None
+    tie_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        check_int("vocab_size", self.vocab_size, low=2)
+        for name in ("dim", "depth", "heads", "window", "chunk_size", "memory_depth"):
+            check_int(name, getattr(self, name))
+        if self.dim % self.heads:
+            raise ValueError(
+                f"`dim` ({self.dim}) must be divisible by `heads` ({self.heads}); pick heads among its divisors."
+            )
+        if not self.mlp_mult > 0:
+            raise ValueError(f"`mlp_mult` must be > 0, got {self.mlp_mult!r}.")
+        kwargs = {} if self.memory_kwargs is None else self.memory_kwargs
+        if not isinstance(kwargs, Mapping):
+            raise ValueError(f"`memory_kwargs` must be None or a dict of NeuralMemory arguments, got {kwargs!r}.")
+        owned = sorted({"dim", "heads", "chunk_size", "depth"} & set(kwargs))
+        if owned:
+            raise ValueError(
+                f"`memory_kwargs` sets {owned}; set them as fields of the config instead (`depth` is `memory_depth`)."
+            )
+        taken = set(inspect.signature(NeuralMemory.__init__).parameters) - {
+            "self",
+            "dim",
+            "heads",
+            "chunk_size",
+            "depth",
+        }
+        unknown = sorted(set(kwargs) - taken)
+        if unknown:
+            raise ValueError(
+                f"`memory_kwargs` has names NeuralMemory does not take: {unknown}; it takes {sorted(taken)}."
+            )
+        object.__setattr__(self, "memory_kwargs", dict(kwargs))  # the config is frozen once checked
+
+    def to_kwargs(self) -> dict[str, Any]:
+        """The fields as keyword arguments of :class:`TitansMAL`."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class TitansBlock(nn.Module):
+    """``h + LMM(norm h)``, then ``h + SWA(norm h)``, then ``h + SwiGLU(norm h)`` (Titans MAL).
+
+    Args:
+        config: The architecture (its ``vocab_size``, ``depth`` and ``tie_embeddings`` are the model's and unused here).
+
+    """
+
+    def __init__(self, config: TitansConfig) -> None:
         super().__init__()
-        self.mem_norm, self.attn_norm, self.mlp_norm = RMSNorm(dim), RMSNorm(dim), RMSNorm(dim)
-        self.memory = NeuralMemory(dim, heads, chunk_size, memory_depth, **(memory_kwargs or {}))
-        self.attn = CausalSelfAttention(dim, heads, window=window)
-        self.mlp = SwiGLU(dim, mlp_mult)
+        self.config = config
+        self.mem_norm, self.attn_norm, self.mlp_norm = RMSNorm(config.dim), RMSNorm(config.dim), RMSNorm(config.dim)
+        self.memory = NeuralMemory(
+            config.dim, config.heads, config.chunk_size, config.memory_depth, **config.memory_kwargs
+        )
+        self.attn = CausalSelfAttention(config.dim, config.heads, window=config.window)
+        self.mlp = SwiGLU(config.dim, config.mlp_mult)
 
     def forward(
         self,
@@ -124,7 +206,8 @@ class TitansMAL(BlockStackLM):
     ``logits, state = model(tokens, state=None)``; the state (a :class:`TitansState`) carries every block's long-term
     memory and attention cache across segments, like :class:`~nl_lightning.models.hope.HopeModule`'s, so that reading
     a sequence in segments or token by token gives the logits of one pass. Logs ``train_layer<i>/<stat>`` (surprise,
-    memory norm, gates) after every training step.
+    memory norm, gates) after every training step. The architecture arguments make a :class:`TitansConfig`
+    (``model.config``) that every :class:`TitansBlock` is built from; :meth:`from_config` builds the model from one.
 
     Args:
         vocab_size: Vocabulary size.
@@ -140,7 +223,8 @@ class TitansMAL(BlockStackLM):
         **lm_kwargs: :class:`~nl_lightning.models.lm.CausalLM` arguments.
 
     Raises:
-        ValueError: On sizes below 1 (and the sub-modules' own errors).
+        ValueError: On a bad architecture value (see :class:`TitansConfig`), a bad CausalLM argument, and the
+            sub-modules' own errors.
 
     Example::
 
@@ -164,13 +248,26 @@ class TitansMAL(BlockStackLM):
         **lm_kwargs: Any,
     ) -> None:
         super().__init__(vocab_size, **lm_kwargs)
-        for name, value in (("dim", dim), ("depth", depth), ("heads", heads), ("window", window)):
-            check_int(name, value)
+        self.config = TitansConfig(
+            vocab_size=vocab_size,
+            dim=dim,
+            depth=depth,
+            heads=heads,
+            window=window,
+            chunk_size=chunk_size,
+            memory_depth=memory_depth,
+            mlp_mult=mlp_mult,
+            memory_kwargs=memory_kwargs,
+            tie_embeddings=tie_embeddings,
+        )
         self.dim = dim
-        blocks = [
-            TitansBlock(dim, heads, window, chunk_size, memory_depth, mlp_mult, memory_kwargs) for _ in range(depth)
-        ]
-        self.build(dim, blocks, tie_embeddings)
+        self.build(dim, [TitansBlock(self.config) for _ in range(depth)], tie_embeddings)
+
+    @classmethod
+    def from_config(cls, config: TitansConfig, **lm_kwargs: Any) -> TitansMAL:
+        """A :class:`TitansMAL` of architecture ``config``; ``lm_kwargs`` are the
+        :class:`~nl_lightning.models.lm.CausalLM` arguments (``lr``, ``segment_len``, ...)."""
+        return cls(**config.to_kwargs(), **lm_kwargs)
 
     @override
     def forward(
