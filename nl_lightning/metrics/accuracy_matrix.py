@@ -197,13 +197,11 @@ class AccuracyMatrix(Metric):
         self.add_state("total", torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum", persistent=True)
 
     def _index(self, value: Any, name: str, size: int, meaning: str) -> int:
-        try:
-            index = operator.index(value) if not isinstance(value, bool) else None
+        try:  # integer-like values (a 0-dim integer tensor, a NumPy integer) count as their index
+            index = operator.index(value) if not isinstance(value, bool) else value
         except TypeError:
-            index = None
-        if index is None or not 0 <= index < size:
-            raise ValueError(f"`{name}` must be an integer in [0, {size - 1}] ({meaning}), got {value!r}.")
-        return index
+            index = value
+        return check_int(name, index, 0, size - 1, hint=meaning)
 
     @override
     def update(self, preds: Tensor, target: Tensor, stage: int, task: int) -> None:

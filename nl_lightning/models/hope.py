@@ -64,7 +64,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from nl_lightning._validation import check_int, is_int
+from nl_lightning._validation import check_float, check_int, check_positive, is_int
 from nl_lightning.models.cms import DEFAULT_MAX_WRITE_NORM, ContinuumMemory
 from nl_lightning.models.cms_memory import CMSState
 from nl_lightning.models.lm import BlockStackLM
@@ -198,14 +198,13 @@ class HopeConfig:
         ):
             raise ValueError(f"`cms_chunk_sizes` must be a non-empty list of integers >= 1, got {sizes!r}.")
         self._set("cms_chunk_sizes", tuple(sizes))
-        if not self.cms_hidden_mult > 0:
-            raise ValueError(f"`cms_hidden_mult` must be > 0, got {self.cms_hidden_mult!r}.")
+        check_positive("cms_hidden_mult", self.cms_hidden_mult)
         if self.variant not in ("titans", "attention"):
             raise ValueError(
                 f"`variant` must be 'titans' (Hope) or 'attention' (Hope-Attention), got {self.variant!r}."
             )
-        if self.window is not None and (not is_int(self.window) or self.window < 1):
-            raise ValueError(f"`window` must be None (full causal attention) or an integer >= 1, got {self.window!r}.")
+        if self.window is not None:
+            check_int("window", self.window, hint="use None for full causal attention")
         self._set("cms_retention", _check_retention(self.cms_retention, len(sizes)))
         signal = self.cms_write_signal
         if signal is None:
@@ -258,12 +257,9 @@ def _check_retention(value: Any, levels: int) -> Union[float, tuple[float, ...]]
         raise ValueError(
             f"`cms_retention` needs one value per level ({levels}), got {values!r}; or give one value for all levels."
         )
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
-            raise ValueError(
-                f"`cms_retention` must be in (0, 1] (1: Eq. 31, no pull back to the initial weights), got {v!r}."
-            )
-    return tuple(values) if many else value
+    hint = "1: Eq. 31, no pull back to the initial weights"
+    values = [check_float("cms_retention", v, 0, 1, low_open=True, hint=hint) for v in values]
+    return tuple(values) if many else values[0]
 
 
 def _block_config(

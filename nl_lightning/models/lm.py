@@ -65,7 +65,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from nl_lightning._validation import check_int, is_int
+from nl_lightning._validation import check_int, check_nonnegative, check_positive, check_unit
 
 __all__ = ["IGNORE_INDEX", "BlockStackLM", "CausalLM", "detach_state"]
 
@@ -168,27 +168,27 @@ class CausalLM(pl.LightningModule):
         stop_on_nonfinite: bool = False,
     ) -> None:
         super().__init__()
-        if not is_int(vocab_size) or vocab_size < 2:
-            raise ValueError(f"`vocab_size` must be an integer >= 2, got {vocab_size!r}; use 256 for byte-level text.")
-        if not lr > 0:
-            raise ValueError(f"`lr` must be > 0, got {lr!r}; use e.g. 1e-3.")
-        if not weight_decay >= 0:
-            raise ValueError(f"`weight_decay` must be >= 0, got {weight_decay!r}; use 0 to disable it.")
+        check_int("vocab_size", vocab_size, low=2, hint="use 256 for byte-level text")
+        check_positive("lr", lr, hint="use e.g. 1e-3")
+        check_nonnegative("weight_decay", weight_decay, hint="use 0 to disable it")
         check_int("warmup_steps", warmup_steps, low=0)
-        if max_steps_schedule is not None and (not is_int(max_steps_schedule) or max_steps_schedule <= warmup_steps):
-            raise ValueError(
-                f"`max_steps_schedule` must be None or an integer > warmup_steps={warmup_steps}, got"
-                f" {max_steps_schedule!r}; set it to the Trainer's max_steps for a cosine decay."
+        if max_steps_schedule is not None:
+            check_int(
+                "max_steps_schedule",
+                max_steps_schedule,
+                low=warmup_steps + 1,
+                hint=f"it must exceed warmup_steps={warmup_steps}; use the Trainer's max_steps for a cosine decay",
             )
         betas = tuple(betas)
-        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        if len(betas) != 2:
             raise ValueError(f"`betas` must be two numbers in [0, 1), got {betas!r}.")
-        if segment_len is not None and (not is_int(segment_len) or segment_len < 1):
-            raise ValueError(f"`segment_len` must be None (one segment) or an integer >= 1, got {segment_len!r}.")
-        if grad_clip is not None and not grad_clip > 0:
-            raise ValueError(f"`grad_clip` must be None (no clipping) or > 0, got {grad_clip!r}.")
-        if not 0 <= min_lr_ratio <= 1:
-            raise ValueError(f"`min_lr_ratio` must be in [0, 1], got {min_lr_ratio!r}.")
+        for i, beta in enumerate(betas):
+            check_unit(f"betas[{i}]", beta, closed=False)
+        if segment_len is not None:
+            check_int("segment_len", segment_len, hint="use None for one segment")
+        if grad_clip is not None:
+            check_positive("grad_clip", grad_clip, hint="use None for no clipping")
+        check_unit("min_lr_ratio", min_lr_ratio)
         self.save_hyperparameters(ignore=["optimizer"])  # also the subclass's arguments; a callable is not saved
         self.optimizer_factory = optimizer
         self.vocab_size, self.lr, self.weight_decay, self.betas = vocab_size, float(lr), float(weight_decay), betas
@@ -422,10 +422,9 @@ class CausalLM(pl.LightningModule):
         if prompt.dim() != 2 or prompt.shape[1] < 1:
             raise ValueError(f"`prompt` must be (batch, length >= 1) tokens, got shape {tuple(prompt.shape)}.")
         check_int("max_new_tokens", max_new_tokens, low=0)
-        if not temperature >= 0:
-            raise ValueError(f"`temperature` must be >= 0 (0: greedy), got {temperature!r}.")
-        if top_k is not None and (not is_int(top_k) or top_k < 1):
-            raise ValueError(f"`top_k` must be None or an integer >= 1, got {top_k!r}.")
+        check_nonnegative("temperature", temperature, hint="use 0 for greedy decoding")
+        if top_k is not None:
+            check_int("top_k", top_k, hint="use None to sample from the whole vocabulary")
         was_training = self.training
         self.eval()
         try:

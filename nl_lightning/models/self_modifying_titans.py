@@ -78,7 +78,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nl_lightning._validation import check_int
+from nl_lightning._validation import check_float, check_int, check_positive
 from nl_lightning.models._residual_memory import clip_factor, dgd_chunk, input_side_factor, residual_forward
 from nl_lightning.models.cms_memory import ACTIVATIONS, _portable, piece_lengths
 
@@ -165,20 +165,16 @@ def _check_arguments(
     check_int("conv_size", conv_size)
     if dim % heads:
         raise ValueError(f"`dim` ({dim}) must be divisible by `heads` ({heads}); pick heads among its divisors.")
-    if not hidden_mult > 0:
-        raise ValueError(f"`hidden_mult` must be > 0, got {hidden_mult!r}.")
+    check_positive("hidden_mult", hidden_mult)
     if rule not in ("paper", "delta"):
         raise ValueError(f"`rule` must be 'paper' or 'delta', got {rule!r}.")
     if activation not in ACTIVATIONS:
         raise ValueError(f"`activation` must be one of {sorted(ACTIVATIONS)}, got {activation!r}.")
-    if not 0 < eta_max <= 1:
-        raise ValueError(f"`eta_max` must be in (0, 1] so that αI - ηkkᵀ contracts, got {eta_max!r}.")
-    if not 0 < alpha_init < 1:
-        raise ValueError(f"`alpha_init` must be in (0, 1), got {alpha_init!r}.")
-    if not 0 < eta_init < eta_max:
-        raise ValueError(f"`eta_init` must be in (0, eta_max={eta_max}), got {eta_init!r}.")
-    if max_inner_grad_norm is not None and not max_inner_grad_norm > 0:
-        raise ValueError(f"`max_inner_grad_norm` must be > 0 or None, got {max_inner_grad_norm!r}.")
+    check_float("eta_max", eta_max, 0, 1, low_open=True, hint="it keeps αI - ηkkᵀ a contraction")
+    check_float("alpha_init", alpha_init, 0, 1, low_open=True, high_open=True)
+    check_float("eta_init", eta_init, 0, eta_max, low_open=True, high_open=True, hint="keep it below `eta_max`")
+    if max_inner_grad_norm is not None:
+        check_positive("max_inner_grad_norm", max_inner_grad_norm, hint="use None for unclipped inner gradients")
 
 
 class SelfModifyingTitans(nn.Module):

@@ -44,7 +44,7 @@ from typing import Any, Optional
 from torch import Tensor, nn
 from typing_extensions import override
 
-from nl_lightning._validation import check_int
+from nl_lightning._validation import check_int, check_positive
 from nl_lightning.models.lm import BlockStackLM
 from nl_lightning.models.neural_memory import NeuralMemory, NeuralMemoryState
 from nl_lightning.models.transformer import CausalSelfAttention, KVCache, RMSNorm, SwiGLU
@@ -126,8 +126,7 @@ class TitansConfig:
             raise ValueError(
                 f"`dim` ({self.dim}) must be divisible by `heads` ({self.heads}); pick heads among its divisors."
             )
-        if not self.mlp_mult > 0:
-            raise ValueError(f"`mlp_mult` must be > 0, got {self.mlp_mult!r}.")
+        check_positive("mlp_mult", self.mlp_mult)
         kwargs = {} if self.memory_kwargs is None else self.memory_kwargs
         if not isinstance(kwargs, Mapping):
             raise ValueError(f"`memory_kwargs` must be None or a dict of NeuralMemory arguments, got {kwargs!r}.")

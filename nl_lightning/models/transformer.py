@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import override
 
-from nl_lightning._validation import check_int, is_int
+from nl_lightning._validation import check_int, check_positive
 from nl_lightning.models.lm import CausalLM
 
 __all__ = [
@@ -167,14 +167,15 @@ class CausalSelfAttention(nn.Module):
         self, dim: int, heads: int, window: Optional[int] = None, rope_base: float = 10000.0, bias: bool = False
     ) -> None:
         super().__init__()
-        if not is_int(dim) or not is_int(heads) or dim < 1 or heads < 1 or dim % heads:
+        check_int("dim", dim)
+        check_int("heads", heads)
+        if dim % heads:
             raise ValueError(f"`dim` ({dim!r}) must be a positive multiple of `heads` ({heads!r}).")
         if (dim // heads) % 2:
             raise ValueError(f"The head width dim / heads = {dim // heads} must be even for RoPE; change dim or heads.")
-        if window is not None and (not is_int(window) or window < 1):
-            raise ValueError(f"`window` must be None (full causal attention) or an integer >= 1, got {window!r}.")
-        if not rope_base > 0:
-            raise ValueError(f"`rope_base` must be > 0, got {rope_base!r}.")
+        if window is not None:
+            check_int("window", window, hint="use None for full causal attention")
+        check_positive("rope_base", rope_base)
         self.dim, self.heads, self.head_dim, self.window, self.rope_base = dim, heads, dim // heads, window, rope_base
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.proj = nn.Linear(dim, dim, bias=bias)
@@ -281,8 +282,7 @@ class SwiGLU(nn.Module):
 
     def __init__(self, dim: int, mult: float = 8 / 3, bias: bool = False) -> None:
         super().__init__()
-        if not mult > 0:
-            raise ValueError(f"`mult` must be > 0, got {mult!r}.")
+        check_positive("mult", mult)
         self.hidden = 8 * math.ceil(mult * dim / 8)
         self.gate_up = nn.Linear(dim, 2 * self.hidden, bias=bias)
         self.down = nn.Linear(self.hidden, dim, bias=bias)
