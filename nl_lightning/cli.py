@@ -29,8 +29,21 @@ A ``--config`` value that is not an existing file but names a recipe bundled wit
 (``digits_multifrequency``, ``digits_multifrequency.yaml`` or ``recipes/digits_multifrequency.yaml``) is replaced by
 the bundled file, so the recipes run from any directory. :func:`list_recipes` lists them and :func:`recipe_path`
 finds one. A ``--config`` value that is neither a file nor a recipe name stops the command with one line that lists
-the bundled recipes (exit status 2). A ``--ckpt_path`` file is checked with :func:`check_checkpoint` before the
-subcommand runs, so a truncated or corrupt checkpoint is reported by name.
+the bundled recipes (exit status 2).
+
+Recipes share their common parts through base files. A line ``# base: FILE`` in the comment block at the top of a
+config file names a file it builds on: ``--config recipe.yaml`` becomes ``--config FILE --config recipe.yaml``, bases
+first (recursively, each file once, in the order declared), so jsonargparse merges them as several ``--config`` files:
+mappings merge key by key, a ``class_path`` / ``init_args`` mapping given only ``init_args`` keeps its class, a list
+replaces the base's list and a ``key+:`` entry (``callbacks+:``) appends to it. ``FILE`` is relative to the declaring
+file's folder, or else to the bundled recipes folder, so a copy of a bundled recipe keeps its bases. The bundled bases
+live in ``recipes/_base/`` and are not recipes of their own. :func:`recipe_files` lists the files a recipe expands to,
+:func:`load_recipe` merges them into one mapping, and ``nl-lightning fit --config NAME --print_config`` prints the
+resolved configuration. Further ``--config`` files and ``--key=value`` arguments after the recipe override it as
+usual.
+
+A ``--ckpt_path`` file is checked with :func:`check_checkpoint` before the subcommand runs, so a truncated or corrupt
+checkpoint is reported by name.
 
 The resolved configuration is saved as ``config.yaml`` in the log directory (overwritten on a re-run).
 """
@@ -38,20 +51,23 @@ The resolved configuration is saved as ``config.yaml`` in the log directory (ove
 from __future__ import annotations
 
 import os
+import re
 import sys
 import zipfile
 import zlib
 from importlib.resources import files
 from pathlib import Path, PurePath
-from typing import NoReturn, Optional, Union, overload
+from typing import Any, NoReturn, Optional, Union, overload
 
 import torch
+import yaml
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
-__all__ = ["check_checkpoint", "list_recipes", "main", "recipe_path"]
+__all__ = ["check_checkpoint", "list_recipes", "load_recipe", "main", "recipe_files", "recipe_path"]
 
 _CONFIG_FLAGS = ("--config", "-c")
+_BASE_LINE = re.compile(r"#\s*base:\s*(\S+)\s*")
 _DESCRIPTION = (
     "Nested Learning for PyTorch Lightning. Train any LightningModule with multi-frequency updates from a YAML recipe,"
     " for example: nl-lightning fit --config digits_multifrequency. Bundled recipes (usable as --config NAME): {}."
@@ -101,14 +117,33 @@ def recipe_path(name: str) -> Path:
 
 
 def _resolve_configs(args: list[str]) -> list[str]:
-    """Replace every ``--config`` value that is not an existing file but names a bundled recipe by its path."""
-    out = list(args)
-    for i, arg in enumerate(out):
-        if arg in _CONFIG_FLAGS and i + 1 < len(out):
-            out[i + 1] = _resolve_config(out[i + 1])
+    """Replace every ``--config`` value by the files it expands to: a bundled recipe's name by its path, and a file
+    that declares ``# base:`` files by those bases (recursively) followed by the file itself."""
+    out: list[str] = []
+    for i, arg in enumerate(args):
+        if i > 0 and args[i - 1] in _CONFIG_FLAGS:
+            continue  # the value of the previous flag, expanded there
+        if arg in _CONFIG_FLAGS and i + 1 < len(args):
+            for path in _expand_config(args[i + 1]):
+                out += [arg, path]
         elif arg.startswith("--config="):
-            out[i] = "--config=" + _resolve_config(arg.removeprefix("--config="))
+            out += ["--config=" + path for path in _expand_config(arg.removeprefix("--config="))]
+        else:
+            out.append(arg)
     return out
+
+
+def _expand_config(value: str) -> list[str]:
+    path = _resolve_config(value)
+    try:
+        if not Path(path).is_file():
+            return [path]
+    except (OSError, ValueError):
+        return [path]
+    try:
+        return [str(p) for p in recipe_files(path)]
+    except (FileNotFoundError, ValueError) as err:
+        _exit_with(str(err))
 
 
 def _resolve_config(value: str) -> str:
@@ -118,6 +153,127 @@ def _resolve_config(value: str) -> str:
         return str(recipe_path(value))
     except (OSError, ValueError):  # FileNotFoundError, or a name the OS refuses (a long inline YAML string)
         return value  # not a recipe name: left to jsonargparse, unless _check_configs stops first
+
+
+def _declared_bases(path: Path) -> list[str]:
+    """The ``# base: FILE`` lines of the comment block at the top of a config file, in order."""
+    bases = []
+    for line in path.read_text().splitlines():
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#"):
+            break  # the comment block ends at the first line of YAML
+        match = _BASE_LINE.fullmatch(stripped)
+        if match:
+            bases.append(match.group(1))
+    return bases
+
+
+def _find_base(name: str, declared_in: Path) -> Path:
+    for folder in (declared_in.parent, _recipes_dir()):
+        candidate = folder / name
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"{str(declared_in)!r} declares '# base: {name}', but neither {str(declared_in.parent / name)!r} nor the"
+        f" bundled {str(_recipes_dir() / name)!r} exists. Fix the path in that line (relative to the file's folder or"
+        " to the bundled recipes folder) or remove the line."
+    )
+
+
+def recipe_files(name: Union[str, os.PathLike[str]]) -> list[Path]:
+    """The config files a recipe expands to, in the order they are merged: its bases, then the recipe itself.
+
+    A line ``# base: FILE`` in the comment block at the top of a config file declares a base, relative to the file's
+    folder or else to the bundled recipes folder; bases may declare bases of their own. A file reached twice is
+    merged once, at its first place.
+
+    Args:
+        name: A bundled recipe's name (as for :func:`recipe_path`) or the path of a config file.
+
+    Returns:
+        The files, bases first and the recipe last; just ``[file]`` for a file that declares no base.
+
+    Raises:
+        FileNotFoundError: If ``name`` is neither a file nor a bundled recipe, or a declared base does not exist; the
+            message names the file and the line to fix.
+        ValueError: If the bases form a cycle; the message names the files in it.
+
+    Example::
+
+        recipe_files("split_digits_class_il_ewc")
+        # [.../recipes/_base/split_digits_class_il.yaml, .../recipes/_base/ewc.yaml,
+        #  .../recipes/split_digits_class_il_ewc.yaml]
+
+    """
+    path = Path(os.fspath(name))
+    if not path.is_file():
+        path = recipe_path(str(name))
+    out: list[Path] = []
+    _collect(path, out, [])
+    return out
+
+
+def _collect(path: Path, out: list[Path], chain: list[Path]) -> None:
+    key = path.resolve()
+    if key in chain:
+        cycle = " -> ".join(str(p) for p in [*chain[chain.index(key) :], key])
+        raise ValueError(f"The '# base:' lines form a cycle: {cycle}. Remove one of those lines.")
+    for base in _declared_bases(path):
+        _collect(_find_base(base, path), out, [*chain, key])
+    if all(p.resolve() != key for p in out):
+        out.append(path)
+
+
+def load_recipe(name: Union[str, os.PathLike[str]]) -> dict[str, Any]:
+    """A recipe's configuration as one mapping: its files (see :func:`recipe_files`) merged in order.
+
+    The merge follows jsonargparse's for several ``--config`` files: mappings merge key by key; a mapping whose
+    ``class_path`` differs from the base's replaces it; ``key+: [...]`` appends to the base's list ``key``; any other
+    value (a list included) replaces the base's. The result holds what the files state, without the defaults that
+    ``nl-lightning fit --config NAME --print_config`` adds.
+
+    Args:
+        name: A bundled recipe's name (as for :func:`recipe_path`) or the path of a config file.
+
+    Returns:
+        The merged mapping (``seed_everything``, ``model``, ``data``, ``trainer``, ...).
+
+    Raises:
+        FileNotFoundError: As :func:`recipe_files`.
+        ValueError: If a file is not a YAML mapping, or ``key+`` meets a base value that is not a list.
+
+    Example::
+
+        config = load_recipe("split_digits_class_il_ewc")
+        [cb["class_path"] for cb in config["trainer"]["callbacks"]]
+        # ['nl_lightning.callbacks.ContinualEvaluation', 'nl_lightning.callbacks.ElasticWeightConsolidation']
+
+    """
+    merged: dict[str, Any] = {}
+    for path in recipe_files(name):
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{str(path)!r} holds a {type(loaded).__name__}; a config file must be a YAML mapping.")
+        merged = _merge(merged, loaded, str(path))
+    return merged
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any], source: str) -> dict[str, Any]:
+    out = dict(base)
+    if "class_path" in update and "class_path" in base and update["class_path"] != base["class_path"]:
+        out = {}  # another class: nothing of the base's mapping applies
+    for key, value in update.items():
+        if key.endswith("+"):
+            key = key[:-1]
+            previous = out.get(key) or []
+            if not isinstance(previous, list):
+                raise ValueError(f"{source!r}: '{key}+' appends to a list, but the base's {key!r} is {previous!r}.")
+            out[key] = [*previous, *(value if isinstance(value, list) else [value])]
+        elif isinstance(value, dict):  # merged even into nothing, so that its own ``key+`` entries become lists
+            out[key] = _merge(out[key] if isinstance(out.get(key), dict) else {}, value, source)
+        else:
+            out[key] = value
+    return out
 
 
 def _config_values(args: list[str]) -> list[str]:

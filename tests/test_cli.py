@@ -14,13 +14,14 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 import nl_lightning
 from nl_lightning.callbacks import MultiFrequencyUpdates, NestedLearningMonitor
-from nl_lightning.cli import _resolve_configs, list_recipes, main, recipe_path
+from nl_lightning.cli import _resolve_configs, list_recipes, main, recipe_files, recipe_path
 from nl_lightning.data import DigitsDataModule, fashion_mnist_available
 from nl_lightning.models import MLPClassifier
 
 RECIPES_DIR = Path(nl_lightning.__file__).parent / "recipes"
 RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))
 DIGITS = RECIPES_DIR / "digits_multifrequency.yaml"
+DIGITS_BASE = RECIPES_DIR / "_base" / "digits.yaml"  # the `# base:` file digits_multifrequency.yaml builds on
 QUIET = [
     "--trainer.logger=false",
     "--trainer.enable_checkpointing=false",
@@ -85,8 +86,15 @@ def test_short_fit_through_the_cli(tmp_path, capsys):
 )
 def test_bundled_recipe_by_name(name):
     assert recipe_path(name) == DIGITS
-    assert _resolve_configs(["fit", "--config", name]) == ["fit", "--config", str(DIGITS)]
-    assert _resolve_configs([f"--config={name}"]) == [f"--config={DIGITS}"]
+    assert recipe_files(name) == [DIGITS_BASE, DIGITS]
+    # A recipe expands to its bases and itself, in merge order, each as a --config of its own.
+    expanded = ["fit", "--config", str(DIGITS_BASE), "--config", str(DIGITS)]
+    assert _resolve_configs(["fit", "--config", name]) == expanded
+    assert _resolve_configs(["fit", "-c", name, "--trainer.max_steps=3"]) == [
+        *[v if v != "--config" else "-c" for v in expanded],
+        "--trainer.max_steps=3",
+    ]
+    assert _resolve_configs([f"--config={name}"]) == [f"--config={DIGITS_BASE}", f"--config={DIGITS}"]
     cli = main(["--config", name], run=False)
     assert type(cli.model) is MLPClassifier
 
@@ -94,7 +102,16 @@ def test_bundled_recipe_by_name(name):
 def test_existing_file_and_unknown_names_are_left_alone(tmp_path):
     local = tmp_path / "digits_multifrequency.yaml"
     local.write_text(DIGITS.read_text())
-    assert _resolve_configs(["--config", "digits_multifrequency.yaml"]) == ["--config", "digits_multifrequency.yaml"]
+    # The local file is used, not the bundled recipe; its `# base:` line, absent next to it, names the bundled base.
+    assert _resolve_configs(["--config", "digits_multifrequency.yaml"]) == [
+        "--config",
+        str(DIGITS_BASE),
+        "--config",
+        "digits_multifrequency.yaml",
+    ]
+    base_free = tmp_path / "base_free.yaml"
+    base_free.write_text("trainer:\n  max_steps: 1\n")
+    assert _resolve_configs(["--config", "base_free.yaml"]) == ["--config", "base_free.yaml"]
     assert _resolve_configs(["--config", "nope", "--trainer.max_steps=3"]) == [
         "--config",
         "nope",
@@ -111,7 +128,7 @@ def test_existing_file_and_unknown_names_are_left_alone(tmp_path):
 def test_bundled_name_from_sys_argv(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["nl-lightning", "--config=digits_multifrequency"])
     assert main(run=False) is None  # command-line use returns None, so `sys.exit(main())` exits with 0
-    assert sys.argv == ["nl-lightning", f"--config={DIGITS}"]
+    assert sys.argv == ["nl-lightning", f"--config={DIGITS_BASE}", f"--config={DIGITS}"]
 
 
 def test_python_m_help():
