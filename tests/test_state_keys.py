@@ -166,7 +166,8 @@ def _read(cb):
         return cb.tasks_consolidated, float(cb._fisher["w"][0])
     if isinstance(cb, ExperienceReplay):
         return int(cb._loaded["seen"]), float(cb._loaded["fields"][0][0, 0])
-    (state,) = cb._loaded["pairs"].values()
+    assert cb.has_loaded_state  # restored, applied at train start; until then `state_dict` returns it as it came
+    (state,) = cb.state_dict()["pairs"].values()
     return state["transfers"], state["count"]
 
 

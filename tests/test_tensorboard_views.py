@@ -9,7 +9,6 @@ import re
 import pytest
 import torch
 from helpers import TinyNet, fit
-from lightning.pytorch import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2, metadata
@@ -20,7 +19,6 @@ from nl_lightning.callbacks._tensorboard import (
     MONITOR_QUANTITIES,
     accuracy_matrix_image,
     custom_scalars_layout,
-    write_custom_scalars,
 )
 
 NAN = math.nan
@@ -117,14 +115,6 @@ def test_layout_puts_every_level_on_one_chart_per_quantity():
         custom_scalars_layout([])
 
 
-class WriteLayout(Callback):
-    """Writes the layout at train start, where the monitor writes it."""
-
-    def on_train_start(self, trainer, pl_module):
-        monitor = next(cb for cb in trainer.callbacks if isinstance(cb, NestedLearningMonitor))
-        self.written = write_custom_scalars(trainer.loggers, custom_scalars_layout(list(monitor.watches)))
-
-
 def read_layout(log_dir: str) -> tuple[layout_pb2.Layout, set[str]]:
     events = EventAccumulator(log_dir, size_guidance={"scalars": 0, "tensors": 0})
     events.Reload()
@@ -136,10 +126,8 @@ def read_layout(log_dir: str) -> tuple[layout_pb2.Layout, set[str]]:
 @pytest.mark.parametrize("prefix", ["", "run"])
 def test_layout_names_every_logged_level_tag(tmp_path, prefix):
     logger = TensorBoardLogger(tmp_path, name="tb", prefix=prefix)
-    writer = WriteLayout()
-    fit(TinyNet(), [MultiFrequencyUpdates(LEVELS), NestedLearningMonitor(), writer], tmp_path, max_steps=6,
-        logger=logger, log_every_n_steps=3)  # fmt: skip
-    assert writer.written is True
+    fit(TinyNet(), [MultiFrequencyUpdates(LEVELS), NestedLearningMonitor()], tmp_path, max_steps=6,
+        logger=logger, log_every_n_steps=3)  # fmt: skip: the monitor writes the layout at train start
     layout, scalars = read_layout(logger.log_dir)
     head = f"{prefix}-" if prefix else ""
     level_tags = {t for t in scalars if re.fullmatch(rf"{head}nested/(slow|fast)/\w+", t)}
@@ -156,10 +144,9 @@ def test_layout_names_every_logged_level_tag(tmp_path, prefix):
     assert covered == level_tags
 
 
-def test_layout_is_skipped_without_tensorboard(tmp_path, caplog):
-    writer = WriteLayout()
+def test_monitor_writes_no_layout_without_tensorboard(tmp_path, caplog):
     with caplog.at_level(logging.INFO):
-        fit(TinyNet(), [MultiFrequencyUpdates(LEVELS), NestedLearningMonitor(), writer], tmp_path, max_steps=3,
+        fit(TinyNet(), [MultiFrequencyUpdates(LEVELS), NestedLearningMonitor()], tmp_path, max_steps=3,
             logger=CSVLogger(tmp_path), log_every_n_steps=1)  # fmt: skip
-    assert writer.written is False
+    assert not list(tmp_path.rglob("events.out.tfevents*"))
     assert "No TensorBoardLogger attached" in caplog.text

@@ -1,5 +1,6 @@
 """Lightning callbacks: thin adapters around the plain-torch cores of nl_lightning, one callback per file."""
 
+from nl_lightning.callbacks._step_hooks import Phase, StepHookCallback, StepProtocol
 from nl_lightning.callbacks.cms_consolidation import CMSConsolidation, ConsolidationPair
 from nl_lightning.callbacks.continual_evaluation import ContinualEvaluation
 from nl_lightning.callbacks.ewc import ElasticWeightConsolidation
@@ -19,7 +20,10 @@ __all__ = [
     "HypergradientRule",
     "MultiFrequencyUpdates",
     "NestedLearningMonitor",
+    "Phase",
     "RuleTarget",
     "ScheduledRule",
     "SelfModifyingRule",
+    "StepHookCallback",
+    "StepProtocol",
 ]

@@ -30,6 +30,9 @@ slow levels hold what the fast ones learned, at a longer time scale). Two transf
   so the transferred share leaves the fast level (``alpha = 1`` restarts it from its anchor);
 - **distill** (replay distillation [ours]): the model's outputs on a buffer of recent training inputs are the teacher;
   the fast level gives up the same share of its drift, then only the slow level is trained to reproduce the teacher.
+
+The transfers are plain functions (:func:`drift_transfer`, :func:`distill_transfer`); *when* a pair consolidates is
+:meth:`CMSConsolidation.should_consolidate`, which a subclass may override (as ``WeightAveraging.should_update``).
 """
 
 from __future__ import annotations
@@ -51,11 +54,11 @@ from typing_extensions import override
 
 from nl_lightning._validation import is_int
 from nl_lightning.callbacks._state import ConfiguredStateKey
-from nl_lightning.callbacks._step_hooks import StepHookCallback
+from nl_lightning.callbacks._step_hooks import Phase, StepHookCallback, optimizer_of_params
 from nl_lightning.callbacks.multi_frequency import MultiFrequencyUpdates, parameter_root
 from nl_lightning.levels import _legacy_cms_hint, strip_compile_prefix
 
-__all__ = ["CMSConsolidation", "ConsolidationPair"]
+__all__ = ["CMSConsolidation", "ConsolidationPair", "distill_transfer", "drift_transfer"]
 
 _MODES = ("drift", "distill")
 # (relative name, fast name, fast parameter, slow name, slow parameter)
@@ -162,7 +165,8 @@ class CMSConsolidation(ConfiguredStateKey, StepHookCallback):
     model must map ``pl_module(x)`` to a tensor (or a tuple whose first item is one). Other parameters, and every
     parameter's ``.grad``, are left as they were.
 
-    Boundaries: with ``every``, every ``every`` committed steps of the optimizer holding the fast level (steps a
+    Boundaries (:meth:`should_consolidate`, which a subclass may override): with ``every``, every ``every`` committed
+    steps of the optimizer holding the fast level (the consolidate phase of the step protocol counts them: steps a
     ``GradScaler`` skipped do not count, nor do steps without gradients, after a ``training_step`` that returned
     ``None``). Otherwise a drift pair consolidates right after each update of the
     :class:`~nl_lightning.callbacks.MultiFrequencyUpdates` level holding all its slow parameters, and a distill pair at
@@ -190,8 +194,8 @@ class CMSConsolidation(ConfiguredStateKey, StepHookCallback):
     Raises:
         MisconfigurationException: At construction on an invalid pair, duplicate pair names or invalid arguments; at
             ``setup`` / train start on a prefix without parameters, unpaired names or shapes, a parameter on the fast
-            side of two pairs, an unsupported strategy, a pair without a boundary, or fast parameters spread over
-            several optimizers.
+            side of two pairs, an unsupported strategy, a pair without a boundary (unless :meth:`should_consolidate`
+            is overridden), or fast parameters spread over several optimizers.
 
     Example::
 
@@ -202,6 +206,13 @@ class CMSConsolidation(ConfiguredStateKey, StepHookCallback):
         trainer = Trainer(callbacks=[MultiFrequencyUpdates(cms_levels), consolidation])
 
     """
+
+    step_phases = (Phase.CONSOLIDATE,)
+    refused_strategies = dict.fromkeys(
+        (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy),
+        "it shards or owns the parameters that the callback edits in place",
+    )
+    method_tag = "cms_consolidation"  # the name ContinualEvaluation gives this callback in a method's name
 
     def __init__(
         self,
@@ -235,7 +246,6 @@ class CMSConsolidation(ConfiguredStateKey, StepHookCallback):
         self._matches: dict[str, list[_Match]] = {}
         self._trigger: dict[str, tuple[MultiFrequencyUpdates, str]] = {}  # pair -> (callback, level name)
         self._pairs_of: list[list[str]] = []  # per optimizer index: the `every` pairs whose fast level it steps
-        self._loaded: Optional[dict[str, Any]] = None
         self._buffer: Optional[Tensor] = None
         self._buffer_pos = self._buffer_filled = 0
 
@@ -259,11 +269,7 @@ class CMSConsolidation(ConfiguredStateKey, StepHookCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if isinstance(trainer.strategy, (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy)):
-            raise MisconfigurationException(
-                f"CMSConsolidation does not support {type(trainer.strategy).__name__}: it shards or owns the parameters"
-                " that the callback edits in place. Use strategy='ddp' (or a single device)."
-            )
+        super().setup(trainer, pl_module, stage)  # refuses sharding strategies, joins the step protocol
         named = dict(pl_module.named_parameters())
         root = parameter_root(pl_module)
         self._matches = {p.name: _match(p, named, root) for p in self._pairs}
@@ -277,7 +283,7 @@ class CMSConsolidation(ConfiguredStateKey, StepHookCallback):
                     )
                 owner[fast_name] = pair.name
         needs_stream = [p.name for p in self._pairs if p.mode == "distill" and p.every is None]
-        if needs_stream and not hasattr(trainer.datamodule, "stage_at_epoch_end"):
+        if needs_stream and self._default_trigger and not hasattr(trainer.datamodule, "stage_at_epoch_end"):
             raise MisconfigurationException(
                 f"Distill pairs {needs_stream} consolidate at task boundaries, which come from a TaskStreamDataModule"
                 " (nl_lightning.data); with another data source set `every` on these pairs."
@@ -285,9 +291,9 @@ class CMSConsolidation(ConfiguredStateKey, StepHookCallback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._loaded is not None:
-            self._apply_loaded(self._loaded, pl_module.device)
-            self._loaded = None
+        loaded = self.take_loaded_state()
+        if loaded is not None:
+            self._apply_loaded(loaded, pl_module.device)
         for pair in self._pairs:
             state = self._state[pair.name]
             for _, fast_name, fast, _, _ in self._matches[pair.name]:
@@ -305,24 +311,35 @@ class CMSConsolidation(ConfiguredStateKey, StepHookCallback):
         self._trigger = {}
         for pair in self._pairs:
             if pair.mode == "drift" and pair.every is None:
-                self._trigger[pair.name] = self._find_trigger(trainer, pair)
+                trigger = self._find_trigger(trainer, pair)
+                if trigger is not None:
+                    self._trigger[pair.name] = trigger
         self._pairs_of = self._map_pairs_to_optimizers(trainer.optimizers)
         if self._buffer is not None:
             self._buffer = self._buffer.to(pl_module.device)
-        self.attach_step_hooks(trainer)
+        super().on_train_start(trainer, pl_module)
 
-    def _find_trigger(self, trainer: pl.Trainer, pair: ConsolidationPair) -> tuple[MultiFrequencyUpdates, str]:
-        """The ``MultiFrequencyUpdates`` level whose updates are the boundaries of a drift pair without ``every``."""
+    @property
+    def _default_trigger(self) -> bool:
+        """Whether :meth:`should_consolidate` is this class's (a subclass that overrides it brings its boundaries)."""
+        return type(self).should_consolidate is CMSConsolidation.should_consolidate
+
+    def _find_trigger(
+        self, trainer: pl.Trainer, pair: ConsolidationPair
+    ) -> Optional[tuple[MultiFrequencyUpdates, str]]:
+        """The ``MultiFrequencyUpdates`` level whose updates are the boundaries of a drift pair without ``every``
+        (``None``: there is none, which only an overridden :meth:`should_consolidate` accepts)."""
         slow = {m[3] for m in self._matches[pair.name]}
         owners = []
-        for cb in trainer.callbacks:
-            if isinstance(cb, MultiFrequencyUpdates):
-                for lvl in cb.book.levels:
-                    held = {n for n, _ in cb.book.params(lvl.name)} & slow
-                    if held:
-                        owners.append((cb, lvl.name, held))
+        for cb in self.protocol(trainer).participants(MultiFrequencyUpdates):
+            for lvl in cb.book.levels:
+                held = {n for n, _ in cb.book.params(lvl.name)} & slow
+                if held:
+                    owners.append((cb, lvl.name, held))
         if len(owners) == 1 and owners[0][2] == slow:
             return owners[0][0], owners[0][1]
+        if not self._default_trigger:
+            return None
         if not owners:
             raise MisconfigurationException(
                 f"Drift pair {pair.name!r} has no boundary: set `every` on it, or add a MultiFrequencyUpdates level"
@@ -335,7 +352,7 @@ class CMSConsolidation(ConfiguredStateKey, StepHookCallback):
         )
 
     def _map_pairs_to_optimizers(self, optimizers: list[Optimizer]) -> list[list[str]]:
-        holder = {id(p): i for i, opt in enumerate(optimizers) for g in opt.param_groups for p in g["params"]}
+        holder = optimizer_of_params(optimizers)
         pairs_of: list[list[str]] = [[] for _ in optimizers]
         for pair in self._pairs:
             if pair.every is None:
@@ -351,13 +368,92 @@ class CMSConsolidation(ConfiguredStateKey, StepHookCallback):
         return pairs_of
 
     # ------------------------------------------------------------------------------------------------ boundaries
+    def should_consolidate(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        pair: ConsolidationPair,
+        step_idx: Optional[int] = None,
+        epoch_idx: Optional[int] = None,
+    ) -> bool:
+        """Whether ``pair`` consolidates now; override it for boundaries of your own.
+
+        Called for every pair after each training batch (``step_idx``: ``trainer.global_step - 1``, the index of the
+        batch's optimizer step; ``epoch_idx`` ``None``) and at the end of each training epoch (``step_idx`` ``None``,
+        ``epoch_idx``: the epoch), like ``WeightAveraging.should_update``. By default: a pair with ``every`` after
+        ``every`` committed steps of its fast level's optimizer (:attr:`step_counts`); a drift pair without it after
+        an update of the ``MultiFrequencyUpdates`` level holding its slow parameters; a distill pair without it at the
+        end of a task of a task stream (the epoch ended on its last batch and completed a stage).
+
+        Args:
+            trainer: The Trainer.
+            pl_module: The LightningModule.
+            pair: The pair.
+            step_idx: The optimizer step just taken, after a batch; ``None`` at an epoch's end.
+            epoch_idx: The epoch that just ended; ``None`` after a batch.
+
+        Returns:
+            ``True`` to consolidate the pair now (at a step boundary this also restarts its step count).
+
+        """
+        state = self._state[pair.name]
+        if step_idx is not None:
+            if pair.every is not None:
+                return state.count >= pair.every
+            trigger = self._trigger.get(pair.name)
+            if trigger is None:
+                return False
+            cb, level = trigger
+            return state.seen_updates is not None and cb.num_updates[level] > state.seen_updates
+        if epoch_idx is not None and pair.mode == "distill" and pair.every is None:
+            stage = _finished_task(trainer)
+            return stage is not None and stage > state.last_stage
+        return False
+
+    @property
+    def step_counts(self) -> dict[str, int]:
+        """Per pair with ``every``: the committed steps (with gradients) of its fast level's optimizer since the pair
+        last consolidated at a step boundary."""
+        return {p.name: self._state[p.name].count for p in self._pairs if p.every is not None}
+
     @override
-    def on_optimizer_step_done(self, index: int, optimizer: Optimizer) -> None:
+    def on_step_phase(
+        self, phase: Phase, trainer: pl.Trainer, pl_module: pl.LightningModule, index: int, optimizer: Optimizer
+    ) -> None:
         """Count the step for the ``every`` pairs of ``optimizer``, unless it carried no gradient (no backward)."""
-        if not self.step_has_gradients(index):
+        if phase is not Phase.CONSOLIDATE or not self.step_has_gradients(index):
             return
         for name in self._pairs_of[index]:
             self._state[name].count += 1
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if any(p.mode == "distill" for p in self._pairs):
+            self._remember(batch)
+        step_idx = trainer.global_step - 1
+        for pair in self._pairs:
+            state = self._state[pair.name]
+            due = self.should_consolidate(trainer, pl_module, pair, step_idx=step_idx, epoch_idx=None)
+            trigger = self._trigger.get(pair.name)
+            if trigger is not None:
+                cb, level = trigger
+                state.seen_updates = cb.num_updates[level]
+            if due:
+                state.count = 0
+                self.consolidate(pl_module, pair, on_step=True)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for pair in self._pairs:
+            if self.should_consolidate(trainer, pl_module, pair, step_idx=None, epoch_idx=trainer.current_epoch):
+                stage = _finished_task(trainer)
+                state = self._state[pair.name]
+                if stage is not None:
+                    state.last_stage = max(state.last_stage, stage)
+                self.consolidate(pl_module, pair, on_step=False)
 
     @override
     def on_train_batch_start(
@@ -366,42 +462,6 @@ class CMSConsolidation(ConfiguredStateKey, StepHookCallback):
         for name, (cb, level) in self._trigger.items():
             if self._state[name].seen_updates is None:
                 self._state[name].seen_updates = cb.num_updates[level]
-
-    @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if any(p.mode == "distill" for p in self._pairs):
-            self._remember(batch)
-        for pair in self._pairs:
-            state = self._state[pair.name]
-            if pair.every is not None:
-                due = state.count >= pair.every
-                if due:
-                    state.count = 0
-            elif pair.name in self._trigger:
-                cb, level = self._trigger[pair.name]
-                updates = cb.num_updates[level]
-                due = state.seen_updates is not None and updates > state.seen_updates
-                state.seen_updates = updates
-            else:
-                continue
-            if due:
-                self.consolidate(pl_module, pair, on_step=True)
-
-    @override
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
-            return  # stopped inside the epoch (max_steps): the task is not complete
-        stage = None
-        for pair in self._pairs:
-            if pair.mode != "distill" or pair.every is not None:
-                continue
-            stage = trainer.datamodule.stage_at_epoch_end(trainer.current_epoch) if stage is None else stage
-            state = self._state[pair.name]
-            if stage is not None and stage > state.last_stage:
-                state.last_stage = stage
-                self.consolidate(pl_module, pair, on_step=False)
 
     # ------------------------------------------------------------------------------------------------ transfers
     def consolidate(
@@ -415,69 +475,20 @@ class CMSConsolidation(ConfiguredStateKey, StepHookCallback):
         pair = pair if isinstance(pair, ConsolidationPair) else next(p for p in self._pairs if p.name == pair)
         state = self._state[pair.name]
         matches = self._matches[pair.name]
-        losses: tuple[float, ...] = ()
         if pair.mode == "drift":
-            drift_sq = self._shift(matches, state, pair.alpha, move_slow=True)
+            measured = drift_transfer(matches, state.anchor, pair.alpha)
         else:
             inputs = self._buffered()
             if inputs is None:
                 rank_zero_warn(f"CMSConsolidation: pair {pair.name!r} reached a boundary with no buffered input.")
                 return
-            with torch.no_grad():
-                teacher = _as_output(_forward_eval(pl_module, inputs)).detach().float()
-            drift_sq = self._shift(matches, state, pair.alpha, move_slow=False)
-            losses = self._distill(pl_module, inputs, teacher, [m[4] for m in matches])
+            measured = distill_transfer(
+                pl_module, matches, state.anchor, pair.alpha, inputs, self.distill_steps, self.distill_lr
+            )
         state.transfers += 1
-        values = {"transfers": float(state.transfers), "drift_norm": float(drift_sq) ** 0.5}
-        if losses:
-            values.update(distill_loss_before=losses[0], distill_loss_after=losses[1])
+        values = {"transfers": float(state.transfers), **measured}
         for key, value in values.items():
             pl_module.log(f"cms/{pair.name}/{key}", value, on_step=on_step, on_epoch=not on_step, batch_size=1)
-
-    @staticmethod
-    @torch.no_grad()
-    def _shift(matches: list[_Match], state: _PairState, alpha: float, move_slow: bool) -> float:
-        """``slow += alpha * delta`` (if ``move_slow``), ``fast = anchor + (1 - alpha) * delta``; the drift norm^2."""
-        total = 0.0
-        for _, fast_name, fast, _, slow in matches:
-            anchor = state.anchor[fast_name]
-            dtype = torch.promote_types(fast.dtype, torch.float32)
-            delta = fast.detach().to(dtype) - anchor.to(dtype)
-            total += float(delta.double().pow(2).sum())
-            if move_slow:
-                slow.copy_(slow.detach().to(dtype) + alpha * delta)
-            fast.copy_(anchor if alpha == 1.0 else anchor.to(dtype) + (1.0 - alpha) * delta)
-            anchor.copy_(fast.detach())  # distillation leaves the fast level alone: its anchor is final already
-        return total
-
-    def _distill(
-        self, pl_module: pl.LightningModule, inputs: Tensor, teacher: Tensor, slow: list[Tensor]
-    ) -> tuple[float, float]:
-        """Train only ``slow`` on the MSE to ``teacher``; returns the loss before and after (averaged over ranks)."""
-        saved_grads = [p.grad for p in slow]
-        optimizer = torch.optim.Adam(slow, lr=self.distill_lr)
-        was_training = pl_module.training
-        pl_module.eval()
-        n = float(len(inputs))
-        try:
-            with torch.enable_grad():
-                for step in range(self.distill_steps):
-                    loss = F.mse_loss(_as_output(pl_module(inputs)).float(), teacher)
-                    grads = torch.autograd.grad(loss, slow, allow_unused=True)
-                    if step == 0:
-                        before = loss.detach()
-                    grads = _average_over_ranks(list(grads), n)
-                    for p, g in zip(slow, grads, strict=True):
-                        p.grad = None if g is None else g.to(p.dtype)
-                    optimizer.step()
-            with torch.no_grad():
-                after = F.mse_loss(_as_output(pl_module(inputs)).float(), teacher)
-        finally:
-            for p, g in zip(slow, saved_grads, strict=True):
-                p.grad = g
-            pl_module.train(was_training)
-        before, after = _average_over_ranks([before, after], n)
-        return float(before), float(after)
 
     # ------------------------------------------------------------------------------------------------ the buffer
     def _remember(self, batch: Any) -> None:
@@ -506,8 +517,8 @@ class CMSConsolidation(ConfiguredStateKey, StepHookCallback):
     # ------------------------------------------------------------------------------------------------ checkpoints
     @override
     def state_dict(self) -> dict[str, Any]:
-        if self._loaded is not None:
-            return dict(self._loaded)
+        if self.has_loaded_state:  # restored, not applied yet (at train start)
+            return dict(self._loaded_state or {})
         pairs = {}
         for pair in self._pairs:
             s = self._state[pair.name]
@@ -525,11 +536,6 @@ class CMSConsolidation(ConfiguredStateKey, StepHookCallback):
         if self._buffer is not None:
             out["buffer"] = {"data": self._buffer, "pos": self._buffer_pos, "filled": self._buffer_filled}
         return out
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Applied in `on_train_start`: Lightning restores callbacks before it builds the optimizers (notes, section 5).
-        self._loaded = state_dict
 
     def _apply_loaded(self, loaded: dict[str, Any], device: torch.device) -> None:
         saved = loaded.get("pairs", {})
@@ -562,6 +568,109 @@ class CMSConsolidation(ConfiguredStateKey, StepHookCallback):
 
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "_matches": {}, "_trigger": {}, "_pairs_of": []}
+
+
+# ---------------------------------------------------------------------------------------------------- transfers
+@torch.no_grad()
+def _shift(matches: list[_Match], anchors: dict[str, Tensor], alpha: float, move_slow: bool) -> float:
+    """``slow += alpha * delta`` (if ``move_slow``), ``fast = anchor + (1 - alpha) * delta``; the drift norm^2."""
+    total = 0.0
+    for _, fast_name, fast, _, slow in matches:
+        anchor = anchors[fast_name]
+        dtype = torch.promote_types(fast.dtype, torch.float32)
+        delta = fast.detach().to(dtype) - anchor.to(dtype)
+        total += float(delta.double().pow(2).sum())
+        if move_slow:
+            slow.copy_(slow.detach().to(dtype) + alpha * delta)
+        fast.copy_(anchor if alpha == 1.0 else anchor.to(dtype) + (1.0 - alpha) * delta)
+        anchor.copy_(fast.detach())  # distillation leaves the fast level alone: its anchor is final already
+    return total
+
+
+def drift_transfer(matches: list[_Match], anchors: dict[str, Tensor], alpha: float) -> dict[str, float]:
+    r"""The drift transfer: the slow level moves by ``alpha`` times the fast level's change since its anchor, the fast
+    level keeps ``1 - alpha`` of that change, and the anchor moves to the fast level (module docstring).
+
+    Args:
+        matches: The paired parameters, ``(relative name, fast name, fast, slow name, slow)``.
+        anchors: The fast parameters' values at the previous transfer, by fast name (updated in place).
+        alpha: The share of the change transferred, in ``(0, 1]``.
+
+    Returns:
+        ``{"drift_norm": ||delta||}``, what is logged besides the transfer count.
+
+    """
+    return {"drift_norm": float(_shift(matches, anchors, alpha, move_slow=True)) ** 0.5}
+
+
+def distill_transfer(
+    pl_module: pl.LightningModule,
+    matches: list[_Match],
+    anchors: dict[str, Tensor],
+    alpha: float,
+    inputs: Tensor,
+    steps: int,
+    lr: float,
+) -> dict[str, float]:
+    """The distill transfer: the model's outputs on ``inputs`` are the teacher, the fast level gives up ``alpha`` of
+    its change since its anchor, then only the slow parameters are trained on the MSE to the teacher.
+
+    Args:
+        pl_module: The model; ``pl_module(inputs)`` returns a tensor or a tuple starting with one.
+        matches: The paired parameters, ``(relative name, fast name, fast, slow name, slow)``.
+        anchors: The fast parameters' values at the previous transfer, by fast name (updated in place).
+        alpha: The share of the change the fast level gives up, in ``(0, 1]``.
+        inputs: The buffered training inputs.
+        steps: Full-buffer Adam steps on the slow parameters.
+        lr: Adam's learning rate.
+
+    Returns:
+        ``drift_norm``, ``distill_loss_before`` and ``distill_loss_after`` (the losses averaged over ranks).
+
+    """
+    with torch.no_grad():
+        teacher = _as_output(_forward_eval(pl_module, inputs)).detach().float()
+    drift_sq = _shift(matches, anchors, alpha, move_slow=False)
+    before, after = _distill(pl_module, inputs, teacher, [m[4] for m in matches], steps, lr)
+    return {"drift_norm": float(drift_sq) ** 0.5, "distill_loss_before": before, "distill_loss_after": after}
+
+
+def _distill(
+    pl_module: pl.LightningModule, inputs: Tensor, teacher: Tensor, slow: list[Tensor], steps: int, lr: float
+) -> tuple[float, float]:
+    """Train only ``slow`` on the MSE to ``teacher``; returns the loss before and after (averaged over ranks)."""
+    saved_grads = [p.grad for p in slow]
+    optimizer = torch.optim.Adam(slow, lr=lr)
+    was_training = pl_module.training
+    pl_module.eval()
+    n = float(len(inputs))
+    try:
+        with torch.enable_grad():
+            for step in range(steps):
+                loss = F.mse_loss(_as_output(pl_module(inputs)).float(), teacher)
+                grads = torch.autograd.grad(loss, slow, allow_unused=True)
+                if step == 0:
+                    before = loss.detach()
+                grads = _average_over_ranks(list(grads), n)
+                for p, g in zip(slow, grads, strict=True):
+                    p.grad = None if g is None else g.to(p.dtype)
+                optimizer.step()
+        with torch.no_grad():
+            after = F.mse_loss(_as_output(pl_module(inputs)).float(), teacher)
+    finally:
+        for p, g in zip(slow, saved_grads, strict=True):
+            p.grad = g
+        pl_module.train(was_training)
+    before, after = _average_over_ranks([before, after], n)
+    return float(before), float(after)
+
+
+def _finished_task(trainer: pl.Trainer) -> Optional[int]:
+    """The stage of the task stream the epoch that just ended completed, if it ended on its last batch."""
+    if not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+        return None  # stopped inside the epoch (max_steps): the task is not complete
+    stage_at_epoch_end = getattr(trainer.datamodule, "stage_at_epoch_end", None)
+    return None if stage_at_epoch_end is None else stage_at_epoch_end(trainer.current_epoch)
 
 
 # ---------------------------------------------------------------------------------------------------- helpers

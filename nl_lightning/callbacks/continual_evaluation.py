@@ -39,6 +39,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from nl_lightning.callbacks._state import ConfiguredStateKey
+from nl_lightning.callbacks._tensorboard import accuracy_matrix_image
 from nl_lightning.metrics import AccuracyMatrix
 
 __all__ = ["ContinualEvaluation"]
@@ -54,7 +55,8 @@ class ContinualEvaluation(ConfiguredStateKey, Callback):
     :class:`~nl_lightning.metrics.AccuracyMatrix` (row ``k``: after ``k`` tasks). After each stage it logs
     ``continual/acc``, ``continual/bwt``, ``continual/fwt``, ``continual/forgetting`` (Chaudhry et al. 2018),
     ``continual/learning_accuracy``, ``continual/aia`` and ``continual/task_<j>`` (defined values only), writes the
-    matrix as a heatmap image and a Markdown table to TensorBoard, and writes ``continual_metrics.json`` (matrix,
+    matrix as a labelled heatmap image (rows: after task i, columns: task j, values, colour scale; see
+    ``docs/tensorboard.md``) and a Markdown table to TensorBoard, and writes ``continual_metrics.json`` (matrix,
     metrics, method, seed, scenario) into the logger's log directory (``default_root_dir`` without a logger).
 
     Predictions are ``argmax`` of ``pl_module(x)``; in the task-incremental scenario the logits of other tasks'
@@ -66,8 +68,9 @@ class ContinualEvaluation(ConfiguredStateKey, Callback):
 
     Args:
         split: The split the matrix is measured on: ``"test"`` (default) or ``"val"``.
-        method: The name written in the JSON; by default derived from the callbacks present (``naive``, ``ewc``,
-            ``replay``, ``multi_frequency``, ``joint``, joined by ``+``).
+        method: The name written in the JSON; by default derived from the callbacks present: the ``method_tag`` class
+            attribute of each (``ewc``, ``replay``, ``multi_frequency``, ``cms_consolidation``; a callback of your own
+            may declare one), after ``joint`` for a joint run, joined by ``+``; ``naive`` when there is none.
         filename: The JSON file name.
         log_images: Write the heatmap and the Markdown table when a TensorBoard logger is attached.
 
@@ -258,17 +261,10 @@ class ContinualEvaluation(ConfiguredStateKey, Callback):
         if not self._log_images or not loggers:
             return
         for logger in loggers:
-            logger.experiment.add_image("continual/accuracy_matrix", heatmap(accuracy), global_step=stage)
+            title = f"Accuracy matrix after {stage} of {accuracy.shape[1]} tasks"
+            image = accuracy_matrix_image(accuracy, title=title)  # rows: after task i, columns: task j
+            logger.experiment.add_image("continual/accuracy_matrix", image, global_step=stage)
             logger.experiment.add_text("continual/accuracy_matrix", markdown_table(accuracy), global_step=stage)
-
-
-def heatmap(accuracy: Tensor, cell: int = 24) -> Tensor:
-    """A ``(3, H, W)`` image of a matrix of accuracies in [0, 1]: dark blue (0) to yellow (1), grey for missing."""
-    low, high = torch.tensor([0.12, 0.10, 0.40]), torch.tensor([0.99, 0.91, 0.15])
-    values = accuracy.float().clamp(0, 1)
-    colours = low[:, None, None] + (high - low)[:, None, None] * values.nan_to_num(0.0)[None]  # (3, rows, cols)
-    colours[:, accuracy.isnan()] = 0.5
-    return colours.repeat_interleave(cell, dim=1).repeat_interleave(cell, dim=2)
 
 
 def markdown_table(accuracy: Tensor) -> str:
@@ -283,13 +279,8 @@ def markdown_table(accuracy: Tensor) -> str:
 
 
 def _method_of(trainer: pl.Trainer) -> str:
-    names = {
-        "ElasticWeightConsolidation": "ewc",
-        "ExperienceReplay": "replay",
-        "MultiFrequencyUpdates": "multi_frequency",
-        "CMSConsolidation": "cms_consolidation",
-    }
-    parts = [names[type(cb).__name__] for cb in trainer.callbacks if type(cb).__name__ in names]
+    """The method's name: the ``method_tag`` of each callback that has one (in the Trainer's order), ``+``-joined."""
+    parts = [tag for cb in trainer.callbacks if isinstance(tag := getattr(cb, "method_tag", None), str) and tag]
     if getattr(trainer.datamodule, "joint", False):
         parts.insert(0, "joint")
     return "+".join(parts) or "naive"

@@ -88,6 +88,8 @@ class ElasticWeightConsolidation(ConfiguredStateKey, Callback):
 
     """
 
+    method_tag = "ewc"  # the name ContinualEvaluation gives this callback in a method's name
+
     def __init__(
         self,
         ewc_lambda: float = 100.0,

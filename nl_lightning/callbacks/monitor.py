@@ -39,9 +39,9 @@ from typing_extensions import override
 
 from nl_lightning._sharded import global_sums, is_dtensor
 from nl_lightning.callbacks._state import ConfiguredStateKey
-from nl_lightning.callbacks._step_hooks import StepHookCallback
+from nl_lightning.callbacks._step_hooks import Phase, StepHookCallback, logging_step, optimizer_of_params, should_log
+from nl_lightning.callbacks._tensorboard import custom_scalars_layout, write_custom_scalars
 from nl_lightning.callbacks.multi_frequency import MultiFrequencyUpdates
-from nl_lightning.callbacks.self_modifying import SelfModifyingRule
 from nl_lightning.models.cms import CMSState, ContinuumMemory
 
 __all__ = ["NestedLearningMonitor"]
@@ -60,7 +60,7 @@ class _Watch:
     drift_rel: Optional[float] = None
     lr: Optional[float] = None
     snapshot: Optional[list[Tensor]] = None  # parameter values just before a measured update
-    pending: bool = False  # measured in on_before_optimizer_step, waiting for the step
+    pending: bool = False  # measured before the step (the protocol's measure phase), waiting for it
     histograms: dict[str, Tensor] = field(default_factory=dict)
 
 
@@ -89,6 +89,9 @@ class NestedLearningMonitor(ConfiguredStateKey, StepHookCallback):
       in a training step, a forward hook checking each one's returned state (one ``isfinite().all()`` per tensor) at
       logging steps only. The first time a module reports, a warning names it (an ``inner_lr`` too large for the
       activations' scale makes the writes diverge: lower it, or set ``retention < 1``).
+
+    At train start it writes a TensorBoard custom-scalars layout (the CUSTOM SCALARS tab) with one chart per quantity
+    holding every level, so the multi-frequency picture shows in one view (``docs/tensorboard.md``).
 
     It checks the training loss (the ``loss`` that ``training_step`` returned) at logging steps, and at every step with
     ``stop_on_nonfinite=True``: the first time it is NaN or inf a warning says so and names where it started (the CMS
@@ -126,6 +129,8 @@ class NestedLearningMonitor(ConfiguredStateKey, StepHookCallback):
 
     """
 
+    step_phases = (Phase.MEASURE, Phase.COMMIT)
+
     def __init__(self, log_histograms: bool = True, prefix: str = "nested", stop_on_nonfinite: bool = False) -> None:
         if not isinstance(prefix, str) or not prefix:
             raise MisconfigurationException(f"`prefix` must be a non-empty string such as 'nested', got {prefix!r}.")
@@ -159,7 +164,7 @@ class NestedLearningMonitor(ConfiguredStateKey, StepHookCallback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._mfus = [cb for cb in trainer.callbacks if isinstance(cb, MultiFrequencyUpdates)]
+        super().setup(trainer, pl_module, stage)
         self._remove_state_hooks()
         for name, module in pl_module.named_modules():
             if isinstance(module, ContinuumMemory) and module.in_context:
@@ -195,14 +200,15 @@ class NestedLearningMonitor(ConfiguredStateKey, StepHookCallback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        check = self._stop_on_nonfinite or trainer._logger_connector.should_update_logs
+        check = self._stop_on_nonfinite or should_log(trainer)
         self._check_states = bool(self._state_hooks) and check
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._mfus = self.protocol(trainer).participants(MultiFrequencyUpdates)
         optimizers = trainer.optimizers
         names = {id(p): n for n, p in pl_module.named_parameters()}
-        owner = {id(p): i for i, opt in enumerate(optimizers) for g in opt.param_groups for p in g["params"]}
+        owner = optimizer_of_params(optimizers)
         self._watches = [{} for _ in optimizers]
         self._levels = {lvl.name: (lvl.every, mfu.book.params(lvl.name)) for mfu in self._mfus for lvl in mfu.levels}
         if self._mfus:
@@ -216,25 +222,31 @@ class NestedLearningMonitor(ConfiguredStateKey, StepHookCallback):
                 params = [(names.get(id(p), f"param_{j}"), p) for j, p in enumerate(_params_of(opt))]
                 watch = _Watch(name, 1, params, updates=self._loaded_updates.get(name, 0))
                 self._watches[i][name] = watch
-        self.attach_step_hooks(trainer)
+        levels = list(self._levels) if self._mfus else list(self.watches)
+        write_custom_scalars(trainer.loggers, custom_scalars_layout(levels, prefix=self._prefix))
+        super().on_train_start(trainer, pl_module)
 
     # ------------------------------------------------------------------------------------------------ a step
     @override
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    def on_step_phase(
+        self, phase: Phase, trainer: pl.Trainer, pl_module: pl.LightningModule, index: int, optimizer: Optimizer
     ) -> None:
-        for rule in trainer.callbacks:  # read the effective learning rates, whatever the callbacks' order
-            if isinstance(rule, SelfModifyingRule):
-                rule.prepare(trainer, pl_module, optimizer)
-        i = self.optimizer_index(optimizer)
+        """Measure the due levels before the step (after the rules wrote the learning rates); after it, count the
+        step and measure the drift."""
+        if phase is Phase.MEASURE:
+            self._measure(trainer, index, optimizer)
+        elif phase is Phase.COMMIT:
+            self._record(index)
+
+    def _measure(self, trainer: pl.Trainer, i: int, optimizer: Optimizer) -> None:
         watches = self._watches[i]
         if not self.step_has_gradients(i):
             due: tuple[str, ...] = ()  # no backward (`training_step` returned None): the step updates no level
         elif self._mfus:
-            due = tuple(name for mfu in self._mfus for name in mfu.prepare_step(optimizer).due)
+            due = self.protocol(trainer).due(i)  # the plan phase made them due
         else:
             due = tuple(watches)
-        step = _logging_step(trainer)
+        step = logging_step(trainer)
         interval = max(trainer.log_every_n_steps, 1)
         next_log = math.ceil(step / interval) * interval
         for name in due:
@@ -255,9 +267,8 @@ class NestedLearningMonitor(ConfiguredStateKey, StepHookCallback):
         if self._wants_histograms(trainer) and grads:
             w.histograms["grad"] = _flat(grads) * scale
 
-    @override
-    def on_optimizer_step_done(self, i: int, optimizer: Optimizer) -> None:
-        """Count the real step (a torch step post-hook) and measure the drift of the levels measured before it.
+    def _record(self, i: int) -> None:
+        """Count the real step (the commit phase) and measure the drift of the levels measured before it.
 
         Without ``MultiFrequencyUpdates`` every level of the optimizer counts the step, if it carried gradients.
         """
@@ -279,6 +290,7 @@ class NestedLearningMonitor(ConfiguredStateKey, StepHookCallback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         histograms: dict[str, Tensor] = {}
         for w in self.watches.values():
             if w.pending:  # the step was skipped (GradScaler): forget the measurement
@@ -289,7 +301,7 @@ class NestedLearningMonitor(ConfiguredStateKey, StepHookCallback):
             w.histograms = {}
         if histograms:
             self._write_histograms(trainer, histograms)
-        logs = trainer._logger_connector.should_update_logs
+        logs = should_log(trainer)
         bad_states: list[str] = []
         if logs or self._stop_on_nonfinite:
             bad_states = self._report_nonfinite_states() if self._state_hooks else []
@@ -370,7 +382,7 @@ class NestedLearningMonitor(ConfiguredStateKey, StepHookCallback):
 
     @rank_zero_only
     def _write_histograms(self, trainer: pl.Trainer, histograms: dict[str, Tensor]) -> None:
-        step = _logging_step(trainer) - 1  # the step self.log uses for this batch
+        step = logging_step(trainer) - 1  # the step self.log uses for this batch
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 for tag, values in histograms.items():
@@ -384,7 +396,7 @@ class NestedLearningMonitor(ConfiguredStateKey, StepHookCallback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._loaded_updates = dict(state_dict.get("updates", {}))
+        self._loaded_updates = dict(state_dict.get("updates", {}))  # the counts need no optimizer: kept as they come
 
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "_watches": [], "_levels": {}, "_state_hooks": [], "_state_checks": {}}
@@ -425,8 +437,3 @@ def _unscale_factor(trainer: pl.Trainer, optimizer: Optimizer) -> float:
     if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
         return 1.0 / float(scaler.get_scale())
     return 1.0
-
-
-def _logging_step(trainer: pl.Trainer) -> int:
-    """The 1-based index of the current optimizer step in Lightning's logging clock (``_batches_that_stepped + 1``)."""
-    return trainer.fit_loop.epoch_loop._batches_that_stepped + 1

@@ -37,7 +37,7 @@ from typing_extensions import override
 
 from nl_lightning._sharded import gather_full
 from nl_lightning.callbacks._state import ConfiguredStateKey
-from nl_lightning.callbacks._step_hooks import StepHookCallback
+from nl_lightning.callbacks._step_hooks import Phase, StepHookCallback, optimizer_of_params
 from nl_lightning.levels import Level, LevelSet, StepPlan, as_levels
 
 __all__ = ["MultiFrequencyUpdates", "parameter_root"]
@@ -195,6 +195,19 @@ class MultiFrequencyUpdates(ConfiguredStateKey, StepHookCallback):
 
     """
 
+    step_phases = (Phase.PLAN, Phase.COMMIT)
+    refused_strategies = {
+        DeepSpeedStrategy: "it owns backward, the optimizer step and gradient accumulation (under ZeRO-2/3 the"
+        " gradients are not in `p.grad`), so it cannot hold back a level's gradients between its updates",
+        FSDPStrategy: "FSDP1 keeps each wrapped module's gradients in one flat parameter, not per parameter, so it"
+        " cannot hold back a level's gradients between its updates",
+    }
+    strategy_fix = (
+        "Use FSDP2: strategy=ModelParallelStrategy() with `torch.distributed.fsdp.fully_shard` applied in the"
+        " LightningModule's `configure_model` (it shards per parameter); or strategy='ddp' (or a single device)."
+    )
+    method_tag = "multi_frequency"  # the name ContinualEvaluation gives this callback in a method's name
+
     def __init__(
         self,
         levels: Union[Sequence[Level], dict[str, int]],
@@ -219,7 +232,6 @@ class MultiFrequencyUpdates(ConfiguredStateKey, StepHookCallback):
         self._warned_nonfinite: set[str] = set()
         self._global_step = 0  # the Trainer's global step at the current batch, for messages
         self._book: Optional[LevelSet] = None
-        self._loaded_state: Optional[dict[str, Any]] = None
         self._levels_of: list[list[str]] = []  # per optimizer index: the levels whose parameters it holds
         self._plans: dict[int, StepPlan] = {}  # per optimizer index: the prepared step awaiting its commit
         self._groups_seen: Optional[tuple[Any, ...]] = None  # the optimizers' parameter groups `_levels_of` reflects
@@ -254,27 +266,14 @@ class MultiFrequencyUpdates(ConfiguredStateKey, StepHookCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        strategy = trainer.strategy
-        if isinstance(strategy, (DeepSpeedStrategy, FSDPStrategy)):
-            why = (
-                "it owns backward, the optimizer step and gradient accumulation (under ZeRO-2/3 the gradients are not"
-                " in `p.grad`)"
-                if isinstance(strategy, DeepSpeedStrategy)
-                else "FSDP1 keeps each wrapped module's gradients in one flat parameter, not per parameter"
-            )
-            raise MisconfigurationException(
-                f"MultiFrequencyUpdates does not support {type(strategy).__name__}: {why}, so it cannot hold back a"
-                " level's gradients between its updates. Use FSDP2: strategy=ModelParallelStrategy() with"
-                " `torch.distributed.fsdp.fully_shard` applied in the LightningModule's `configure_model` (it shards"
-                " per parameter); or strategy='ddp' (or a single device)."
-            )
+        super().setup(trainer, pl_module, stage)  # refuses DeepSpeed and FSDP1, joins the step protocol
         if trainer.accumulate_grad_batches > 1:
             rank_zero_warn(
                 f"MultiFrequencyUpdates counts optimizer steps: with accumulate_grad_batches="
                 f"{trainer.accumulate_grad_batches} a level with every=C updates once per"
                 f" C * {trainer.accumulate_grad_batches} batches."
             )
-        if isinstance(strategy, ModelParallelStrategy):
+        if isinstance(trainer.strategy, ModelParallelStrategy):
             return  # `configure_model` has not run yet: it creates and shards the parameters (resolved at fit start)
         self._resolve_book(pl_module)
 
@@ -321,9 +320,9 @@ class MultiFrequencyUpdates(ConfiguredStateKey, StepHookCallback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         book = self.book
-        if self._loaded_state is not None:
-            self._load_level_state(book, self._loaded_state)
-            self._loaded_state = None
+        loaded = self.take_loaded_state()
+        if loaded is not None:
+            self._load_level_state(book, loaded)
         self._check_other_instances(trainer)
         self._follow_param_groups(trainer.optimizers, force=True)
         self._warn_long_periods(trainer, book)
@@ -338,7 +337,7 @@ class MultiFrequencyUpdates(ConfiguredStateKey, StepHookCallback):
                 )
         self._plans.clear()
         self._nested = _nested_strategy(trainer)
-        self.attach_step_hooks(trainer)
+        super().on_train_start(trainer, pl_module)
 
     @staticmethod
     def _load_level_state(book: LevelSet, state: dict[str, Any]) -> None:
@@ -381,8 +380,8 @@ class MultiFrequencyUpdates(ConfiguredStateKey, StepHookCallback):
         """Refuse a parameter or a level name shared with another ``MultiFrequencyUpdates`` of the Trainer."""
         book = self.book
         mine = {id(p): (lvl.name, n) for lvl in book.levels for n, p in book.params(lvl.name)}
-        for other in trainer.callbacks:
-            if other is self or not isinstance(other, MultiFrequencyUpdates) or other._book is None:
+        for other in self.protocol(trainer).participants(MultiFrequencyUpdates):
+            if other is self or other._book is None:
                 continue
             clash = sorted({lvl.name for lvl in self._levels} & {lvl.name for lvl in other.levels})
             if clash:
@@ -410,7 +409,7 @@ class MultiFrequencyUpdates(ConfiguredStateKey, StepHookCallback):
 
     @staticmethod
     def _map_levels_to_optimizers(book: LevelSet, optimizers: list[Optimizer], warn: bool) -> list[list[str]]:
-        holder = {id(p): i for i, opt in enumerate(optimizers) for g in opt.param_groups for p in g["params"]}
+        holder = optimizer_of_params(optimizers)
         levels_of: list[list[str]] = [[] for _ in optimizers]
         for lvl in book.levels:
             where = {holder.get(id(p)) for _, p in book.params(lvl.name)}
@@ -434,12 +433,12 @@ class MultiFrequencyUpdates(ConfiguredStateKey, StepHookCallback):
     def prepare_step(self, optimizer: Union[Optimizer, Any]) -> StepPlan:
         """Mask and reduce the gradients of ``optimizer``'s levels for the coming step.
 
-        ``on_before_optimizer_step`` calls it, so you need it only in manual optimization when you read or clip
-        gradients before ``opt.step()``, or step a raw ``torch.optim.Optimizer``. It is idempotent: until the step
-        happens, or a new backward replaces the gradients, further calls return the same plan. It first catches up
-        with parameter groups added since the previous step. If no backward reached the optimizer's parameters since
-        its last step and none of them has a gradient (a ``training_step`` that returned ``None``), the plan is empty:
-        nothing is masked and the step ticks no clock.
+        The step protocol calls it in its plan phase (from ``on_before_optimizer_step``), so you need it only in
+        manual optimization when you read or clip gradients before ``opt.step()``, or step a raw
+        ``torch.optim.Optimizer``. It is idempotent: until the step happens, or a new backward replaces the gradients,
+        further calls return the same plan. It first catches up with parameter groups added since the previous step.
+        If no backward reached the optimizer's parameters since its last step and none of them has a gradient (a
+        ``training_step`` that returned ``None``), the plan is empty: nothing is masked and the step ticks no clock.
 
         Under :class:`~nl_lightning.strategies.NestedDDPStrategy` it communicates (the due slow levels' all-reduce,
         and the ``GradScaler``'s found-inf flags once they exist): call it on every process, at the same point.
@@ -455,13 +454,14 @@ class MultiFrequencyUpdates(ConfiguredStateKey, StepHookCallback):
 
         """
         i = self.optimizer_index(optimizer)
+        optimizers = self.step_optimizers
         if self._nested is not None:  # a non-finite local gradient on one process makes every process skip the step
-            self._nested.sync_found_inf(self._optimizers[i])
-        self._follow_param_groups(self._optimizers)
+            self._nested.sync_found_inf(optimizers[i])
+        self._follow_param_groups(optimizers)
         plan = self._plans.get(i)
         if plan is None or not plan.is_current():
             if not self.step_has_gradients(i):  # no backward and no gradient: the plan commits nothing
-                params = [p for g in self._optimizers[i].param_groups for p in g["params"]]
+                params = [p for g in optimizers[i].param_groups for p in g["params"]]
                 plan = StepPlan((), {}, tuple((p, None) for p in params))
             else:
                 reduce = None if self._nested is None else self._nested.reduce_level_gradients
@@ -486,10 +486,15 @@ class MultiFrequencyUpdates(ConfiguredStateKey, StepHookCallback):
         )
 
     @override
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    def on_step_phase(
+        self, phase: Phase, trainer: pl.Trainer, pl_module: pl.LightningModule, index: int, optimizer: Optimizer
     ) -> None:
-        self.prepare_step(optimizer)
+        """Plan the step (mask, reduce, publish the due levels); after it, commit the plan."""
+        if phase is Phase.PLAN:
+            plan = self.prepare_step(optimizer)
+            self.protocol(trainer).add_due(index, plan.due)
+        elif phase is Phase.COMMIT:
+            self._commit(index)
 
     def _has_slow_level(self, i: int) -> bool:
         return any(lvl.every > 1 for lvl in self.book.levels if lvl.name in self._levels_of[i])
@@ -511,7 +516,7 @@ class MultiFrequencyUpdates(ConfiguredStateKey, StepHookCallback):
         With a ``closure`` (Lightning's own steps pass one that runs ``on_before_optimizer_step``) the check runs
         right after the closure, still before the update.
         """
-        self._follow_param_groups(self._optimizers)
+        self._follow_param_groups(self.step_optimizers)
         plan = self._plans.get(index)
         if (plan is not None and plan.is_current()) or not self._has_slow_level(index):
             return None
@@ -533,9 +538,8 @@ class MultiFrequencyUpdates(ConfiguredStateKey, StepHookCallback):
 
         return checked
 
-    @override
-    def on_optimizer_step_done(self, i: int, optimizer: Optimizer) -> None:
-        """The step really happened (a torch step post-hook): commit its plan."""
+    def _commit(self, i: int) -> None:
+        """The step really happened (the protocol's commit phase, in a torch step post-hook): commit its plan."""
         plan = self._plans.pop(i, None)
         if plan is None:
             if self._has_slow_level(i):  # the pre-hook refuses such a step: only reachable if it was bypassed
@@ -559,6 +563,7 @@ class MultiFrequencyUpdates(ConfiguredStateKey, StepHookCallback):
     ) -> None:
         # A plan still pending here belongs to a step that did not happen (a GradScaler skipped it): drop it, the
         # held gradients contribute nothing and a due level stays due.
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         self._plans.clear()
 
     # ------------------------------------------------------------------------------------------------ tear-down
@@ -580,11 +585,6 @@ class MultiFrequencyUpdates(ConfiguredStateKey, StepHookCallback):
             return dict(self._loaded_state or {})
         # Sharded (FSDP2) buffers are gathered whole: rank 0 writes the callback state for all ranks.
         return gather_full(self._book.state_dict())
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Optimizers do not exist yet when Lightning restores callbacks: apply the state in `on_train_start`.
-        self._loaded_state = state_dict
 
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "_plans": {}, "_groups_seen": None, "_nested": None}

@@ -127,6 +127,8 @@ class ExperienceReplay(ConfiguredStateKey, Callback):
 
     """
 
+    method_tag = "replay"  # the name ContinualEvaluation gives this callback in a method's name
+
     def __init__(
         self, buffer_size: int = 200, replay_batch_size: Optional[int] = None, seed: Optional[int] = None
     ) -> None:

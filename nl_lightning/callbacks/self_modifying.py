@@ -20,10 +20,12 @@ optimization are one more level, updated from the training signal. A :class:`Sel
 per hyper-parameter of each target (a parameter group, or a level of
 :class:`~nl_lightning.callbacks.MultiFrequencyUpdates`) and applies it around each real optimizer step:
 
-1. ``on_before_optimizer_step`` (gradients final: accumulated, all-reduced, unscaled): the rule updates its
-   multipliers (:meth:`SelfModifyingRule.update_multipliers`), saves the group's value and writes
-   ``value * multiplier``;
-2. a torch step post-hook, after the update: the saved value is written back.
+1. the modulate phase of the step protocol (:class:`~nl_lightning.callbacks.StepProtocol`), from
+   ``on_before_optimizer_step``, after :class:`~nl_lightning.callbacks.MultiFrequencyUpdates` planned the step
+   (gradients final: accumulated, all-reduced, unscaled): the rule updates its multipliers
+   (:meth:`SelfModifyingRule.update_multipliers`), saves the group's value and writes ``value * multiplier``;
+2. the restore phase, in a torch step post-hook after the update: the rule observes it
+   (:meth:`SelfModifyingRule.after_step`) and the saved value is written back.
 
 So an LR scheduler keeps stepping its own clean value (the effective learning rate is *schedule x rule*), and
 checkpoints hold the clean values while the multipliers live in the callback's state. A step a ``GradScaler`` skips
@@ -47,7 +49,7 @@ from typing_extensions import override
 
 from nl_lightning._sharded import gather_full, global_sums, is_dtensor
 from nl_lightning.callbacks._state import ConfiguredStateKey
-from nl_lightning.callbacks._step_hooks import StepHookCallback
+from nl_lightning.callbacks._step_hooks import Phase, StepHookCallback, should_log
 from nl_lightning.callbacks.multi_frequency import MultiFrequencyUpdates
 
 __all__ = ["RuleTarget", "SelfModifyingRule"]
@@ -131,6 +133,8 @@ class SelfModifyingRule(ConfiguredStateKey, StepHookCallback):
 
     """
 
+    step_phases = (Phase.MODULATE, Phase.RESTORE)
+
     def __init__(
         self,
         hparams: Sequence[str] = ("lr",),
@@ -166,7 +170,6 @@ class SelfModifyingRule(ConfiguredStateKey, StepHookCallback):
         self._known_levels: list[str] = []
         self._saved: dict[int, list[tuple[dict[str, Any], str, float]]] = {}  # optimizer -> (group, hparam, value)
         self._applied: dict[int, list[RuleTarget]] = {}  # optimizer -> targets modulated on the pending step
-        self._loaded_state: Optional[dict[str, Any]] = None
         self.effective: dict[str, dict[str, float]] = {}  # the last effective values, per target
 
     # ------------------------------------------------------------------------------------------------ subclass API
@@ -203,7 +206,7 @@ class SelfModifyingRule(ConfiguredStateKey, StepHookCallback):
     # ------------------------------------------------------------------------------------------------ set-up
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        mfus = [cb for cb in trainer.callbacks if isinstance(cb, MultiFrequencyUpdates)]
+        mfus = self.protocol(trainer).participants(MultiFrequencyUpdates)
         owners = [cb for cb in mfus if self.level in {lvl.name for lvl in cb.levels}]
         self._mfu = owners[0] if owners else mfus[0] if mfus else None
         self._known_levels = [lvl.name for cb in mfus for lvl in cb.levels]
@@ -212,8 +215,8 @@ class SelfModifyingRule(ConfiguredStateKey, StepHookCallback):
         for t in self.targets:
             self.multipliers.setdefault(t.name, {h: 1.0 for h in self.hparams_to_modify})
             self.num_updates.setdefault(t.name, 0)
-        if self._loaded_state is not None:
-            state, self._loaded_state = self._loaded_state, None
+        state = self.take_loaded_state()
+        if state is not None:
             for name, mults in state.get("multipliers", {}).items():
                 if name in self.multipliers:
                     self.multipliers[name].update(
@@ -225,7 +228,7 @@ class SelfModifyingRule(ConfiguredStateKey, StepHookCallback):
             self.load_extra_state(state.get("extra", {}))
         self._saved.clear()
         self._applied.clear()
-        self.attach_step_hooks(trainer)
+        super().on_train_start(trainer, pl_module)
 
     def _resolve_targets(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[RuleTarget]:
         names = {id(p): n for n, p in pl_module.named_parameters()}
@@ -313,8 +316,8 @@ class SelfModifyingRule(ConfiguredStateKey, StepHookCallback):
 
     def _check_no_overlap(self, trainer: pl.Trainer) -> None:
         mine = {(t.optimizer, j, h) for t in self.targets for j in t.groups for h in self.hparams_to_modify}
-        for cb in trainer.callbacks:
-            if cb is self or not isinstance(cb, SelfModifyingRule) or not cb.targets:
+        for cb in self.protocol(trainer).participants(SelfModifyingRule):
+            if cb is self or not cb.targets:
                 continue
             theirs = {(t.optimizer, j, h) for t in cb.targets for j in t.groups for h in cb.hparams_to_modify}
             if mine & theirs:
@@ -325,22 +328,33 @@ class SelfModifyingRule(ConfiguredStateKey, StepHookCallback):
                 )
 
     # ------------------------------------------------------------------------------------------------ a step
-    def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        """Update the multipliers and write the effective values for the coming step of ``optimizer``.
+    @override
+    def on_step_phase(
+        self, phase: Phase, trainer: pl.Trainer, pl_module: pl.LightningModule, index: int, optimizer: Optimizer
+    ) -> None:
+        """Modulate the coming step of ``optimizer``; after it, observe the update and restore the clean values."""
+        if phase is Phase.MODULATE:
+            self._modulate(trainer, pl_module, index)
+        elif phase is Phase.RESTORE:
+            for t in self._applied.pop(index, []):
+                self.after_step(t)
+                self.num_updates[t.name] += 1
+            self._restore(index)
 
-        ``on_before_optimizer_step`` calls it; it is idempotent until the step happens, so another callback that
-        must read the effective values (``NestedLearningMonitor``) may call it first. A step that a ``GradScaler``
-        will skip, or that carries no gradient (:meth:`step_has_gradients`), is left alone: no multiplier moves, no
-        value is written and no update is counted.
+    def _modulate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, i: int) -> None:
+        """Update the multipliers and write the effective values for the coming step of optimizer ``i``.
+
+        A step that a ``GradScaler`` will skip, or that carries no gradient (:meth:`step_has_gradients`), is left
+        alone: no multiplier moves, no value is written and no update is counted. A level target is modulated only on
+        the steps the plan phase made due for its level.
         """
-        i = self.optimizer_index(optimizer)
         if i in self._applied:
             return
         self._applied[i] = []
         targets = [t for t in self.targets if t.optimizer == i]
         if not targets:
             return
-        due = self._mfu.prepare_step(optimizer).due if self._mfu is not None else ()
+        due = self.protocol(trainer).due(i) if self._mfu is not None else ()
         if getattr(trainer.precision_plugin, "scaler", None) is not None and not _grads_finite(targets):
             return  # the GradScaler will skip this step: neither observe nor modulate it
         if not self.step_has_gradients(i):
@@ -364,7 +378,7 @@ class SelfModifyingRule(ConfiguredStateKey, StepHookCallback):
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Only on the Trainer's logging steps (`log_every_n_steps`): `self.log` costs more than a small model's step.
-        if pl_module._current_fx_name is None or not trainer._logger_connector.should_update_logs:
+        if not should_log(trainer):
             return
         metrics = {
             f"{self.log_prefix}/{name}/{h}": v for name, values in self.effective.items() for h, v in values.items()
@@ -378,20 +392,6 @@ class SelfModifyingRule(ConfiguredStateKey, StepHookCallback):
         )
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
 
-    @override
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
-    ) -> None:
-        self.prepare(trainer, pl_module, optimizer)
-
-    @override
-    def on_optimizer_step_done(self, i: int, optimizer: Optimizer) -> None:
-        """The step really happened: let the rule observe it, then write the clean values back."""
-        for t in self._applied.pop(i, []):
-            self.after_step(t)
-            self.num_updates[t.name] += 1
-        self._restore(i)
-
     def _restore(self, i: int) -> None:
         for group, h, value in reversed(self._saved.pop(i, [])):
             set_hparam(group, h, value)
@@ -401,6 +401,7 @@ class SelfModifyingRule(ConfiguredStateKey, StepHookCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         # Whatever is still applied belongs to a step that did not happen (GradScaler): restore, observe nothing.
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         for i in list(self._saved):
             self._restore(i)
         self._applied.clear()
@@ -422,11 +423,6 @@ class SelfModifyingRule(ConfiguredStateKey, StepHookCallback):
             "num_updates": dict(self.num_updates),
             "extra": gather_full(self.extra_state()),  # sharded (FSDP2) tensors whole: rank 0 writes for all ranks
         }
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Optimizers do not exist yet when Lightning restores callbacks: apply the state in `on_train_start`.
-        self._loaded_state = state_dict
 
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "_saved": {}, "_applied": {}, "_mfu": None, "targets": []}

@@ -44,6 +44,7 @@ from torch.nn import Module
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
+from nl_lightning.callbacks._step_hooks import StepProtocol
 from nl_lightning.callbacks.multi_frequency import MultiFrequencyUpdates
 from nl_lightning.levels import buffer_dtype
 
@@ -56,7 +57,7 @@ class NestedDDPStrategy(DDPStrategy):
     r"""A :class:`~lightning.pytorch.strategies.DDPStrategy` that all-reduces each slow level once per update.
 
     It reads the levels from the Trainer's :class:`~nl_lightning.callbacks.MultiFrequencyUpdates` callbacks (one or
-    several) and, when ``fit`` wraps the model:
+    several, as registered in the Trainer's step protocol) and, when ``fit`` wraps the model:
 
     - leaves the parameters of every level with ``every > 1`` out of DDP (``DistributedDataParallel`` neither
       all-reduces their gradients nor broadcasts them), and broadcasts them from rank 0 itself, so every process
@@ -108,7 +109,7 @@ class NestedDDPStrategy(DDPStrategy):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._updates: list[MultiFrequencyUpdates] = []
+        self._updates: list[MultiFrequencyUpdates] = []  # the running fit's callbacks, registered in its step protocol
         self._ignored: list[tuple[str, Tensor]] = []  # the parameters left out of DDP, under their first name
         self._ignored_ids: set[int] = set()
         self._restore: Optional[tuple[Module, Any, list[Tensor]]] = None  # to undo the DDP ignore marks at teardown
@@ -129,7 +130,8 @@ class NestedDDPStrategy(DDPStrategy):
 
     @staticmethod
     def _find_updates(trainer: pl.Trainer) -> list[MultiFrequencyUpdates]:
-        updates = [cb for cb in trainer.callbacks if isinstance(cb, MultiFrequencyUpdates)]
+        # The callbacks' `setup` (which registers them) runs before the strategy's.
+        updates = StepProtocol.of(trainer).participants(MultiFrequencyUpdates)
         if not updates:
             raise MisconfigurationException(
                 "NestedDDPStrategy leaves the slow levels of MultiFrequencyUpdates out of DDP and all-reduces them"
@@ -317,12 +319,10 @@ class NestedDDPStrategy(DDPStrategy):
 
     def _average_level_buffers(self, checkpoint: dict[str, Any]) -> None:
         states = checkpoint.get("callbacks")
-        pl_module = self.lightning_module
-        trainer = None if pl_module is None else pl_module._trainer
-        if not states or trainer is None or not dist.is_available() or not dist.is_initialized():
+        if not states or not dist.is_available() or not dist.is_initialized():
             return
-        for mfu in trainer.callbacks:
-            if not isinstance(mfu, MultiFrequencyUpdates) or mfu._book is None:
+        for mfu in self._updates:
+            if mfu._book is None:
                 continue
             state = states.get(mfu.state_key)
             if not isinstance(state, dict) or "levels" not in state:
