@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import gc
@@ -38,6 +39,7 @@ DASH = "–"
 
 
 def finite(x: Any) -> bool:
+    """Whether ``x`` is a finite number."""
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
@@ -47,19 +49,12 @@ def summary(values: Sequence[Optional[float]]) -> dict[str, Any]:
     out: dict[str, Any] = {"values": list(values), "n": len(values), "n_defined": len(ok)}
     if not ok:
         return {**out, "mean": None, "std": None, "median": None, "min": None, "max": None}
-    return {
-        **out,
-        "mean": statistics.fmean(ok),
-        "std": statistics.stdev(ok) if len(ok) > 1 else None,
-        "median": statistics.median(ok),
-        "min": min(ok),
-        "max": max(ok),
-    }
+    mid = {"mean": statistics.fmean(ok), "std": statistics.stdev(ok) if len(ok) > 1 else None}
+    return {**out, **mid, "median": statistics.median(ok), "min": min(ok), "max": max(ok)}
 
 
 def cell(entry: dict[str, Any], spec: str = ".3f", missing: str = "no value") -> str:
-    """``mean ± std`` of a :func:`summary` over its defined values, with ``(k/n)`` when only ``k`` of ``n`` runs
-    are defined (``missing (0/n)`` when none is)."""
+    """``mean ± std`` of a :func:`summary`, with ``(k/n)`` when only ``k`` of ``n`` runs are defined."""
     if entry["mean"] is None:
         return f"{missing} (0/{entry['n']})" if entry["n"] else DASH
     text = num(entry["mean"], spec) + ("" if entry["std"] is None else f" ± {num(entry['std'], spec)}")
@@ -72,18 +67,42 @@ def rounded(x: Any, digits: int = 6) -> Any:
         return float(f"{x:.{digits}g}") if math.isfinite(x) else str(x)
     if isinstance(x, dict):
         return {k: rounded(v, digits) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [rounded(v, digits) for v in x]
-    return x
+    return [rounded(v, digits) for v in x] if isinstance(x, (list, tuple)) else x
 
 
 def num(x: Any, spec: str = ".3g") -> str:
-    """``x`` formatted with ``spec``; a dash for ``None``, and non-finite values (strings in the rounded JSON) as is."""
+    """``x`` formatted with ``spec``; a dash for ``None``, non-finite values (strings in the JSON) as they are."""
     if x is None:
         return DASH
-    if isinstance(x, (int, float)) and math.isfinite(x):
-        return format(x, spec)
-    return str(x)
+    return format(x, spec) if finite(x) else str(x)
+
+
+def table(title: str, columns: list[str], rows: list[list[Any]], note: str = "") -> dict[str, Any]:
+    """One table of a page (``benchmarks/render.py``); the note is left out when empty."""
+    return {"title": title, "columns": columns, "rows": rows, **({"note": note} if note else {})}
+
+
+def arguments(doc: str, parts: Sequence[str] = (), seeds: Optional[str] = None) -> argparse.ArgumentParser:
+    """A parser with the flags every script shares: ``--out``, ``--quick``, ``--threads``, and ``--parts`` (when the
+    script has ``parts``) and ``--seeds`` (with the help text ``seeds``)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--out", help="write the JSON here (default: stdout)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: small sizes, not a measurement")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (1)")
+    if parts:
+        parser.add_argument("--parts", nargs="+", default=list(parts), help=f"{', '.join(parts)} (default: all)")
+    if seeds:
+        parser.add_argument("--seeds", nargs="+", type=int, help=seeds)
+    return parser
+
+
+def parse_parts(parser: Any, given: Sequence[str], allowed: Sequence[str]) -> list[str]:
+    """The ``--parts`` asked for (space- or comma-separated) in ``allowed``'s order; errors name unknown ones."""
+    parts = [p for item in given for p in item.split(",") if p]
+    unknown = sorted(set(parts) - set(allowed))
+    if unknown:
+        parser.error(f"unknown part(s) {unknown}; choose among {list(allowed)}")
+    return [p for p in allowed if p in parts]
 
 
 def report_header(
@@ -94,16 +113,11 @@ def report_header(
     environment: dict[str, Any],
     python: str = "python",
 ) -> dict[str, Any]:
-    """The fields every benchmark report starts with: what it measures, when, the command that ran it (``python``
-    then ``script`` and ``argv``, the process's own arguments when ``None``), its arguments and its environment."""
-    argv_used = sys.argv[1:] if argv is None else list(argv)
-    return {
-        "benchmark": benchmark,
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([python, script, *argv_used]),
-        "args": args,
-        "environment": environment,
-    }
+    """The fields every report starts with: what it measures, when, the command (``python script argv``, the
+    process's own arguments when ``argv`` is ``None``), its arguments and environment."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    command = shlex.join([python, script, *(sys.argv[1:] if argv is None else argv)])
+    return {"benchmark": benchmark, "timestamp": stamp, "command": command, "args": args, "environment": environment}
 
 
 def run_parts(
@@ -119,36 +133,82 @@ def run_parts(
         log(f"part {name}: {seconds[name]:.0f} s")
 
 
-def emit(
-    report: dict[str, Any],
-    started: float,
-    to_markdown: Callable[[dict[str, Any]], str],
-    out: Optional[str],
-    markdown_path: Optional[str],
-    log: Callable[[str], None],
-) -> dict[str, Any]:
-    """Finish a benchmark: record the wall time, round the figures, write the Markdown report (``markdown_path``) and
-    the JSON (``out``, then the report goes to stdout; without ``out`` the JSON goes to stdout). Returns the rounded
-    report."""
+def make_log(name: str) -> Callable[[str], None]:
+    """A progress logger: ``[name] message`` on the process's own stderr (also from inside :func:`quiet`)."""
+    return lambda message: print(f"[{name}] {message}", file=sys.__stderr__, flush=True)
+
+
+def save(report: dict[str, Any], started: float, out: Optional[str], log: Callable[[str], None]) -> dict[str, Any]:
+    """Record the wall time, round the figures and write the JSON to ``out`` (stdout without it); returns the
+    rounded report (``python benchmarks/render.py`` turns it into its page)."""
     report["wall_s"] = round(time.perf_counter() - started, 1)
     report = rounded(report)
-    text = to_markdown(report)
-    if markdown_path:
-        Path(markdown_path).write_text(text)
     data = json.dumps(report, indent=1, ensure_ascii=False)
     if out:
         Path(out).write_text(data + "\n")
-        print(text, end="")
     else:
         print(data)
-    log(f"done in {report['wall_s']:.0f} s")
+    log(f"done in {report['wall_s']:.0f} s" + (f"; wrote {out} (render: python benchmarks/render.py)" if out else ""))
     return report
+
+
+def cpu_trainer(**kwargs: Any) -> Any:
+    """A quiet single-process CPU ``Trainer``: no logger, checkpoints, progress bar or model summary."""
+    import lightning.pytorch as pl
+
+    defaults = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
+    return pl.Trainer(**{**defaults, "enable_model_summary": False, "accelerator": "cpu", "devices": 1, **kwargs})
+
+
+def step_stats() -> Any:
+    """A callback recording every training step's wall time (``times``) and loss (``losses``); it stops the fit at
+    the first non-finite loss, whose 1-based step it keeps in ``first_nonfinite``."""
+    import lightning.pytorch as pl
+
+    class StepStats(pl.Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.losses: list[float] = []
+            self.first_nonfinite: Optional[int] = None
+            self._t0 = 0.0
+
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, idx: int) -> None:
+            self._t0 = time.perf_counter()
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
+            self.times.append(time.perf_counter() - self._t0)
+            self.losses.append(float(outputs["loss"]))
+            if not math.isfinite(self.losses[-1]) and self.first_nonfinite is None:
+                self.first_nonfinite = len(self.losses)
+                trainer.should_stop = True
+
+    return StepStats()
+
+
+def stream_nll(
+    model: Any, tokens: Any, targets: Any, segment: int, write: bool = True, after: Optional[Callable] = None
+) -> Any:
+    """Per-token cross-entropy (float64) of a causal LM reading ``tokens`` ``(1, L)`` against ``targets``
+    ``segment`` tokens at a time, state carried, ``write`` passed on (call under ``torch.inference_mode()``);
+    ``after(end)`` runs after each segment."""
+    import torch
+    import torch.nn.functional as F
+
+    nll, state = torch.zeros(tokens.shape[1], dtype=torch.float64), None
+    for start in range(0, tokens.shape[1], segment):
+        logits, state = model(tokens[:, start : start + segment], state=state, write=write)
+        part = F.cross_entropy(logits[0].float(), targets[0, start : start + segment], reduction="none")
+        nll[start : start + logits.shape[1]] = part.double()
+        del logits, part
+        if after is not None:
+            after(start + segment)
+    return nll
 
 
 @contextlib.contextmanager
 def quiet(sink: io.StringIO, verbose: bool = False) -> Iterator[None]:
-    """Silence Lightning's info logs and warnings and send the run's own output (stdout and stderr) to ``sink``, so that
-    stdout keeps only the report; with ``verbose`` everything goes to stderr instead."""
+    """Silence Lightning's info logs and warnings and send the run's output to ``sink``, so that stdout keeps only
+    the report; with ``verbose`` everything goes to stderr instead."""
     if verbose:
         with contextlib.redirect_stdout(sys.stderr):
             yield
@@ -166,19 +226,13 @@ def quiet(sink: io.StringIO, verbose: bool = False) -> Iterator[None]:
             lg.setLevel(level)
 
 
-def ranked(items: dict[str, Optional[float]], reverse: bool = False) -> list[tuple[str, float]]:
-    return sorted(((k, v) for k, v in items.items() if v is not None), key=lambda kv: kv[1], reverse=reverse)
-
-
 def proc_status_kib(key: str) -> Optional[int]:
+    """A ``/proc/self/status`` field in KiB (``VmRSS``, ``VmHWM``); ``None`` where there is none."""
     try:
         with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
+            return next((int(line.split()[1]) for line in f if line.startswith(key + ":")), None)
     except OSError:
-        pass
-    return None
+        return None
 
 
 def reset_peak_rss() -> bool:
@@ -193,6 +247,7 @@ def reset_peak_rss() -> bool:
 
 
 def quartiles(xs: Sequence[float]) -> tuple[float, float, float]:
+    """First quartile, median and third quartile (inclusive method)."""
     if len(xs) == 1:
         return xs[0], xs[0], xs[0]
     q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive")
@@ -203,15 +258,9 @@ def summarize(rounds: list[list[tuple[float, float]]], tokens: int) -> dict[str,
     """Pooled statistics of one timed function: ``rounds`` holds the timed ``(wall, cpu)`` seconds of each round."""
     wall = [w for r in rounds for w, _ in r]
     p25, med, p75 = quartiles(wall)
-    return {
-        "median_ms": med * 1e3,
-        "p25_ms": p25 * 1e3,
-        "p75_ms": p75 * 1e3,
-        "tokens_per_s": tokens / med,
-        "iterations": len(wall),
-        "per_round_median_ms": [statistics.median(w for w, _ in r) * 1e3 for r in rounds],
-        "cpu_median_ms": statistics.median(c for r in rounds for _, c in r) * 1e3,
-    }
+    out = {"median_ms": med * 1e3, "p25_ms": p25 * 1e3, "p75_ms": p75 * 1e3, "tokens_per_s": tokens / med}
+    out.update(iterations=len(wall), per_round_median_ms=[statistics.median(w for w, _ in r) * 1e3 for r in rounds])
+    return {**out, "cpu_median_ms": statistics.median(c for r in rounds for _, c in r) * 1e3}
 
 
 def interleaved(
@@ -223,12 +272,11 @@ def interleaved(
     after: Callable[[], None],
     log: Callable[[str], None],
 ) -> dict[str, list[list[tuple[float, float]]]]:
-    """Time every function in interleaved rounds (order reversed every other round); ``after`` runs untimed.
-
-    Returns, per function, the timed ``(wall, cpu)`` seconds of each round (``warmup`` untimed calls first in each).
-    """
+    """Time every function in interleaved rounds (order reversed every other round; ``after`` runs untimed after each
+    call, one untimed call of each first). Returns, per function, the ``(wall, cpu)`` seconds of each round's
+    ``iters`` timed calls (after ``warmup`` untimed ones)."""
     keys = list(fns)
-    for k in keys:  # untimed pre-warm of everything
+    for k in keys:
         fns[k]()
         after()
     times: dict[str, list[list[tuple[float, float]]]] = {k: [] for k in keys}
@@ -249,18 +297,9 @@ def interleaved(
     return times
 
 
-def source_hashes(names: Sequence[str]) -> dict[str, Optional[dict[str, str]]]:
-    """``{"nl_lightning/<name>": sha256_of(...)}`` for the package files ``names`` that exist: the code a report ran
-    on."""
-    import nl_lightning
-
-    root = Path(nl_lightning.__file__).parent
-    return {f"nl_lightning/{n}": sha256_of(str(root / n)) for n in names if (root / n).exists()}
-
-
 def environment(threads: int, sources: Optional[Sequence[str]] = None, **extra: Any) -> dict[str, Any]:
-    """Versions, thread settings and machine of a report; ``extra`` fields follow the versions, and ``sources`` (package
-    file names) adds their :func:`source_hashes`."""
+    """Versions, ``extra`` fields, thread settings and machine of a report; ``sources`` (package file names) adds
+    their :func:`sha256_of` under ``sources``."""
     import platform
 
     import lightning
@@ -268,25 +307,19 @@ def environment(threads: int, sources: Optional[Sequence[str]] = None, **extra: 
 
     import nl_lightning
 
-    env: dict[str, Any] = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "lightning": lightning.__version__,
-        "nl_lightning": nl_lightning.__version__,
-        **extra,
-        "torch_num_threads": threads,
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-    }
+    env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__}
+    env.update(lightning=lightning.__version__, nl_lightning=nl_lightning.__version__, **extra)
+    env.update(torch_num_threads=threads, omp_num_threads=os.environ.get("OMP_NUM_THREADS"), cpu_count=os.cpu_count())
+    env["platform"] = platform.platform()
     if sources is not None:
-        env["sources"] = source_hashes(sources)
+        root = Path(nl_lightning.__file__).parent
+        env["sources"] = {f"nl_lightning/{n}": sha256_of(str(root / n)) for n in sources if (root / n).exists()}
     return env
 
 
 def same_sources(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Whether two ``{file: sha256_of(file)}`` records name the same files with the same contents (modification times
-    may differ, e.g. in a separate checkout of the same commit)."""
+    """Whether two ``{file: sha256_of(file)}`` records name the same files with the same contents (modification
+    times may differ)."""
 
     def digests(record: dict[str, Any]) -> dict[str, Optional[str]]:
         return {k: (v or {}).get("sha256") if isinstance(v, dict) or v is None else v for k, v in record.items()}
@@ -294,54 +327,64 @@ def same_sources(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return digests(a) == digests(b)
 
 
+def merge_start(paths: Sequence[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The reports at ``paths`` and the start of their merge: the first one's fields but its parts and times, with
+    ``merged_from`` naming every run (a merged report passes on its own). Raises ``ValueError`` where a report was
+    measured on other sources than the first (``environment.sources``)."""
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    for path, r in zip(paths, reports, strict=True):
+        if not same_sources(r["environment"]["sources"], reports[0]["environment"]["sources"]):
+            raise ValueError(f"{path} was measured on other sources than {paths[0]}; merge runs of the same code only.")
+    skip = ("parts", "part_seconds", "wall_s", "reproduced_runs")
+    merged = {k: v for k, v in reports[0].items() if k not in skip}
+    merged["merged_from"] = [
+        entry
+        for path, r in zip(paths, reports, strict=True)
+        for entry in r.get("merged_from")
+        or [{"path": path, "command": r["command"], "timestamp": r["timestamp"], "wall_s": r["wall_s"]}]
+    ]
+    return reports, merged
+
+
 def sha256_of(path: Optional[str]) -> Optional[dict[str, str]]:
     """sha256 and modification time of a file (``None`` if there is none)."""
     if path is None or not os.path.exists(path):
         return None
     stamp = datetime.datetime.fromtimestamp(os.path.getmtime(path), datetime.timezone.utc)
-    return {
-        "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(),
-        "mtime": stamp.isoformat(timespec="seconds"),
-    }
+    return {"sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(), "mtime": stamp.isoformat(timespec="seconds")}
 
 
 @contextlib.contextmanager
 def fresh_inductor_cache(prefix: str) -> Iterator[dict[str, str]]:
     """Point ``TORCHINDUCTOR_CACHE_DIR`` at a fresh temporary directory for the block, so that a first
-    ``torch.compile`` call there is a cold compile; a value the user set (other than inductor's default, which
-    importing lightning sets) is kept. The yielded dict gets ``description`` (for the report) when the block ends."""
-    try:  # private: inductor's default cache directory
+    ``torch.compile`` call there compiles cold; a value the user set (other than inductor's default, which importing
+    lightning sets) is kept. The yielded dict gets ``description`` (for the report) when the block ends."""
+    try:  # private: inductor's default cache directory; with another torch any value counts as the user's
         from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-    except ImportError:  # another torch: any value then counts as the user's
+
+        default: Optional[str] = default_cache_dir()
+    except ImportError:
         default = None
-    else:
-        default = default_cache_dir()
     before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    kept = None if before is None or before == default else before
-    info: dict[str, str] = {}
+    kept, info = None if before in (None, default) else before, {}
     with tempfile.TemporaryDirectory(prefix=f"{prefix}_inductor_") as tmp:
-        if kept is None:
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = tmp
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = kept or tmp
         try:
             yield info
         finally:
             if before is None:
-                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+                os.environ.pop("TORCHINDUCTOR_CACHE_DIR")
             else:
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
-            files = sum(len(names) for _, _, names in os.walk(tmp))
-            info["description"] = (
-                f"a fresh directory, cold compile ({files} files written)"
-                if kept is None
-                else f"TORCHINDUCTOR_CACHE_DIR={kept} (may be warm)"
-            )
+            cold = f"a fresh directory, cold compile ({sum(len(f) for _, _, f in os.walk(tmp))} files written)"
+            info["description"] = f"TORCHINDUCTOR_CACHE_DIR={kept} (may be warm)" if kept else cold
 
 
 def counted_gflop(fn: Callable[[], None]) -> dict[str, Any]:
     """GFLOP of the matmul-type ops (mm, bmm, addmm, baddbmm, convolutions) one call of ``fn`` runs, forward and
-    backward, by ``torch.utils.flop_counter.FlopCounterMode`` (elementwise ops are not counted; nor is CPU
+    backward, by ``torch.utils.flop_counter.FlopCounterMode`` (not elementwise ops, nor CPU
     ``scaled_dot_product_attention``, which the counter does not register)."""
-    from torch.utils.flop_counter import FlopCounterMode  # torch only where a script counts
+    from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     with counter:

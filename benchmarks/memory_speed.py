@@ -1,88 +1,47 @@
+# Copyright The nl_lightning developers.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
 """Speed of our Titans NeuralMemory against titans-pytorch's, and of a Hope training step against Transformer++.
 
-Two parts (``--parts``), every number measured in this process; the sha256 of the measured sources is in the JSON.
+Part 1, ``memory``: ``NeuralMemory(256, heads=4, chunk_size=64, depth=2, expansion=2.0)`` against
+``titans_pytorch.NeuralMemory(dim=256, dim_head=64, heads=4, chunk_size=64, default_model_kwargs=dict(depth=2,
+expansion_factor=2.0))`` (each head our memory shape 64 -> 128 -> 64; titans-pytorch's default ``dim_head=dim`` is
+timed once for reference unless ``--skip-default-head``), batch 4, sequence 1024, fp32 CPU, the same seeded input.
+Modes ``forward_backward`` (from a fresh state, then ``y.sum().backward()``) and ``forward`` (inference mode); then
+both under ``torch.compile(module, dynamic=False)`` (cold inductor cache; unless ``--skip-compile``): first-call
+time, the largest difference from eager (checked before timing), the compiled median. The two modules compute
+different functions (``DIFFERENCES``). Without ``titans_pytorch`` ours is measured alone.
 
-Part 1, ``memory``: ``nl_lightning`` ``NeuralMemory`` vs ``titans-pytorch`` ``NeuralMemory``
-----------------------------------------------------------------------------------------------
-Batch 4, sequence 1024, width 256, 4 heads, chunk 64, a depth-2 memory MLP with hidden width 2 x the head width,
-fp32 on CPU:
+Part 2, ``lm_step``: a training step (``CausalLM.sequence_loss`` with the memory carried across segments, backward,
+clipping 1.0, AdamW lr 1e-3) and a forward (under ``torch.inference_mode()``) of the Hope variants of ``SIZES`` against
+Transformer++ (parameters matched; at ``d256`` also the same shape): the time ratios Hope ÷ Transformer++.
 
-- ``ours``: ``nl_lightning.models.neural_memory.NeuralMemory(256, heads=4, chunk_size=64, depth=2, expansion=2.0)``;
-- ``titans-pytorch``: ``titans_pytorch.NeuralMemory(dim=256, dim_head=64, heads=4, chunk_size=64,
-  default_model_kwargs=dict(depth=2, expansion_factor=2.0))``. ``dim_head=64`` is passed so that each head's memory
-  has our shape (64 -> 128 -> 64); titans-pytorch's default ``dim_head`` is ``dim``, i.e. four 256-wide memories (a
-  different, ~16x larger inner problem). That default is also timed, on fewer iterations and not interleaved, as
-  ``titans-pytorch (dim_head=dim)``, for reference only (``--skip-default-head`` leaves it out).
+Timing: interleaved rounds (``_common.interleaved``) of ``--warmup`` untimed and ``--iters`` timed calls per (variant,
+mode). Arithmetic: matmul FLOPs by ``FlopCounterMode`` (plus attention's ``4 S² D`` per sample, layer and segment, which
+it does not see on CPU), achieved GFLOP/s, and this machine's fp32 matmul rates.
 
-Both modules see the same input ``x`` (normal, seeded). Modes: ``forward_backward`` (forward from a fresh state, then
-``y.sum().backward()``; gradients reset outside the timed region), the figure the target is stated in, and
-``forward`` (under ``torch.inference_mode()``). Tokens/s = ``batch * seq / seconds``. The variants are interleaved:
-each round runs ``--warmup`` untimed and ``--iters`` timed iterations of every (variant, mode), and the order is
-reversed from one round to the next (ABBA), so drift of a shared machine hits both alike; medians over the pooled
-timed iterations, per-round medians and the ratio ``ours / titans-pytorch`` of tokens/s (> 1: ours is faster) are
-reported. Parameter counts (all parameters, and those that receive a gradient) and the memory-MLP shapes of both are
-recorded. The two modules do **not** compute the same function; the differences found in their code are listed in
-the report (``DIFFERENCES``), the main one being where the inner gradient is taken: titans-pytorch 0.5.5 takes every
-chunk's gradient at the weights the call started from (all chunks in parallel, momentum and forgetting then scanned
-over the chunks), ours at the running memory at the start of each chunk (one sequential step per chunk).
-
-``torch.compile``: both modules are then wrapped in ``torch.compile(module, dynamic=False)`` (inductor, default
-mode) and ``forward_backward`` is timed again, interleaved as above; reported per module: the wall time of the first
-compiled call (compilation included), the largest absolute difference of the compiled output from the eager one, the
-compiled median and its speed-up over the eager median of the same run, and ours ÷ titans-pytorch compiled. This asks
-whether a compiler's fusion closes the gap to the 2x target (``--skip-compile`` leaves it out; several minutes).
-
-If ``titans_pytorch`` cannot be imported, ours is measured alone and the report says so.
-
-Part 2, ``lm_step``: Hope vs Transformer++ training step
----------------------------------------------------------
-A full training step of ``CausalLM.sequence_loss`` (segments with the memory carried and detached at boundaries,
-cross-entropy over every position), ``backward``, gradient-norm clipping at 1.0 and ``torch.optim.AdamW`` (lr 1e-3,
-weight decay 0.1 on matrices): ``step`` mode; and ``forward`` (``sequence_loss`` under ``torch.inference_mode()``,
-memory writing). Interleaved rounds as in part 1. Two sizes:
-
-- ``tiny`` (the CPU text recipes): batch 8, sequence 256, segments of 128; ``hope`` = ``HopeModule(dim=64, depth=2,
-  heads=4, chunk_size=16, cms_chunk_sizes=[16, 64])``, ``transformer`` = ``TransformerPP(dim=64, depth=3, heads=4,
-  mlp_mult=2.0)`` (parameters matched within 2 %, as in ``benchmarks/lm.py``);
-- ``d256`` : batch 4, sequence 512, one segment of 512; ``hope`` = ``HopeModule(dim=256, depth=4, heads=4,
-  chunk_size=16, cms_chunk_sizes=[16, 256, 2048])`` (the GPU recipe), against ``transformer_same_shape`` =
-  ``TransformerPP(dim=256, depth=4, heads=4)`` (same width and depth, fewer parameters) and ``transformer`` =
-  ``TransformerPP(dim=256, depth=6, heads=4, mlp_mult=3.0)`` (parameters matched within 1 %).
-
-``hope`` is ``HopeModule``'s default, whose CMS writes follow the task loss (``cms_write_signal="task_loss"``). At both
-sizes ``hope_target`` is ``hope`` with ``cms_write_signal="target"`` (the CMS writes towards a learned target, first
-order), and ``hope_chunk64`` is ``hope`` with ``chunk_size=64`` for the self-modifying Titans ([ours]: 16 as in
-the paper's Fig. 3 by default, 64 for throughput; the same parameters), to show what the coarser chunks buy; the CMS is
-unchanged. ``benchmarks/lm.py`` reports what they cost in bits per byte.
-
-Reported: median ms and tokens/s per model and mode, and the ratio of each Hope variant's time to each Transformer++'s
-(the target stated by the issue: Hope's step at most 2x the Transformer++ step).
-
-Arithmetic (both parts): the matmul-type FLOPs of one iteration, counted by ``torch.utils.flop_counter.FlopCounterMode``
-(plus, for attention, which the counter does not see on CPU, ``4 S² D`` per sample, layer and segment, backward twice
-the forward), the achieved GFLOP/s (FLOPs / median time), and this machine's fp32 matmul rates at the same thread count
-(a 2048³ GEMM and the memory's batched shape), so that a time ratio can be read as FLOPs vs efficiency.
-
-Environment
------------
-titans-pytorch is not a dependency of nl_lightning; it lives in a separate benchmark environment::
+titans-pytorch is not a dependency of nl_lightning; it lives in a separate environment::
 
     python -m venv .bench-venv
     .bench-venv/bin/pip install torch==2.13.0 titans-pytorch
     .bench-venv/bin/pip install -e .
 
-Running it
-----------
-::
+Running it::
 
-    OMP_NUM_THREADS=1 .bench-venv/bin/python benchmarks/memory_speed.py --out benchmarks/results/memory_speed.json \\
-        --markdown benchmarks/results/memory_speed.md      # ~9 min with 1 thread
-    .bench-venv/bin/python benchmarks/memory_speed.py --quick   # smoke run
-    python benchmarks/memory_speed.py --parts lm_step            # our environment: part 2 only needs nl_lightning
-
-``--out PATH`` writes the JSON and prints the Markdown report to stdout (without it the JSON goes to stdout);
-``--markdown PATH`` also writes the report. Progress goes to stderr. The script is not part of the test suite: speed
-is measured here, never asserted.
+    OMP_NUM_THREADS=1 .bench-venv/bin/python benchmarks/memory_speed.py --out benchmarks/results/memory_speed.json
+    python benchmarks/render.py memory_speed                  # the page benchmarks/results/memory_speed.md
+    .bench-venv/bin/python benchmarks/memory_speed.py --quick --out /tmp/memory_speed.json   # smoke run
+    python benchmarks/memory_speed.py --parts lm_step --out /tmp/lm_step.json   # part 2 needs nl_lightning only
 """
 
 from __future__ import annotations
@@ -90,50 +49,46 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.metadata
-import itertools
 import math
 import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from _common import (
+    arguments,
     counted_gflop,
-    emit,
+    environment,
     fresh_inductor_cache,
     interleaved,
+    make_log,
     num,
+    parse_parts,
     report_header,
     run_parts,
+    save,
     sha256_of,
     summarize,
+    table,
 )
 from torch import Tensor, nn
 
-import nl_lightning
 from nl_lightning.models.hope import HopeModule
 from nl_lightning.models.lm import CausalLM
 from nl_lightning.models.neural_memory import NeuralMemory
 from nl_lightning.models.transformer import CausalSelfAttention, TransformerPP
 
-try:
-    import titans_pytorch
-    from titans_pytorch import NeuralMemory as TitansNeuralMemory
-
-    TITANS_ERROR: Optional[str] = None
-except Exception as exc:  # noqa: BLE001 - any import failure means "measure ours alone"
-    titans_pytorch, TitansNeuralMemory = None, None
-    TITANS_ERROR = f"{type(exc).__name__}: {exc}"
-
+TITLE = "NeuralMemory and Hope speed"
 PARTS = ("memory", "lm_step")
 SEED = 1234
 MEMORY = {"batch": 4, "seq": 1024, "dim": 256, "heads": 4, "chunk": 64, "depth": 2, "expansion": 2.0}
+OURS = "NeuralMemory(256, heads=4, chunk_size=64, depth=2, expansion=2.0)"
+THEIRS = "NeuralMemory(dim=256, dim_head=64, heads=4, chunk_size=64, default_model_kwargs=dict(depth=2,"
+THEIRS += " expansion_factor=2.0))"
 DIFFERENCES = [
     "Inner gradient: titans-pytorch (batch_size=None, the default) takes every chunk's gradient at the weights the call"
     " started from, all chunks at once (torch.func vmap of grad per chunk), then scans momentum and forgetting over"
@@ -161,17 +116,26 @@ DIFFERENCES = [
     "titans-pytorch registers a template copy of the memory MLP (memory_model.*) that the forward does not use (it"
     " gets no gradient); both counts are reported.",
 ]
+SOURCES = [f"models/{n}.py" for n in ("neural_memory", "_memory_mlp", "hope", "self_modifying_titans")]
+SOURCES += [f"models/{n}.py" for n in ("_residual_memory", "cms", "cms_memory", "transformer", "lm")]
+log = make_log("memory_speed")
 
 
-# ---------------------------------------------------------------------------------------------------- helpers
-def log(message: str) -> None:
-    print(f"[memory_speed] {message}", file=sys.stderr, flush=True)
+def titans() -> tuple[Any, Optional[str], Optional[str]]:
+    """The ``titans_pytorch`` module (``None`` where it cannot be imported), the import error and its version."""
+    try:
+        version: Optional[str] = importlib.metadata.version("titans-pytorch")
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    try:
+        import titans_pytorch
+    except Exception as exc:  # noqa: BLE001 - any import failure means "measure ours alone"
+        return None, f"{type(exc).__name__}: {exc}", version
+    return titans_pytorch, None, version
 
 
-# ---------------------------------------------------------------------------------------------------- arithmetic
 def machine_rates(repeats: int = 7) -> dict[str, float]:
-    """Median GFLOP/s of fp32 matmuls on this machine and thread count: one large GEMM (2048 x 2048 x 2048) and the
-    memory's batched shape (16 x [64 x 64] @ [64 x 128], the per-chunk read of part 1)."""
+    """Median GFLOP/s of fp32 matmuls here: one 2048³ GEMM and the memory's batched 16 x [64 x 64] @ [64 x 128]."""
     gen = torch.Generator().manual_seed(SEED)
     shapes = {"gemm_2048": ((2048, 2048), (2048, 2048)), "bmm_16x64x64x128": ((16, 64, 64), (16, 64, 128))}
     out = {}
@@ -190,41 +154,23 @@ def machine_rates(repeats: int = 7) -> dict[str, float]:
     return out
 
 
-def attention_gflop(model: nn.Module, batch: int, seq: int, segment_len: int, backward: bool) -> float:
-    """Analytic GFLOP of the attention products ``Q Kᵀ`` and ``A V`` (``4 S² D`` per sample, layer and segment of ``S``
-    tokens, the full square; backward counted as twice the forward), which the counter does not see on CPU."""
-    layers = [m for m in model.modules() if isinstance(m, CausalSelfAttention)]
-    per_segment = sum(4 * min(segment_len, seq) ** 2 * m.dim for m in layers)
-    return batch * per_segment * math.ceil(seq / segment_len) * (3 if backward else 1) / 1e9
-
-
-# ---------------------------------------------------------------------------------------------------- part 1: memory
-def build_ours() -> nn.Module:
+def build_memory(which: str) -> nn.Module:
+    """``ours``, ``titans-pytorch`` (our head width) or ``default_head`` (titans-pytorch's ``dim_head=dim``)."""
     torch.manual_seed(SEED)
-    m = MEMORY
-    return NeuralMemory(m["dim"], heads=m["heads"], chunk_size=m["chunk"], depth=m["depth"], expansion=m["expansion"])
-
-
-def build_titans(default_head: bool = False) -> nn.Module:
-    torch.manual_seed(SEED)
-    m = MEMORY
-    kwargs: dict[str, Any] = {} if default_head else {"dim_head": m["dim"] // m["heads"]}
-    return TitansNeuralMemory(
-        dim=m["dim"],
-        heads=m["heads"],
-        chunk_size=m["chunk"],
-        default_model_kwargs={"depth": m["depth"], "expansion_factor": m["expansion"]},
-        **kwargs,
-    )
+    dim, heads, chunk, depth, mult = (MEMORY[k] for k in ("dim", "heads", "chunk", "depth", "expansion"))
+    if which == "ours":
+        return NeuralMemory(dim, heads=heads, chunk_size=chunk, depth=depth, expansion=mult)
+    kwargs: dict[str, Any] = {} if which == "default_head" else {"dim_head": dim // heads}
+    model_kwargs = {"depth": depth, "expansion_factor": mult}
+    return titans()[0].NeuralMemory(dim=dim, heads=heads, chunk_size=chunk, default_model_kwargs=model_kwargs, **kwargs)
 
 
 def memory_step(module: nn.Module, x: Tensor, mode: str) -> None:
     if mode == "forward":
         with torch.inference_mode():
             module(x)
-        return
-    y, _ = module(x)
-    y.sum().backward()
+    else:
+        module(x)[0].sum().backward()
 
 
 def describe(module: nn.Module, x: Tensor, ours: bool) -> dict[str, Any]:
@@ -232,245 +178,122 @@ def describe(module: nn.Module, x: Tensor, ours: bool) -> dict[str, Any]:
     module.zero_grad(set_to_none=True)
     y, _ = module(x)
     y.sum().backward()
-    total = sum(p.numel() for p in module.parameters())
-    used = sum(p.numel() for p in module.parameters() if p.grad is not None)
     unused = [n for n, p in module.named_parameters() if p.grad is None]
+    used = sum(p.numel() for p in module.parameters() if p.grad is not None)
     module.zero_grad(set_to_none=True)
     if ours:
         shapes = [list(w.shape) for w in module.memory]
-        mlp = (
-            f"per head: k + W2 σ(W1 k), W1 {shapes[0][1:]}, W2 {shapes[1][1:]} (out, in), σ = {module.activation},"
-            f" {module.heads} heads, hidden {module.hidden}"
-        )
+        mlp = f"per head: k + W2 σ(W1 k), W1 {shapes[0][1:]}, W2 {shapes[1][1:]} (out, in), σ = {module.activation},"
+        mlp += f" {module.heads} heads, hidden {module.hidden}"
     else:
         shapes = [list(p.shape) for p in module.memory_model_parameters]
-        mlp = (
-            "per head: LayerNorm(GELU(x W1) W2) + x, "
-            + ", ".join(f"{n} {s}" for n, s in zip(module.memory_model_parameter_names, shapes, strict=True))
-            + f" (heads first), {module.heads} heads"
-        )
-    return {
-        "parameters": total,
-        "parameters_with_grad": used,
-        "parameters_without_grad": unused,
-        "memory_mlp_shapes": shapes,
-        "memory_mlp": mlp,
-        "output_shape": list(y.shape),
-        "output_finite": bool(torch.isfinite(y).all()),
-        "output_rms": float(y.detach().pow(2).mean().sqrt()),
-    }
+        named = zip(module.memory_model_parameter_names, shapes, strict=True)
+        mlp = "per head: LayerNorm(GELU(x W1) W2) + x, " + ", ".join(f"{n} {s}" for n, s in named)
+        mlp += f" (heads first), {module.heads} heads"
+    out = {"parameters": sum(p.numel() for p in module.parameters()), "parameters_with_grad": used}
+    out.update(parameters_without_grad=unused, memory_mlp_shapes=shapes, memory_mlp=mlp, output_shape=list(y.shape))
+    return {**out, "output_finite": bool(torch.isfinite(y).all()), "output_rms": float(y.detach().pow(2).mean().sqrt())}
 
 
-def compiled_memory(
-    modules: dict[str, nn.Module], x: Tensor, tokens: int, eager: dict[str, Any], args: argparse.Namespace
-) -> dict[str, Any]:
-    """``forward_backward`` of ``torch.compile(module, dynamic=False)``: compile time, agreement with eager, timing;
-    inductor's on-disk cache in a fresh directory, so that the first call's time is a cold compile."""
-    with fresh_inductor_cache("memory_speed") as cache:
-        out = _compiled_memory(modules, x, tokens, eager, args)
-    out["inductor_cache"] = cache["description"]
-    return out
-
-
-def _compiled_memory(
-    modules: dict[str, nn.Module], x: Tensor, tokens: int, eager: dict[str, Any], args: argparse.Namespace
-) -> dict[str, Any]:
-    info: dict[str, Any] = {}
-    fns: dict[str, Callable[[], None]] = {}
-    for name, mod in modules.items():
-        compiled = torch.compile(mod, dynamic=False)
-        log(f"memory compiled: compiling {name} ...")
-        t0 = time.perf_counter()
-        y, _ = compiled(x)
-        y.sum().backward()
-        seconds = time.perf_counter() - t0
-        mod.zero_grad(set_to_none=True)
-        y_eager, _ = mod(x)
-        info[name] = {
-            "first_call_s": seconds,
-            "max_abs_diff_from_eager": float((y.detach() - y_eager.detach()).abs().max()),
-            "eager_output_max_abs": float(y_eager.detach().abs().max()),
-        }
-        log(f"memory compiled: {name} first call {seconds:.0f} s")
-        fns[name] = lambda compiled=compiled: memory_step(compiled, x, "forward_backward")
-
-    def after() -> None:
-        for mod in modules.values():
-            mod.zero_grad(set_to_none=True)
-
-    times = interleaved(fns, args.rounds, args.warmup, args.iters, "memory compiled", after, log)
-    for name in modules:
-        result = summarize(times[name], tokens)
-        result["speedup_over_eager"] = eager[f"{name}/forward_backward"]["median_ms"] / result["median_ms"]
-        info[name]["forward_backward"] = result
-    out: dict[str, Any] = {"construction": "torch.compile(module, dynamic=False)", "modules": info}
-    if "titans-pytorch" in info:
-        a, b = info["ours"]["forward_backward"], info["titans-pytorch"]["forward_backward"]
-        per_round = [tb / ta for ta, tb in zip(a["per_round_median_ms"], b["per_round_median_ms"], strict=True)]
-        out["speedup_ours_over_titans"] = b["median_ms"] / a["median_ms"]
-        out["per_round_speedups"] = per_round
-    return out
+def ratios(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, list[float]]:
+    """``b``'s median time over ``a``'s, pooled and per round (> 1: ``a`` is faster)."""
+    per_round = [tb / ta for ta, tb in zip(a["per_round_median_ms"], b["per_round_median_ms"], strict=True)]
+    return b["median_ms"] / a["median_ms"], per_round
 
 
 def part_memory(args: argparse.Namespace) -> dict[str, Any]:
     m = MEMORY
-    gen = torch.Generator().manual_seed(SEED + 1)
-    x = torch.randn(m["batch"], m["seq"], m["dim"], generator=gen)
-    tokens = m["batch"] * m["seq"]
-    modules: dict[str, nn.Module] = {"ours": build_ours()}
-    if TitansNeuralMemory is not None:
-        modules["titans-pytorch"] = build_titans()
+    x = torch.randn(m["batch"], m["seq"], m["dim"], generator=torch.Generator().manual_seed(SEED + 1))
+    tokens, (module, error, version) = m["batch"] * m["seq"], titans()
+    modules = {name: build_memory(name) for name in ["ours"] + (["titans-pytorch"] if module is not None else [])}
     info = {name: describe(mod, x, name == "ours") for name, mod in modules.items()}
     modes = ("forward_backward", "forward")
-    fns = {
-        f"{name}/{mode}": (lambda mod=mod, mode=mode: memory_step(mod, x, mode))
-        for name, mod in modules.items()
-        for mode in modes
-    }
+    step = {f"{n}/{mode}": partial(memory_step, mod, x, mode) for n, mod in modules.items() for mode in modes}
 
     def after() -> None:
         for mod in modules.values():
             mod.zero_grad(set_to_none=True)
 
-    times = interleaved(fns, args.rounds, args.warmup, args.iters, "memory", after, log)
+    times = interleaved(step, args.rounds, args.warmup, args.iters, "memory", after, log)
     results = {k: summarize(v, tokens) for k, v in times.items()}
     comparisons: dict[str, Any] = {}
-    if "titans-pytorch" in modules:
-        for mode in modes:
-            a, b = results[f"ours/{mode}"], results[f"titans-pytorch/{mode}"]
-            per_round = [tb / ta for ta, tb in zip(a["per_round_median_ms"], b["per_round_median_ms"], strict=True)]
-            comparisons[mode] = {
-                "speedup_ours_over_titans": b["median_ms"] / a["median_ms"],
-                "median_per_round_speedup": statistics.median(per_round),
-                "per_round_speedups": per_round,
-                "cpu_speedup": b["cpu_median_ms"] / a["cpu_median_ms"],
-            }
     arithmetic: dict[str, Any] = {"machine_gflop_per_s": machine_rates()}
-    for name, mod in modules.items():
-        for mode in modes:
-            counted = counted_gflop(lambda mod=mod, mode=mode: memory_step(mod, x, mode))
-            after()
-            counted["achieved_gflop_per_s"] = counted["gflop"] / (results[f"{name}/{mode}"]["median_ms"] / 1e3)
-            arithmetic[f"{name}/{mode}"] = counted
-    if "titans-pytorch" in modules:  # the rate ours would need to take half titans-pytorch's time
-        for mode in modes:
-            half = results[f"titans-pytorch/{mode}"]["median_ms"] / 2e3
-            arithmetic[f"needed_for_2x/{mode}"] = arithmetic[f"ours/{mode}"]["gflop"] / half
-    compiled = None if args.skip_compile else compiled_memory(modules, x, tokens, results, args)
+    for key, fn in step.items():
+        counted = counted_gflop(fn)
+        after()
+        arithmetic[key] = {**counted, "achieved_gflop_per_s": counted["gflop"] / (results[key]["median_ms"] / 1e3)}
+    for mode in modes if module is not None else ():
+        a, b = results[f"ours/{mode}"], results[f"titans-pytorch/{mode}"]
+        pooled, per_round = ratios(a, b)
+        comparisons[mode] = {"speedup_ours_over_titans": pooled, "per_round_speedups": per_round}
+        comparisons[mode]["median_per_round_speedup"] = statistics.median(per_round)
+        comparisons[mode]["cpu_speedup"] = b["cpu_median_ms"] / a["cpu_median_ms"]
+        # the rate ours would need to take half titans-pytorch's time
+        arithmetic[f"needed_for_2x/{mode}"] = arithmetic[f"ours/{mode}"]["gflop"] / (b["median_ms"] / 2e3)
+    compiled = None
+    if not args.skip_compile:  # forward_backward of torch.compile(module, dynamic=False), inductor's cache cold
+        cinfo: dict[str, Any] = {}
+        fns: dict[str, Callable[[], None]] = {}
+        with fresh_inductor_cache("memory_speed") as cache:
+            for name, mod in modules.items():
+                fn = torch.compile(mod, dynamic=False)
+                log(f"memory compiled: compiling {name} ...")
+                t0 = time.perf_counter()
+                y, _ = fn(x)
+                y.sum().backward()
+                seconds = time.perf_counter() - t0
+                mod.zero_grad(set_to_none=True)
+                y_eager = mod(x)[0].detach()
+                diff = float((y.detach() - y_eager).abs().max())
+                cinfo[name] = {"first_call_s": seconds, "max_abs_diff_from_eager": diff}
+                cinfo[name]["eager_output_max_abs"] = float(y_eager.abs().max())
+                fns[name] = lambda fn=fn: memory_step(fn, x, "forward_backward")
+            ctimes = interleaved(fns, args.rounds, args.warmup, args.iters, "memory compiled", after, log)
+        for name in modules:
+            r = cinfo[name]["forward_backward"] = summarize(ctimes[name], tokens)
+            r["speedup_over_eager"] = results[f"{name}/forward_backward"]["median_ms"] / r["median_ms"]
+        compiled = {"construction": "torch.compile(module, dynamic=False)", "modules": cinfo}
+        if "titans-pytorch" in cinfo:
+            pair = (cinfo["ours"]["forward_backward"], cinfo["titans-pytorch"]["forward_backward"])
+            compiled["speedup_ours_over_titans"], compiled["per_round_speedups"] = ratios(*pair)
+        compiled["inductor_cache"] = cache["description"]
     default_head: Optional[dict[str, Any]] = None
-    if TitansNeuralMemory is not None and not args.skip_default_head:
-        mod = build_titans(default_head=True)
-        default_info = describe(mod, x, False)
-        t = interleaved(
-            {"titans-pytorch (dim_head=dim)/forward_backward": lambda: memory_step(mod, x, "forward_backward")},
-            1,
-            0,
-            args.default_head_iters,
-            "memory (titans-pytorch default dim_head)",
-            lambda: mod.zero_grad(set_to_none=True),
-            log,
-        )
-        default_head = {**default_info, "forward_backward": summarize(next(iter(t.values())), tokens)}
-        del mod
-    return {
-        "setting": {**MEMORY, "dtype": "float32", "tokens_per_iteration": tokens},
-        "titans_pytorch": {
-            "available": TitansNeuralMemory is not None,
-            "version": _version("titans-pytorch"),
-            "import_error": TITANS_ERROR,
-            "construction": "NeuralMemory(dim=256, dim_head=64, heads=4, chunk_size=64,"
-            " default_model_kwargs=dict(depth=2, expansion_factor=2.0))",
-        },
-        "ours_construction": "NeuralMemory(256, heads=4, chunk_size=64, depth=2, expansion=2.0)",
-        "modules": info,
-        "results": results,
-        "comparisons": comparisons,
-        "arithmetic": arithmetic,
-        "compiled": compiled,
-        "titans_default_head": default_head,
-        "differences": DIFFERENCES if TitansNeuralMemory is not None else [],
-    }
+    if module is not None and not args.skip_default_head:
+        mod = build_memory("default_head")
+        fn = {"titans-pytorch (dim_head=dim)/forward_backward": lambda: memory_step(mod, x, "forward_backward")}
+        reset = lambda: mod.zero_grad(set_to_none=True)  # noqa: E731
+        t = interleaved(fn, 1, 0, args.default_head_iters, "memory (titans-pytorch dim_head=dim)", reset, log)
+        default_head = {**describe(mod, x, False), "forward_backward": summarize(next(iter(t.values())), tokens)}
+    tp = {"available": module is not None, "version": version, "import_error": error, "construction": THEIRS}
+    out = {"setting": {**MEMORY, "dtype": "float32", "tokens_per_iteration": tokens}, "titans_pytorch": tp}
+    out.update(ours_construction=OURS, modules=info, results=results, comparisons=comparisons, arithmetic=arithmetic)
+    out.update(compiled=compiled, titans_default_head=default_head)
+    return {**out, "differences": DIFFERENCES if module is not None else []}
 
 
-# ---------------------------------------------------------------------------------------------------- part 2: lm_step
+TINY = {"dim": 64, "depth": 2, "heads": 4, "chunk_size": 16, "cms_chunk_sizes": [16, 64]}
+D256 = {"dim": 256, "depth": 4, "heads": 4, "chunk_size": 16, "cms_chunk_sizes": [16, 256, 2048]}
+# size -> batch, sequence, segment length and models (class, keyword arguments); Hope variants' names start "hope"
+# fmt: off
 SIZES: dict[str, dict[str, Any]] = {
-    "tiny": {
-        "batch": 8,
-        "seq": 256,
-        "segment_len": 128,
-        "models": {
-            "hope": (
-                HopeModule,
-                {"dim": 64, "depth": 2, "heads": 4, "chunk_size": 16, "cms_chunk_sizes": [16, 64]},
-                "HopeModule(dim=64, depth=2, heads=4, chunk_size=16, cms_chunk_sizes=[16, 64])",
-            ),
-            "hope_target": (
-                HopeModule,
-                {"dim": 64, "depth": 2, "heads": 4, "chunk_size": 16, "cms_chunk_sizes": [16, 64]}
-                | {"cms_write_signal": "target"},
-                "HopeModule(dim=64, depth=2, heads=4, chunk_size=16, cms_chunk_sizes=[16, 64],"
-                " cms_write_signal='target')",
-            ),
-            "hope_chunk64": (
-                HopeModule,
-                {"dim": 64, "depth": 2, "heads": 4, "chunk_size": 64, "cms_chunk_sizes": [16, 64]},
-                "HopeModule(dim=64, depth=2, heads=4, chunk_size=64, cms_chunk_sizes=[16, 64])",
-            ),
-            "transformer": (
-                TransformerPP,
-                {"dim": 64, "depth": 3, "heads": 4, "mlp_mult": 2.0},
-                "TransformerPP(dim=64, depth=3, heads=4, mlp_mult=2.0)",
-            ),
-        },
-    },
-    "d256": {
-        "batch": 4,
-        "seq": 512,
-        "segment_len": 512,
-        "models": {
-            "hope": (
-                HopeModule,
-                {"dim": 256, "depth": 4, "heads": 4, "chunk_size": 16, "cms_chunk_sizes": [16, 256, 2048]},
-                "HopeModule(dim=256, depth=4, heads=4, chunk_size=16, cms_chunk_sizes=[16, 256, 2048])",
-            ),
-            "hope_target": (
-                HopeModule,
-                {"dim": 256, "depth": 4, "heads": 4, "chunk_size": 16, "cms_chunk_sizes": [16, 256, 2048]}
-                | {"cms_write_signal": "target"},
-                "HopeModule(dim=256, depth=4, heads=4, chunk_size=16, cms_chunk_sizes=[16, 256, 2048],"
-                " cms_write_signal='target')",
-            ),
-            "hope_chunk64": (
-                HopeModule,
-                {"dim": 256, "depth": 4, "heads": 4, "chunk_size": 64, "cms_chunk_sizes": [16, 256, 2048]},
-                "HopeModule(dim=256, depth=4, heads=4, chunk_size=64, cms_chunk_sizes=[16, 256, 2048])",
-            ),
-            "transformer_same_shape": (
-                TransformerPP,
-                {"dim": 256, "depth": 4, "heads": 4},
-                "TransformerPP(dim=256, depth=4, heads=4)",
-            ),
-            "transformer": (
-                TransformerPP,
-                {"dim": 256, "depth": 6, "heads": 4, "mlp_mult": 3.0},
-                "TransformerPP(dim=256, depth=6, heads=4, mlp_mult=3.0)",
-            ),
-        },
-    },
+    "tiny": {"batch": 8, "seq": 256, "segment_len": 128, "models": {
+        "hope": (HopeModule, TINY), "hope_target": (HopeModule, {**TINY, "cms_write_signal": "target"}),
+        "hope_chunk64": (HopeModule, {**TINY, "chunk_size": 64}),
+        "transformer": (TransformerPP, {"dim": 64, "depth": 3, "heads": 4, "mlp_mult": 2.0})}},
+    "d256": {"batch": 4, "seq": 512, "segment_len": 512, "models": {
+        "hope": (HopeModule, D256), "hope_target": (HopeModule, {**D256, "cms_write_signal": "target"}),
+        "hope_chunk64": (HopeModule, {**D256, "chunk_size": 64}),
+        "transformer_same_shape": (TransformerPP, {"dim": 256, "depth": 4, "heads": 4}),
+        "transformer": (TransformerPP, {"dim": 256, "depth": 6, "heads": 4, "mlp_mult": 3.0})}},
 }
-
-
-def is_hope(name: str) -> bool:
-    """The Hope variants of :data:`SIZES` (the rest are Transformer++ baselines)."""
-    return name.startswith("hope")
+# fmt: on
 
 
 class Stepper:
     """One model with its AdamW optimizer and a fixed batch: ``step()`` trains once, ``forward()`` evaluates once."""
 
     def __init__(self, model: CausalLM, tokens: Tensor) -> None:
-        self.model, self.tokens = model.train(), tokens
-        self.targets = torch.roll(tokens, -1, dims=1)
+        self.model, self.tokens, self.targets = model.train(), tokens, torch.roll(tokens, -1, dims=1)
         self.opt = torch.optim.AdamW(model.param_groups(), lr=1e-3, betas=(0.9, 0.95))
         self.losses: list[float] = []
 
@@ -490,422 +313,198 @@ class Stepper:
 def part_lm_step(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for size in args.sizes:
-        spec = SIZES[size]
-        gen = torch.Generator().manual_seed(SEED + 2)
-        tokens = torch.randint(0, 256, (spec["batch"], spec["seq"]), generator=gen)
+        spec, (batch, seq, segment) = SIZES[size], (SIZES[size][k] for k in ("batch", "seq", "segment_len"))
+        tokens = torch.randint(0, 256, (batch, seq), generator=torch.Generator().manual_seed(SEED + 2))
         steppers: dict[str, Stepper] = {}
         models: dict[str, Any] = {}
-        for name, (cls, kwargs, text) in spec["models"].items():
+        for name, (cls, kwargs) in spec["models"].items():
             torch.manual_seed(SEED)
-            model = cls(vocab_size=256, segment_len=spec["segment_len"], **kwargs)
-            steppers[name] = Stepper(model, tokens)
-            models[name] = {
-                "architecture": text,
-                "parameters": model.num_parameters(),
-                "parameters_non_embedding": model.num_parameters(non_embedding=True),
-            }
-        fns: dict[str, Callable[[], None]] = {}
-        for name, st in steppers.items():
-            fns[f"{name}/step"] = st.step
-            fns[f"{name}/forward"] = st.forward
+            steppers[name] = Stepper(model := cls(vocab_size=256, segment_len=segment, **kwargs), tokens)
+            text = f"{cls.__name__}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
+            models[name] = {"architecture": text, "parameters": model.num_parameters()}
+            models[name]["parameters_non_embedding"] = model.num_parameters(non_embedding=True)
+        fns = {f"{n}/{mode}": getattr(st, mode) for n, st in steppers.items() for mode in ("step", "forward")}
         rounds = args.rounds_lm.get(size, args.rounds)
         times = interleaved(fns, rounds, args.warmup, args.iters, f"lm_step {size}", lambda: None, log)
-        tokens_n = spec["batch"] * spec["seq"]
-        results = {k: summarize(v, tokens_n) for k, v in times.items()}
-        ratios: dict[str, dict[str, Any]] = {}  # Hope variant -> Transformer++ -> mode -> ratios
-        for hope in filter(is_hope, steppers):
-            ratios[hope] = {}
-            for name in itertools.filterfalse(is_hope, steppers):
-                ratios[hope][name] = {}
+        results = {k: summarize(v, batch * seq) for k, v in times.items()}
+        ratio: dict[str, dict[str, Any]] = {}  # Hope variant -> Transformer++ -> mode -> ratios
+        for hope in (n for n in steppers if n.startswith("hope")):
+            for name in (n for n in steppers if not n.startswith("hope")):
                 for mode in ("step", "forward"):
-                    a, b = results[f"{hope}/{mode}"], results[f"{name}/{mode}"]
-                    pairs = zip(a["per_round_median_ms"], b["per_round_median_ms"], strict=True)
-                    per_round = [ta / tb for ta, tb in pairs]
-                    ratios[hope][name][mode] = {
-                        "hope_time_ratio": a["median_ms"] / b["median_ms"],
-                        "median_per_round_ratio": statistics.median(per_round),
-                        "per_round_ratios": per_round,
-                        "cpu_time_ratio": a["cpu_median_ms"] / b["cpu_median_ms"],
-                    }
+                    b, a = results[f"{hope}/{mode}"], results[f"{name}/{mode}"]
+                    pooled, per_round = ratios(a, b)
+                    r = {"hope_time_ratio": pooled, "median_per_round_ratio": statistics.median(per_round)}
+                    r.update(per_round_ratios=per_round, cpu_time_ratio=b["cpu_median_ms"] / a["cpu_median_ms"])
+                    ratio.setdefault(hope, {}).setdefault(name, {})[mode] = r
+        for key, fn in fns.items():
+            name, mode = key.split("/")
+            counted = counted_gflop(fn)["gflop"]
+            layers = [m for m in steppers[name].model.modules() if isinstance(m, CausalSelfAttention)]
+            # attention's Q Kᵀ and A V, 4 S² D per sample, layer and segment (backward twice the forward)
+            attn = batch * sum(4 * min(segment, seq) ** 2 * m.dim for m in layers) * math.ceil(seq / segment)
+            attn *= (3 if mode == "step" else 1) / 1e9
+            r = results[key]
+            r.update(counted_gflop=counted, attention_gflop=attn, gflop=counted + attn)
+            r["achieved_gflop_per_s"] = (counted + attn) / (r["median_ms"] / 1e3)
         for name, st in steppers.items():
-            for mode, fn in (("step", st.step), ("forward", st.forward)):
-                counted = counted_gflop(fn)
-                attn = attention_gflop(st.model, spec["batch"], spec["seq"], spec["segment_len"], mode == "step")
-                total = counted["gflop"] + attn
-                results[f"{name}/{mode}"].update(
-                    counted_gflop=counted["gflop"],
-                    attention_gflop=attn,
-                    gflop=total,
-                    achieved_gflop_per_s=total / (results[f"{name}/{mode}"]["median_ms"] / 1e3),
-                )
             models[name]["losses_finite"] = all(math.isfinite(v) for v in st.losses)
             models[name]["first_and_last_loss"] = [st.losses[0], st.losses[-1]] if st.losses else None
-        out[size] = {
-            "setting": {
-                "batch": spec["batch"],
-                "seq": spec["seq"],
-                "segment_len": spec["segment_len"],
-                "tokens_per_iteration": tokens_n,
-                "rounds": rounds,
-                "optimizer": "AdamW(lr=1e-3, betas=(0.9, 0.95), weight decay 0.1 on matrices), clip_grad_norm 1.0",
-            },
-            "models": models,
-            "results": results,
-            "ratios": ratios,
-        }
+        setting = {"batch": batch, "seq": seq, "segment_len": segment, "tokens_per_iteration": batch * seq}
+        setting["rounds"] = rounds
+        setting["optimizer"] = "AdamW(lr=1e-3, betas=(0.9, 0.95), weight decay 0.1 on matrices), clip_grad_norm 1.0"
+        out[size] = {"setting": setting, "models": models, "results": results, "ratios": ratio}
     return out
 
 
-# ---------------------------------------------------------------------------------------------------- report
-def memory_markdown(part: dict[str, Any]) -> list[str]:
-    s, tp = part["setting"], part["titans_pytorch"]
-    lines = [
-        "## 1. NeuralMemory: ours vs titans-pytorch",
-        "",
-        f"Batch {s['batch']}, sequence {s['seq']}, width {s['dim']}, {s['heads']} heads, chunk {s['chunk']}, depth-"
-        f"{s['depth']} memory MLP with hidden width {s['expansion']:g} × the head width, fp32, 1 forward (+ backward"
-        " of `y.sum()`) from a fresh state per iteration. Ours: `" + part["ours_construction"] + "`.",
-    ]
-    if tp["available"]:
-        lines.append(f"titans-pytorch {tp['version']}: `{tp['construction']}`.")
-    else:
-        lines.append(f"**titans-pytorch is not importable here ({tp['import_error']}): ours is measured alone.**")
-    d = part.get("titans_default_head")
-    infos = dict(part["modules"])
-    if d:
-        infos["titans-pytorch (dim_head=dim, reference)"] = d
-    lines += [
-        "",
-        "| module | parameters | with a gradient | memory MLP | output finite |",
-        "|---|---|---|---|---|",
-    ]
-    for name, info in infos.items():
-        lines.append(
-            f"| {name} | {info['parameters']:,} | {info['parameters_with_grad']:,} | {info['memory_mlp']} |"
-            f" {'yes' if info['output_finite'] else '**no**'} |"
-        )
-    lines += [
-        "",
-        "| module | mode | median ms | IQR ms | tokens/s | CPU ms (median) |",
-        "|---|---|---|---|---|---|",
-    ]
+def tables(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The page's tables (``benchmarks/render.py``)."""
+    a, parts = report["args"], report["parts"]
+    rounds = {"memory": a["rounds"]}
+    rounds["lm_step"] = ", ".join(f"{k} {b['setting']['rounds']}" for k, b in parts.get("lm_step", {}).items())
+    title = f"Parts: interleaved rounds of ({a['warmup']} warm-up + {a['iters']} timed) calls per variant, mode"
+    rows = [[n, f"{sec:.0f}", rounds[n]] for n, sec in report["part_seconds"].items()]
+    note = "A shared machine: other load inflates wall times; CPU times are given where it matters."
+    out = [table(title, ["part", "seconds", "rounds"], rows, note)]
+    return out + (memory_tables(parts["memory"]) if "memory" in parts else []) + lm_tables(parts.get("lm_step", {}))
+
+
+def x(ratio: float) -> str:
+    return f"{num(ratio, '.2f')}×"
+
+
+def timing(r: dict[str, Any]) -> list[str]:
+    """Median, IQR and tokens/s cells of one :func:`_common.summarize` result."""
+    iqr = f"{num(r['p25_ms'], '.1f')}–{num(r['p75_ms'], '.1f')}"
+    return [num(r["median_ms"], ".1f"), iqr, num(r["tokens_per_s"], ",.0f")]
+
+
+def memory_tables(part: dict[str, Any]) -> list[dict[str, Any]]:
+    s, tp, a, d = part["setting"], part["titans_pytorch"], part["arithmetic"], part["titans_default_head"]
+    ref = "titans-pytorch (dim_head=dim, reference)"
+    infos = {**part["modules"], **({ref: d} if d else {})}
     rows = [(*key.split("/"), r) for key, r in part["results"].items()]
-    if d:
-        rows.append(("titans-pytorch (dim_head=dim, reference)", "forward_backward", d["forward_backward"]))
-    for name, mode, r in rows:
-        lines.append(
-            f"| {name} | {mode} | {num(r['median_ms'], '.1f')} | {num(r['p25_ms'], '.1f')}–{num(r['p75_ms'], '.1f')} |"
-            f" {num(r['tokens_per_s'], ',.0f')} | {num(r['cpu_median_ms'], '.1f')} |"
-        )
+    rows += [(ref, "forward_backward", d["forward_backward"])] if d else []
+    rates, need = a["machine_gflop_per_s"], a.get("needed_for_2x/forward_backward")
+    title = f"NeuralMemory, ours vs titans-pytorch: batch {s['batch']}, sequence {s['seq']}, width {s['dim']},"
+    title += f" {s['heads']} heads, chunk {s['chunk']}, depth-{s['depth']} memory MLP (hidden {s['expansion']:g} × the"
+    title += " head width), fp32, one call from a fresh state per iteration"
+    keys = ("parameters", "parameters_with_grad", "memory_mlp", "output_finite")
+    info_rows = [[n, *(i[k] for k in keys)] for n, i in infos.items()]
+    note = f"Ours: `{part['ours_construction']}`. " + (
+        f"titans-pytorch {tp['version']}: `{tp['construction']}`."
+        if tp["available"]
+        else f"titans-pytorch is not importable here ({tp['import_error']}): ours is measured alone."
+    )
+    out = [table(title, ["module", "parameters", "with a gradient", "memory MLP", "output finite"], info_rows, note)]
+    columns = ["module", "mode", "median ms", "IQR ms", "tokens/s", "CPU ms (median)"]
+    time_rows = [[n, mode, *timing(r), num(r["cpu_median_ms"], ".1f")] for n, mode, r in rows]
+    out.append(table("Time per call (interleaved rounds)", columns, time_rows))
     if part["comparisons"]:
-        lines += [
-            "",
-            "| mode | ours ÷ titans-pytorch tokens/s (pooled medians) | median of per-round ratios | CPU-time ratio |",
-        ]
-        lines += ["|---|---|---|---|"]
-        for mode, c in part["comparisons"].items():
-            lines.append(
-                f"| {mode} | {num(c['speedup_ours_over_titans'], '.2f')}× |"
-                f" {num(c['median_per_round_speedup'], '.2f')}× | {num(c['cpu_speedup'], '.2f')}× |"
-            )
-        lines += ["", "What differs between the two modules (from their code):", ""]
-        lines += [f"- {item}" for item in part["differences"]]
-    lines += arithmetic_markdown(part["arithmetic"])
-    if part.get("compiled"):
-        lines += compiled_markdown(part["compiled"])
-    return lines
-
-
-def compiled_markdown(c: dict[str, Any]) -> list[str]:
-    lines = [
-        "",
-        f"`torch.compile` (`{c['construction']}`, inductor, default mode; on-disk cache: {c['inductor_cache']}),"
-        " forward_backward, interleaved rounds as above:",
-        "",
-        "| module | first call s (compiles) | max abs diff from eager | median ms | IQR ms | tokens/s | speed-up over"
-        " eager |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, i in c["modules"].items():
-        r = i["forward_backward"]
-        lines.append(
-            f"| {name} | {num(i['first_call_s'], '.0f')} | {i['max_abs_diff_from_eager']:.1e} |"
-            f" {num(r['median_ms'], '.1f')} | {num(r['p25_ms'], '.1f')}–{num(r['p75_ms'], '.1f')} |"
-            f" {num(r['tokens_per_s'], ',.0f')} | {num(r['speedup_over_eager'], '.2f')}× |"
-        )
-    if "speedup_ours_over_titans" in c:
-        rounds = c["per_round_speedups"]
-        lines += [
-            "",
-            f"Compiled, ours ÷ titans-pytorch tokens/s: {num(c['speedup_ours_over_titans'], '.2f')}× (per-round"
-            f" ratios {min(rounds):.2f}–{max(rounds):.2f}).",
-        ]
-    return lines
-
-
-def arithmetic_markdown(a: dict[str, Any]) -> list[str]:
-    rates = a["machine_gflop_per_s"]
-    lines = [
-        "",
-        "Arithmetic (matmul-type GFLOP per iteration counted by `torch.utils.flop_counter.FlopCounterMode`; achieved"
-        " rate = GFLOP ÷ median time). This machine, same thread count: a 2048³ fp32 GEMM runs at"
-        f" {num(rates['gemm_2048'], '.0f')} GFLOP/s, the memory's batched 16 × [64 × 64] @ [64 × 128] product at"
-        f" {num(rates['bmm_16x64x64x128'], '.0f')} GFLOP/s.",
-        "",
-        "| module | mode | GFLOP | achieved GFLOP/s |",
-        "|---|---|---|---|",
-    ]
-    for key, c in a.items():
-        if "/" in key and not key.startswith("needed_for_2x"):
-            name, mode = key.split("/")
-            lines.append(f"| {name} | {mode} | {num(c['gflop'], '.2f')} | {num(c['achieved_gflop_per_s'], '.0f')} |")
-    need = a.get("needed_for_2x/forward_backward")
+        columns = ["mode", "pooled medians", "median of per-round ratios", "CPU-time ratio"]
+        keys = ("speedup_ours_over_titans", "median_per_round_speedup", "cpu_speedup")
+        cmp_rows = [[mode, *(x(c[k]) for k in keys)] for mode, c in part["comparisons"].items()]
+        note = "What differs between the two modules (from their code):\n\n"
+        note += "\n".join(f"- {i}" for i in part["differences"])
+        out.append(table("Ours ÷ titans-pytorch tokens/s", columns, cmp_rows, note))
+    gemm, bmm = rates["gemm_2048"], rates["bmm_16x64x64x128"]
+    note = f"This machine, same thread count: a 2048³ fp32 GEMM at {num(gemm, '.0f')} GFLOP/s, the memory's batched"
+    note += f" 16 × [64 × 64] @ [64 × 128] product at {num(bmm, '.0f')} GFLOP/s."
     if need is not None:
-        lines += [
-            "",
-            f"To take half of titans-pytorch's forward+backward time with its own FLOPs, ours would have to run at"
-            f" {num(need, '.0f')} GFLOP/s: {num(need / rates['gemm_2048'], '.2f')}× the large-GEMM rate and"
-            f" {num(need / rates['bmm_16x64x64x128'], '.2f')}× the rate of its own batched shape on this machine.",
-        ]
-    return lines
-
-
-def lm_markdown(part: dict[str, Any]) -> list[str]:
-    lines = [
-        "## 2. Hope vs Transformer++: training step and forward",
-        "",
-        "Step: `sequence_loss` (segments, memory carried), backward, gradient clipping 1.0, AdamW. Forward:"
-        " `sequence_loss` under `torch.inference_mode()` (memory writing). Random byte tokens, one fixed batch.",
+        note += f" Half titans-pytorch's forward+backward time with ours' FLOPs needs {num(need, '.0f')} GFLOP/s:"
+        note += f" {num(need / gemm, '.2f')}× the large-GEMM rate and {num(need / bmm, '.2f')}× the rate of its"
+        note += " batched shape."
+    title = "Arithmetic: matmul-type GFLOP per call (`FlopCounterMode`); achieved rate = GFLOP ÷ median time"
+    rows = [
+        [*key.split("/"), num(v["gflop"], ".2f"), num(v["achieved_gflop_per_s"], ".0f")]
+        for key, v in a.items()
+        if "/" in key and not key.startswith("needed_for_2x")
     ]
+    out.append(table(title, ["module", "mode", "GFLOP", "achieved GFLOP/s"], rows, note))
+    if c := part.get("compiled"):
+        title = f"`{c['construction']}` (inductor, default mode; on-disk cache: {c['inductor_cache']}),"
+        columns = ["module", "first call s (compiles)", "max abs diff from eager", "median ms", "IQR ms", "tokens/s"]
+        rows = [
+            [n, num(i["first_call_s"], ".0f"), f"{i['max_abs_diff_from_eager']:.1e}", *timing(i["forward_backward"])]
+            + [x(i["forward_backward"]["speedup_over_eager"])]
+            for n, i in c["modules"].items()
+        ]
+        per, note = c.get("per_round_speedups"), ""
+        if per:
+            note = f"Compiled, ours ÷ titans-pytorch tokens/s: {x(c['speedup_ours_over_titans'])}"
+            note += f" (per-round {min(per):.2f}–{max(per):.2f})."
+        out.append(table(title + " forward_backward, interleaved", columns + ["speed-up over eager"], rows, note))
+    return out
+
+
+def lm_tables(part: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
     for size, block in part.items():
-        s = block["setting"]
-        lines += [
-            "",
-            f"### {size}: batch {s['batch']}, sequence {s['seq']}, segments of {s['segment_len']}",
-            "",
-            "| model | parameters | mode | median ms | IQR ms | tokens/s | GFLOP (attention) | GFLOP/s"
-            " | losses finite |",
-            "|---|---|---|---|---|---|---|---|---|",
+        s, res, models = block["setting"], block["results"], block["models"]
+        rows = []
+        for key, r in res.items():
+            m, (name, mode) = models[key.split("/")[0]], key.split("/")
+            gflop = f"{num(r['gflop'], '.2f')} ({num(r['attention_gflop'], '.2f')})"
+            rows.append([f"{name}: `{m['architecture']}`", m["parameters"], mode, *timing(r), gflop])
+            rows[-1] += [num(r["achieved_gflop_per_s"], ".0f"), m["losses_finite"]]
+        ratios = [
+            [f"{hope} ÷ {name}", x(r["step"]["hope_time_ratio"]), x(r["forward"]["hope_time_ratio"])]
+            + [", ".join(num(v, ".2f") for v in r["step"]["per_round_ratios"])]
+            + [x(res[f"{hope}/step"]["gflop"] / res[f"{name}/step"]["gflop"])]
+            for hope, against in block["ratios"].items()
+            for name, r in against.items()
         ]
-        for key, r in block["results"].items():
-            name, mode = key.split("/")
-            m = block["models"][name]
-            lines.append(
-                f"| {name}: `{m['architecture']}` | {m['parameters']:,} | {mode} | {num(r['median_ms'], '.1f')} |"
-                f" {num(r['p25_ms'], '.1f')}–{num(r['p75_ms'], '.1f')} | {num(r['tokens_per_s'], ',.0f')} |"
-                f" {num(r['gflop'], '.2f')} ({num(r['attention_gflop'], '.2f')}) |"
-                f" {num(r['achieved_gflop_per_s'], '.0f')} |"
-                f" {'yes' if m['losses_finite'] else '**no**'} |"
-            )
-        lines += [
-            "",
-            "| Hope ÷ Transformer++ | step time ratio | forward time ratio | per-round step ratios"
-            " | step GFLOP ratio |",
-            "|---|---|---|---|---|",
-        ]
-        for hope, against in block["ratios"].items():
-            for name, r in against.items():
-                flop = block["results"][f"{hope}/step"]["gflop"] / block["results"][f"{name}/step"]["gflop"]
-                lines.append(
-                    f"| {hope} ÷ {name} | {num(r['step']['hope_time_ratio'], '.2f')}× |"
-                    f" {num(r['forward']['hope_time_ratio'], '.2f')}× |"
-                    f" {', '.join(num(v, '.2f') for v in r['step']['per_round_ratios'])} | {num(flop, '.2f')}× |"
-                )
-    lines += [
-        "",
-        "GFLOP: matmul-type ops counted by `FlopCounterMode` plus, in brackets and included, the attention products"
-        " computed analytically (`4 S² D` per sample, layer and segment, full square, backward = 2 × forward), which"
-        " the counter does not see on CPU. Elementwise work is not counted.",
-    ]
-    return lines
-
-
-def reading(report: dict[str, Any]) -> list[str]:
-    lines = ["## Reading (generated from the numbers above)", ""]
-    parts = report["parts"]
-    if "memory" in parts:
-        part = parts["memory"]
-        c = part["comparisons"].get("forward_backward")
-        if c:
-            s = c["speedup_ours_over_titans"]
-            rounds = c["per_round_speedups"]
-            lines.append(
-                f"- Forward+backward, ours vs titans-pytorch (matched head width): ours has {s:.2f}× the tokens/s"
-                f" ({'faster' if s > 1 else 'slower'}; per-round ratios {min(rounds):.2f}–{max(rounds):.2f}); the"
-                f" issue's target is ≥ 2×, which is {'met' if s >= 2 else 'not met'} in this run."
-            )
-            a = part["arithmetic"]
-            need, rates = a.get("needed_for_2x/forward_backward"), a["machine_gflop_per_s"]
-            if need is not None:
-                lines.append(
-                    f"- FLOPs: ours {a['ours/forward_backward']['gflop']:.2f} GFLOP at"
-                    f" {a['ours/forward_backward']['achieved_gflop_per_s']:.0f} GFLOP/s, titans-pytorch"
-                    f" {a['titans-pytorch/forward_backward']['gflop']:.2f} GFLOP at"
-                    f" {a['titans-pytorch/forward_backward']['achieved_gflop_per_s']:.0f} GFLOP/s; 2× would need"
-                    f" {need:.0f} GFLOP/s, against {rates['gemm_2048']:.0f} (large GEMM) and"
-                    f" {rates['bmm_16x64x64x128']:.0f} (the memory's batched shape) measured here."
-                )
-            comp = part.get("compiled")
-            if comp and "speedup_ours_over_titans" in comp:
-                ours, theirs = (comp["modules"][n]["forward_backward"] for n in ("ours", "titans-pytorch"))
-                lines.append(
-                    f"- Both compiled (`torch.compile`): ours has {comp['speedup_ours_over_titans']:.2f}×"
-                    f" titans-pytorch's tokens/s (compilation sped ours up {ours['speedup_over_eager']:.2f}×,"
-                    f" titans-pytorch {theirs['speedup_over_eager']:.2f}×); compiled, the 2× target is"
-                    f" {'met' if comp['speedup_ours_over_titans'] >= 2 else 'not met'}."
-                )
-            f = part["comparisons"].get("forward")
-            if f:
-                lines.append(
-                    f"- Forward only: ours has {f['speedup_ours_over_titans']:.2f}× titans-pytorch's tokens/s."
-                )
-        elif not part["titans_pytorch"]["available"]:
-            lines.append("- titans-pytorch was not importable; only ours was measured.")
-        bad = [n for n, i in part["modules"].items() if not i["output_finite"]]
-        if bad:
-            lines.append(f"- Non-finite outputs from: {', '.join(bad)}.")
-    if "lm_step" in parts:
-        for size, block in parts["lm_step"].items():
-            for hope, against in block["ratios"].items():
-                for name, r in against.items():
-                    ratio = r["step"]["hope_time_ratio"]
-                    lines.append(
-                        f"- {size}: a {hope} training step takes {ratio:.2f}× the time of {name}'s"
-                        f" ({'within' if ratio <= 2 else 'over'} the 2× target); forward only"
-                        f" {r['forward']['hope_time_ratio']:.2f}×."
-                    )
-            steps = [(n, block["results"][f"{n}/step"]) for n in block["models"]]
-            lines.append(
-                f"- {size}: step GFLOP and rate: "
-                + "; ".join(f"{n} {r['gflop']:.2f} GFLOP at {r['achieved_gflop_per_s']:.0f} GFLOP/s" for n, r in steps)
-                + "."
-            )
-            bad = [n for n, m in block["models"].items() if not m["losses_finite"]]
-            if bad:
-                lines.append(f"- {size}: non-finite training losses in {', '.join(bad)}.")
-    return lines
-
-
-def markdown(report: dict[str, Any]) -> str:
-    env = report["environment"]
-    lines = [
-        "# NeuralMemory and Hope speed",
-        "",
-        f"Command: `{report['command']}`  ",
-        f"{report['timestamp']}; nl_lightning {env['nl_lightning']}, torch {env['torch']}, titans-pytorch"
-        f" {env['titans_pytorch'] or 'not installed'}, Python {env['python']}, {env['cpu_count']} CPU core(s),"
-        f" {report['threads']} torch thread(s); interleaved rounds: {report['args']['rounds']} ×"
-        f" ({report['args']['warmup']} warm-up + {report['args']['iters']} timed) per variant and mode;"
-        f" total {report['wall_s']:.0f} s. A shared"
-        " machine: other load inflates wall times; CPU times are given where it matters.",
-    ]
-    builders = {"memory": memory_markdown, "lm_step": lm_markdown}
-    for number, (name, part) in enumerate(report["parts"].items(), 1):
-        body = builders[name](part)
-        body[0] = f"## {number}. " + body[0].split(". ", 1)[1]
-        lines += ["", *body, "", f"Part time: {report['part_seconds'][name]:.0f} s."]
-    lines += ["", *reading(report)]
-    return "\n".join(lines) + "\n"
-
-
-def _version(dist: str) -> Optional[str]:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def environment(threads: int) -> dict[str, Any]:
-    root = Path(nl_lightning.__file__).parent
-    sources = {
-        f"nl_lightning/{n}": sha256_of(str(root / n))
-        for n in (
-            "models/neural_memory.py",
-            "models/_memory_mlp.py",
-            "models/hope.py",
-            "models/self_modifying_titans.py",
-            "models/_residual_memory.py",
-            "models/cms.py",
-            "models/cms_memory.py",
-            "models/transformer.py",
-            "models/lm.py",
+        title = f"Hope vs Transformer++, {size}: batch {s['batch']}, sequence {s['seq']}, segments of"
+        title += (
+            f" {s['segment_len']}; step = `sequence_loss`, backward, clipping 1.0, AdamW; forward = `sequence_loss`"
         )
-    }
-    if titans_pytorch is not None:
-        sources["titans_pytorch/neural_memory.py"] = sha256_of(
-            os.path.join(os.path.dirname(titans_pytorch.__file__), "neural_memory.py")
+        title += " under `torch.inference_mode()`; random byte tokens, one fixed batch"
+        columns = ["model", "parameters", "mode", "median ms", "IQR ms", "tokens/s", "GFLOP (attention)", "GFLOP/s"]
+        note = "GFLOP: matmul-type ops counted by `FlopCounterMode` plus, in brackets and included, the attention"
+        note += (
+            " products computed analytically (`4 S² D` per sample, layer and segment, backward = 2 × forward), which"
         )
-    return {
-        "python": platform.python_version(),
-        "executable": sys.executable,
-        "torch": torch.__version__,
-        "nl_lightning": nl_lightning.__version__,
-        "titans_pytorch": _version("titans-pytorch"),
-        "torch_num_threads": threads,
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "sources": sources,
-    }
-
-
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", default=list(PARTS), help="memory, lm_step (default: both)")
-    parser.add_argument("--sizes", nargs="+", choices=tuple(SIZES), default=list(SIZES), help="lm_step sizes")
-    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 5; 2 with --quick)")
-    parser.add_argument("--rounds-d256", type=int, help="rounds for the d256 size (default 3; 1 with --quick)")
-    parser.add_argument("--iters", type=int, help="timed iterations per round (default 3; 1 with --quick)")
-    parser.add_argument("--warmup", type=int, help="untimed iterations per round (default 1; 0 with --quick)")
-    parser.add_argument(
-        "--default-head-iters", type=int, help="timed iterations of titans-pytorch's default dim_head (default 2)"
-    )
-    parser.add_argument("--skip-default-head", action="store_true", help="do not time titans-pytorch's default head")
-    parser.add_argument("--skip-compile", action="store_true", help="do not time the torch.compile'd memories")
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (1)")
-    parser.add_argument("--out", help="write the JSON here (the Markdown then goes to stdout)")
-    parser.add_argument("--markdown", help="also write the Markdown report here")
-    parser.add_argument(
-        "--quick", action="store_true", help="smoke run: few iterations, no default-head or compiled timing"
-    )
-    args = parser.parse_args(argv)
-    parts = [p for item in args.parts for p in item.split(",") if p]
-    unknown = sorted(set(parts) - set(PARTS))
-    if unknown:
-        parser.error(f"unknown part(s) {unknown}; choose among {list(PARTS)}")
-    args.parts = [p for p in PARTS if p in parts]
-    q = args.quick
-    args.rounds = args.rounds or (2 if q else 5)
-    args.iters = args.iters or (1 if q else 3)
-    args.warmup = (0 if q else 1) if args.warmup is None else args.warmup
-    args.rounds_lm = {"d256": args.rounds_d256 or (1 if q else 3)}
-    args.default_head_iters = args.default_head_iters or 2
-    if q:
-        args.skip_default_head = args.skip_compile = True
-    if min(args.rounds, args.iters, args.threads) < 1 or args.warmup < 0:
-        parser.error("--rounds, --iters, --threads must be >= 1 and --warmup >= 0")
-    return args
+        note += " the counter does not see on CPU."
+        out.append(table(title, columns + ["losses finite"], rows, note))
+        title = f"Hope ÷ Transformer++ time, {size} (the target: a Hope step at most 2× a Transformer++ step)"
+        columns = ["pair", "step time ratio", "forward time ratio", "per-round step ratios", "step GFLOP"]
+        out.append(table(title, columns, ratios))
+    return out
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
-    args = parse_args(argv)
+    parser = arguments(__doc__, PARTS)
+    add = parser.add_argument
+    add("--sizes", nargs="+", choices=tuple(SIZES), default=list(SIZES), help="lm_step sizes")
+    add("--rounds", type=int, help="interleaved rounds (default 5; 2 with --quick)")
+    add("--rounds-d256", type=int, help="rounds for the d256 size (default 3; 1 with --quick)")
+    add("--iters", type=int, help="timed iterations per round (default 3; 1 with --quick)")
+    add("--warmup", type=int, help="untimed iterations per round (default 1; 0 with --quick)")
+    add("--default-head-iters", type=int, default=2, help="timed calls of titans' dim_head=dim (2)")
+    add("--skip-default-head", action="store_true", help="do not time titans-pytorch's default head (--quick: skipped)")
+    add("--skip-compile", action="store_true", help="do not time the torch.compile'd memories (--quick: skipped)")
+    args = parser.parse_args(argv)
+    args.parts, q = parse_parts(parser, args.parts, PARTS), args.quick
+    args.rounds, args.iters = args.rounds or (2 if q else 5), args.iters or (1 if q else 3)
+    args.warmup = (0 if q else 1) if args.warmup is None else args.warmup
+    args.rounds_lm = {"d256": args.rounds_d256 or (1 if q else 3)}
+    args.skip_default_head, args.skip_compile = args.skip_default_head or q, args.skip_compile or q
+    if min(args.rounds, args.iters, args.threads) < 1 or args.warmup < 0:
+        parser.error("--rounds, --iters, --threads must be >= 1 and --warmup >= 0")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    report = report_header(
-        "NeuralMemory (ours vs titans-pytorch) and Hope vs Transformer++ step speed",
-        "benchmarks/memory_speed.py",
-        argv,
-        dict(vars(args)),
-        environment(args.threads),
-        python=sys.executable,
-    )
+    module, error, version = titans()
+    env = environment(args.threads, SOURCES, executable=sys.executable, titans_pytorch=version)
+    if module is not None:
+        path = os.path.join(os.path.dirname(module.__file__), "neural_memory.py")
+        env["sources"]["titans_pytorch/neural_memory.py"] = sha256_of(path)
+    else:
+        log(f"titans_pytorch is not importable ({error}); measuring ours alone")
+    report = report_header(TITLE, "benchmarks/memory_speed.py", argv, dict(vars(args)), env, python=sys.executable)
     report["threads"] = args.threads
-    if TitansNeuralMemory is None:
-        log(f"titans_pytorch is not importable ({TITANS_ERROR}); measuring ours alone")
     with contextlib.redirect_stdout(sys.stderr):
-        parts = {"memory": part_memory, "lm_step": part_lm_step}
-        run_parts(report, {name: partial(parts[name], args) for name in PARTS if name in args.parts}, log)
-    return emit(report, started, markdown, args.out, args.markdown, log)
+        runners = {"memory": part_memory, "lm_step": part_lm_step}
+        run_parts(report, {name: lambda f=runners[name]: f(args) for name in args.parts}, log)
+    return save(report, started, args.out, log)
 
 
 if __name__ == "__main__":
