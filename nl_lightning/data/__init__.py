@@ -15,6 +15,7 @@ from nl_lightning.data.stream import TaskStreamDataModule
 from nl_lightning.data.synthetic import MQARDataModule, MQARDataset, NeedleDataModule, NeedleDataset
 from nl_lightning.data.text import TextDataModule, TextDataset
 from nl_lightning.data.text_domains import TextDomainsDataModule
+from nl_lightning.data.text_needle import TextNeedleDataModule
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
@@ -33,6 +34,7 @@ __all__ = [
     "TextDataModule",
     "TextDataset",
     "TextDomainsDataModule",
+    "TextNeedleDataModule",
     "clear_fashion_mnist_cache",
     "fashion_mnist_available",
     "read_idx",
