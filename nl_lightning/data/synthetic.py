@@ -217,7 +217,39 @@ class NeedleDataset(_TaskDataset):
         self.seq_len, self.vocab_size = seq_len, vocab_size
 
 
-class _SyntheticDataModule(pl.LightningDataModule):
+class _SeededLoaders(pl.LightningDataModule):
+    """The loaders of a data module whose ``setup`` builds ``train_set`` and ``val_sets`` from ``seed``: training
+    shuffled by ``(seed, epoch)`` (resumes are exact), one evaluation loader per set."""
+
+    seed: int
+    batch_size: int
+    train_set: Optional[Dataset] = None
+    val_sets: list[Dataset]
+
+    def _check_setup(self) -> None:
+        if self.train_set is None:
+            raise RuntimeError(f"{type(self).__name__}: call `setup()` (the Trainer does) before asking for data.")
+
+    @override
+    def train_dataloader(self) -> DataLoader:
+        self._check_setup()
+        seed = _mix(self.seed, 2, 0)
+        sampler = EpochShuffleSampler(len(self.train_set), seed)  # epoch e's order depends on (seed, e) only
+        g = torch.Generator().manual_seed(seed)  # the loader's own draws stay off the global generator
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, generator=g)
+
+    @override
+    def val_dataloader(self) -> list[DataLoader]:
+        """One loader per evaluation length (``eval_lengths``), in order."""
+        self._check_setup()
+        return [DataLoader(ds, batch_size=self.batch_size, shuffle=False) for ds in self.val_sets]
+
+    @override
+    def test_dataloader(self) -> list[DataLoader]:
+        return self.val_dataloader()
+
+
+class _SyntheticDataModule(_SeededLoaders):
     """Loaders shared by the synthetic tasks: a training set shuffled by ``(seed, epoch)`` and one evaluation set per
     length multiplier."""
 
@@ -263,28 +295,6 @@ class _SyntheticDataModule(pl.LightningDataModule):
             self._make(self.val_samples, self.seq_len * m, _mix(self.seed, 1, m), evaluation=True)
             for m in self.eval_multipliers
         ]
-
-    def _check_setup(self) -> None:
-        if self.train_set is None:
-            raise RuntimeError(f"{type(self).__name__}: call `setup()` (the Trainer does) before asking for a loader.")
-
-    @override
-    def train_dataloader(self) -> DataLoader:
-        self._check_setup()
-        seed = _mix(self.seed, 2, 0)
-        sampler = EpochShuffleSampler(len(self.train_set), seed)  # epoch e's order depends on (seed, e) only
-        g = torch.Generator().manual_seed(seed)  # the loader's own draws stay off the global generator
-        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, generator=g)
-
-    @override
-    def val_dataloader(self) -> list[DataLoader]:
-        """One loader per evaluation length (``eval_lengths``), in order."""
-        self._check_setup()
-        return [DataLoader(ds, batch_size=self.batch_size, shuffle=False) for ds in self.val_sets]
-
-    @override
-    def test_dataloader(self) -> list[DataLoader]:
-        return self.val_dataloader()
 
 
 class MQARDataModule(_SyntheticDataModule):

@@ -53,14 +53,13 @@ import string
 from collections.abc import Sequence
 from typing import Optional, Union
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from typing_extensions import override
 
 from nl_lightning._validation import check_int, is_int
-from nl_lightning.data.sampling import EpochShuffleSampler
+from nl_lightning.data.synthetic import _mix, _SeededLoaders
 from nl_lightning.data.text import VOCAB_SIZE, _as_paths, load_corpus
 
 __all__ = [
@@ -80,11 +79,6 @@ MARKER = 0
 SEPARATOR = 1
 #: The bytes keys and values are drawn from (ASCII letters and digits).
 ALPHABET = torch.tensor(list((string.ascii_letters + string.digits).encode("ascii")), dtype=torch.long)
-
-
-def _mix(seed: int, split: int, index: int) -> int:
-    """A separate seed for each (seed, split, set index)."""
-    return (seed * 1_000_003 + split * 10_007 + index) % 2**63
 
 
 def fact_length(key_len: int, value_len: int) -> int:
@@ -235,7 +229,7 @@ class TextNeedleDataset(Dataset):
         return {"tokens": self.tokens[index], "targets": self.targets[index]}
 
 
-class TextNeedleDataModule(pl.LightningDataModule):
+class TextNeedleDataModule(_SeededLoaders):
     """A key-value fact in byte-level text, queried at the end: short training samples, evaluation at long distances.
 
     Training: ``train_samples`` sequences of ``seq_len`` tokens with the fact at a uniform random position, shuffled
@@ -342,25 +336,3 @@ class TextNeedleDataModule(pl.LightningDataModule):
         self.train_set = self._make(self.train_samples, _mix(self.seed, 0, 0))
         self.val_sets = [self._make(self.val_samples, _mix(self.seed, 1, 0))]
         self.val_sets += [self.stream(d) for d in self.eval_distances]
-
-    def _check_setup(self) -> None:
-        if self.corpus is None:
-            raise RuntimeError(f"{type(self).__name__}: call `setup()` (the Trainer does) before asking for data.")
-
-    @override
-    def train_dataloader(self) -> DataLoader:
-        self._check_setup()
-        seed = _mix(self.seed, 2, 0)
-        sampler = EpochShuffleSampler(len(self.train_set), seed)  # epoch e's order depends on (seed, e) only
-        g = torch.Generator().manual_seed(seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, generator=g)
-
-    @override
-    def val_dataloader(self) -> list[DataLoader]:
-        """One loader per evaluation length (``eval_lengths``), in order."""
-        self._check_setup()
-        return [DataLoader(ds, batch_size=self.batch_size, shuffle=False) for ds in self.val_sets]
-
-    @override
-    def test_dataloader(self) -> list[DataLoader]:
-        return self.val_dataloader()
