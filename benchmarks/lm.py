@@ -11,12 +11,12 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Hope vs Hope-Attention vs Transformer++ vs Titans at tiny CPU sizes: bits per byte, recall, streaming memory.
+"""Hope vs Hope-Attention vs Transformer++ vs Titans at tiny CPU sizes: bits per byte, streaming memory.
 
 The causal LMs of ``nl_lightning.models`` at (nearly) equal parameter counts (``ARCH``; width 64, 4 heads; a warning
 when one is more than 5 % off Hope's): ``hope`` (``HopeModule`` defaults: CMS writes driven by the task loss, which
 need no value projection, so its CMS is wider), ``hope_attention``, ``transformer`` (``TransformerPP``), ``titans``
-(``TitansMAL``), and the ablations of ``ABLATION`` (not in part 2). All: AdamW lr 3e-3, weight decay 0.1 on matrices,
+(``TitansMAL``), and the ablations of ``ABLATION``. All: AdamW lr 3e-3, weight decay 0.1 on matrices,
 warm-up ``min(30, steps // 10)``, cosine to 0.1 x lr, clipping 1.0. The sha256 of every source is in the JSON.
 
 Part 1, ``bpc``: ``TextDataModule(seq_len=256, batch_size=8, samples_per_epoch=800, seed=S)`` (default corpus, the
@@ -24,12 +24,7 @@ last 5 % held out), ``segment_len=128``, ``--steps`` steps after ``seed_everythi
 held-out tail with test-time memorization and (stateful models) without: ``val_bpc`` over seeds, fit time, tokens/s,
 median step time, final training loss; a run with a non-finite loss is reported as diverged, out of the means.
 
-Part 2, ``recall``: ``MQARDataModule`` (8 pairs, length 64) and ``NeedleDataModule`` (length 128), ``vocab_size=64``,
-``segment_len=64``, ``--recall-steps`` steps, validated at 1x, 2x and 4x the training length: argmax accuracy on the
-scored positions (chance 1/32) over ``--recall-seeds``; ``in_segment_share`` (targets whose evidence lies in the
-query's own segment) is the ceiling of Transformer++, which carries nothing across segments.
-
-Part 3, ``streaming``: each configuration in a fresh process (``MALLOC_MMAP_THRESHOLD_=131072`` unless set), part 1's
+Part 2, ``streaming``: each configuration in a fresh process (``MALLOC_MMAP_THRESHOLD_=131072`` unless set), part 1's
 first-seed weights (if it ran), the first ``L`` corpus bytes in inference mode, batch 1: stateful models segment by
 segment (``--stream-segment``, state carried, memory writing) for ``--stream-lengths``; ``transformer`` in one pass for
 ``--tpp-lengths`` until the quadratically extrapolated time passes ``--stream-time-cap`` s or the peak
@@ -45,12 +40,10 @@ Running it::
     OMP_NUM_THREADS=1 python benchmarks/lm.py --parts bpc --models hope_attention transformer hope_target \\
         hope_cms_second_order --out B.json
     python benchmarks/lm.py --merge A.json B.json --out benchmarks/results/lm.json
-    # then recall, and streaming with seed 0 trained again (its bpc runs must equal the pooled ones to merge):
-    OMP_NUM_THREADS=1 python benchmarks/lm.py --parts recall --models hope hope_attention transformer titans \\
-        --out R.json &
+    # then streaming with seed 0 trained again (its bpc runs must equal the pooled ones to merge):
     OMP_NUM_THREADS=1 python benchmarks/lm.py --parts bpc streaming --seeds 0 \\
         --models hope hope_attention transformer titans --out S.json
-    python benchmarks/lm.py --merge benchmarks/results/lm.json R.json S.json --out benchmarks/results/lm.json
+    python benchmarks/lm.py --merge benchmarks/results/lm.json S.json --out benchmarks/results/lm.json
     python benchmarks/render.py lm                   # the page benchmarks/results/lm.md
 """
 
@@ -96,7 +89,6 @@ from _common import (
     table,
 )
 
-from nl_lightning.data.synthetic import MQARDataModule, NeedleDataModule
 from nl_lightning.data.text import TextDataModule, load_corpus
 from nl_lightning.models.cms import ContinuumMemory
 from nl_lightning.models.hope import HopeModule
@@ -105,7 +97,7 @@ from nl_lightning.models.titans import TitansMAL
 from nl_lightning.models.transformer import TransformerPP
 
 TITLE = "Hope vs Hope-Attention vs Transformer++ vs Titans (tiny CPU sizes)"
-PARTS = ("bpc", "recall", "streaming")
+PARTS = ("bpc", "streaming")
 HOPE: dict[str, Any] = {"dim": 64, "depth": 2, "heads": 4, "chunk_size": 16, "cms_chunk_sizes": [16, 64]}
 # the task-loss writes need no value projection (4 x 64 x 64 parameters in the target modes): a wider CMS (hidden 160
 # instead of 128) spends them, so that every Hope variant has about the baselines' parameters
@@ -124,7 +116,7 @@ ARCH: dict[str, tuple[type[CausalLM], dict[str, Any]]] = {
     "hope_cms_second_order": (HopeModule, TARGET),
 }
 # fmt: on
-ABLATION = {  # not in the recall part; only hope_rho1 of them is streamed
+ABLATION = {  # only hope_rho1 of them is streamed
     "hope_rho1": "the CMS writes as printed (NL paper, Eq. 31)",
     "hope_chunk64": "the self-modifying Titans' throughput chunk size",
     "hope_target": "CMS writes towards a learned target, first order",
@@ -140,15 +132,9 @@ BLOCK = 4096  # tokens per block of the streaming curves and the first/last bpc
 OPTIM = {"lr": 3e-3, "warmup_steps": 30}
 TEXT_DM = {"seq_len": 256, "batch_size": 8, "samples_per_epoch": 800}
 SEGMENT = 128
-DATA = {"vocab_size": 64, "batch_size": 32, "train_samples": 6400}
-TASKS: dict[str, tuple[str, type, dict[str, Any]]] = {  # title, data module, its arguments but val_samples and seed
-    "mqar": ("MQAR (8 pairs, train length 64)", MQARDataModule, {"num_pairs": 8, "seq_len": 64, **DATA}),
-    "needle": ("Needle (train length 128)", NeedleDataModule, {"seq_len": 128, **DATA}),
-}
-RECALL = {"vocab_size": 64, "segment_len": 64, "chance": 1 / 32}
 SOURCES = [f"models/{n}.py" for n in ("lm", "hope", "transformer", "titans", "neural_memory", "_memory_mlp")]
 SOURCES += [f"models/{n}.py" for n in ("_residual_memory", "self_modifying_titans", "cms", "cms_memory")]
-SOURCES += ["models/task_loss_cms.py", "data/text.py", "data/synthetic.py"]
+SOURCES += ["models/task_loss_cms.py", "data/text.py"]
 log = make_log("lm")
 
 
@@ -258,61 +244,6 @@ def part_bpc(args: argparse.Namespace, weights_dir: Optional[str]) -> dict[str, 
     setting["optimizer"] = {**OPTIM, "warmup_steps": min(OPTIM["warmup_steps"], max(1, args.steps // 10))}
     setting["seeds"] = args.seeds
     return {"setting": setting, "parameters": parameter_counts(256), "models": models, "saved_weights": saved}
-
-
-def in_segment_share(task: str, dataset: Any, segment_len: int) -> float:
-    """The share of scored targets whose evidence lies in the query's own segment (``segment_len`` tokens)."""
-    targets = dataset.targets
-    if task == "needle":
-        value_pos = dataset.positions + 2  # the needle is "0 key value"; the query's target is at the last position
-        query_pos = torch.full_like(value_pos, targets.shape[1] - 1)
-        return float(((value_pos // segment_len) == (query_pos // segment_len)).float().mean())
-    rows, cols = (targets != -100).nonzero(as_tuple=True)  # query key positions
-    keys, pair_keys = dataset.tokens[rows, cols], dataset.keys[rows]  # pair keys in order: key j at 2j, value 2j + 1
-    value_pos = 2 * (pair_keys == keys[:, None]).float().argmax(dim=1) + 1
-    return float(((value_pos // segment_len) == (cols // segment_len)).float().mean())
-
-
-def part_recall(args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for task, (title, cls, kwargs) in TASKS.items():
-        probe = cls(val_samples=args.val_samples, seed=0, **kwargs)
-        probe.setup("validate")
-        lengths = list(probe.eval_lengths)
-        sets = zip(lengths, probe.val_sets, strict=True)
-        shares = {str(L): in_segment_share(task, ds, RECALL["segment_len"]) for L, ds in sets}
-        models: dict[str, Any] = {}
-        for name in (m for m in args.models if m not in ABLATION):
-            runs = []
-            for seed in args.recall_seeds:
-                make = lambda seed=seed, c=cls, kw=kwargs: c(val_samples=args.val_samples, seed=seed, **kw)  # noqa: E731
-                run = train_run(name, make, RECALL["vocab_size"], RECALL["segment_len"], args.recall_steps, seed, False)
-                val = run["val_memorize_on"]
-                # an accuracy read from NaN logits (argmax 0) means nothing: left out, and the length recorded
-                bad = run["nonfinite_eval_lengths"] = [L for L in lengths if not finite(val.get(f"val_loss_len{L}"))]
-                run["acc"] = {str(L): None if L in bad else val.get(f"val_acc_len{L}") for L in lengths}
-                log(
-                    f"recall {task} {name} seed {seed}: acc "
-                    + ", ".join(f"{L}: {num(a, '.3f')}" for L, a in run["acc"].items())
-                    + f" ({run['fit_s']:.0f} s){diverged_note(run)}"
-                    + (f", non-finite val loss at {bad}" if bad and not run["diverged"] else "")
-                )
-                runs.append(run)
-            ok = [r for r in runs if not r["diverged"]]
-            aggregate = {
-                "acc": {str(L): defined(runs, lambda r, L=L: r["acc"][str(L)]) for L in lengths},
-                "fit_s": summary([r["fit_s"] for r in runs]),
-                "diverged": len(runs) - len(ok),
-                "nonfinite_eval": {str(L): sum(L in r["nonfinite_eval_lengths"] for r in ok) for L in lengths},
-            }
-            models[name] = {"runs": runs, "aggregate": aggregate}
-        data = ", ".join(f"{k}={v}" for k, v in {**kwargs, "val_samples": args.val_samples}.items())
-        setting = {"title": title, "data": f"{cls.__name__}({data}, seed=S)"}
-        setting.update(segment_len=RECALL["segment_len"], train_length=probe.seq_len, eval_lengths=lengths)
-        setting.update(steps=args.recall_steps, seeds=args.recall_seeds, chance=RECALL["chance"])
-        setting["in_segment_share"] = shares
-        out[task] = {"setting": setting, "parameters": parameter_counts(RECALL["vocab_size"]), "models": models}
-    return out
 
 
 def trained(name: str, weights: Optional[str]) -> CausalLM:
@@ -463,32 +394,6 @@ def bpc_tables(part: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"title": title, "columns": columns, "rows": rows}, table("Architectures", ["model", "architecture"], arch)]
 
 
-def recall_tables(part: dict[str, Any]) -> list[dict[str, Any]]:
-    out = []
-    for block in part.values():
-        s = block["setting"]
-        lengths = [str(L) for L in s["eval_lengths"]]
-        rows = []
-        for name, m in block["models"].items():
-            agg = m["aggregate"]
-            flags = [f"{agg['diverged']} diverged in training"] if agg["diverged"] else []
-            nan_at = [f"{L} ({agg['nonfinite_eval'][L]})" for L in lengths if agg["nonfinite_eval"][L]]
-            flags += ["non-finite val loss at " + ", ".join(nan_at)] if nan_at else []
-            rows.append(
-                [name + (f" ({'; '.join(flags)})" if flags else ""), block["parameters"][name]["total"]]
-                + [cell(agg["acc"][L], ".3f", "no finite value") for L in lengths]
-                + [cell(agg["fit_s"], ".0f")]
-            )
-        rows.append(["*in-segment share*", "", *(f"*{s['in_segment_share'][L]:.3f}*" for L in lengths), ""])
-        title = f"Recall, {s['title']}: `{s['data']}`, segments of {s['segment_len']} tokens, {s['steps']} steps,"
-        title += f" seeds {' '.join(map(str, s['seeds']))}; argmax accuracy on the scored positions with test-time"
-        title += f" memorization, mean ± std over seeds (chance {s['chance']:.3f})"
-        note = "In-segment share: the scored targets whose evidence lies in the query's own segment, the ceiling of a"
-        note += " model that carries nothing across segments (Transformer++)."
-        out.append(table(title, ["model", "params", *(f"acc @ {L}" for L in lengths), "fit s"], rows, note))
-    return out
-
-
 def streaming_tables(part: dict[str, Any]) -> list[dict[str, Any]]:
     s, rows, f = part["setting"], part["rows"], num
     shown = {r["model"] for r in rows}
@@ -544,7 +449,7 @@ def tables(report: dict[str, Any]) -> list[dict[str, Any]]:
         title = "Runs repeated for another part (not pooled twice), with validation figures equal to the pooled runs'"
         rows = [[e["path"], ", ".join(e["runs"])] for e in report["reproduced_runs"]]
         out.append(table(title, ["report", "runs"], rows))
-    builders = {"bpc": bpc_tables, "recall": recall_tables, "streaming": streaming_tables}
+    builders = {"bpc": bpc_tables, "streaming": streaming_tables}
     return out + [t for name, part in report["parts"].items() for t in builders[name](part)]
 
 
@@ -594,11 +499,8 @@ def check_reproduced(part: dict[str, Any], pooled: dict[str, Any], path: str) ->
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     parser = arguments(__doc__, PARTS, seeds="bpc seeds (default 0 1 2; 0 with --quick)")
     add = parser.add_argument
-    add("--recall-seeds", nargs="+", type=int, help="recall seeds (default 0 1; 0 with --quick)")
     add("--steps", type=int, help="bpc: optimizer steps per run (default 300; 10 with --quick)")
-    add("--recall-steps", type=int, help="recall: steps per run (default 300; 10 with --quick)")
     add("--models", nargs="+", choices=MODELS, help="models to run (default: all)")
-    add("--val-samples", type=int, help="recall: samples per evaluation set (default 256; 32 quick)")
     add("--stream-segment", type=int, default=512, help="streaming: tokens per segment (512)")
     add("--stream-lengths", nargs="+", type=int, help="streaming lengths (default 4096 65536)")
     add("--tpp-lengths", nargs="+", type=int, help="Transformer++ lengths (default 4096 ... 65536)")
@@ -616,16 +518,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         return result
     args.parts, q = parse_parts(parser, args.parts, PARTS), args.quick
     args.seeds = list(dict.fromkeys(args.seeds or ([0] if q else [0, 1, 2])))
-    args.recall_seeds = list(dict.fromkeys(args.recall_seeds or ([0] if q else [0, 1])))
     args.models = [m for m in MODELS if m in (args.models or MODELS)]
-    args.val_samples = args.val_samples or (32 if q else 256)
     streamed = ("hope",) if q else ("hope", "titans", "hope_attention", "hope_rho1")
     args.stream_models = [m for m in streamed if m in args.models]
-    args.steps, args.recall_steps = args.steps or (10 if q else 300), args.recall_steps or (10 if q else 300)
+    args.steps = args.steps or (10 if q else 300)
     args.stream_lengths = sorted(args.stream_lengths or ([4096, 8192] if q else [4096, 65536]))
     args.tpp_lengths = sorted(args.tpp_lengths or ([4096] if q else [4096, 8192, 16384, 32768, 65536]))
-    if min(args.steps, args.recall_steps, args.threads, args.stream_segment) < 1:
-        parser.error("--steps, --recall-steps, --threads and --stream-segment must be >= 1")
+    if min(args.steps, args.threads, args.stream_segment) < 1:
+        parser.error("--steps, --threads and --stream-segment must be >= 1")
     if any(L % args.stream_segment for L in args.stream_lengths):
         parser.error("--stream-lengths must be multiples of --stream-segment")
     torch.set_num_threads(args.threads)
@@ -645,7 +545,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                 report["parts"][name] = part_bpc(args, tmp if "streaming" in args.parts else None)
                 weights = report["parts"][name].pop("saved_weights")
             else:
-                report["parts"][name] = part_recall(args) if name == "recall" else part_streaming(args, weights)
+                report["parts"][name] = part_streaming(args, weights)
             report["part_seconds"][name] = round(time.perf_counter() - t0, 1)
             log(f"part {name}: {report['part_seconds'][name]:.0f} s")
     return save(report, started, args.out, log)

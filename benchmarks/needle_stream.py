@@ -17,25 +17,33 @@ Each model of ``MODELS`` is built from its recipe ``needle_stream_<model>`` (``n
 bases ``hope``, ``titans``, ``hope_attention`` with a sliding window of 64 tokens, ``transformer``, and the task base
 ``needle_stream``): ``TextNeedleDataModule`` samples of 64 bytes of the default corpus with a fact
 ``MARKER key SEPARATOR value`` (2 key bytes, 4 value bytes, drawn per sample) at a random position and its query at
-the end, the value bytes the only targets. ``--steps`` optimizer steps (default: the recipe's) after
-``seed_everything(S)``, the recipe's optimizer and warm-up and a cosine decay to ``--steps``; or the weights of
-``--weights MODEL=PATH``.
+the end, the value bytes the only targets, each sample one segment.
+``--steps`` optimizer steps (default: the recipe's) after ``seed_everything(S)``, the recipe's optimizer and warm-up
+and a cosine decay to ``--steps``; or the weights of ``--weights MODEL=PATH``.
 
-Evaluation, each (model, seed) in a fresh process (``MALLOC_MMAP_THRESHOLD_=131072`` unless set), batch
-``--samples``, ``torch.inference_mode()``: streams with the fact after 64 text bytes and the query after ``D`` more
-(``--distances``), read in segments of the training length (64) aligned to end at the query, the state carried from
-segment to segment and the memory writing (``memorize_at_eval`` of the recipe); Transformer++ carries nothing, so it
-answers from the last 64 tokens, its training window. Also the training-length set (random fact positions, the
-"train length" column): a model that has not learned the format there makes its long-distance figures meaningless.
-Scores: per-byte argmax accuracy on the value bytes (chance 1/62) and exact match of all four; cost: time per
-token of the whole stream and the peak resident set during it minus the resident set before it (``VmHWM`` reset by
-``/proc/self/clear_refs``), the streams already in memory.
+Evaluation, each (model, seed) in a fresh process (``MALLOC_MMAP_THRESHOLD_=131072`` unless set),
+``torch.inference_mode()``: batches of ``--samples`` streams with the fact after 64 text bytes and the query after
+``D`` more (``--distances``), read in segments of the training length aligned to end at the query, the state carried
+from segment to segment and the memory writing (``memorize_at_eval`` of the recipe); Transformer++ carries nothing,
+so it answers from the last segment, its training window. The default distances start inside that window (32: the
+fact lies in the last segment, read as in training) and go on beyond it (96 to 64K). Also the
+recipe's validation set at the training length (random fact positions, the "train length" column): a model that has
+not learned the format there makes its long-distance figures meaningless. Scores: per-byte argmax accuracy on the
+value bytes (chance 1/62) and exact match of all four; cost: time per token of the whole stream and the peak resident
+set during it minus the resident set before it (``VmHWM`` reset by ``/proc/self/clear_refs``), the streams already in
+memory. ``--flush-denormal`` reads the streams with ``torch.set_flush_denormal(True)`` (CPU only): a memory that
+decays over a long stream can hold subnormal floats, on which CPU arithmetic is slow.
 
 Running it::
 
     OMP_NUM_THREADS=1 python benchmarks/needle_stream.py --out benchmarks/results/needle_stream.json
     python benchmarks/needle_stream.py --quick --out /tmp/needle_stream.json                     # smoke run
     OMP_NUM_THREADS=1 python benchmarks/needle_stream.py --models hope --weights hope=hope.pt    # given weights
+    # models side by side (one core each), then one report:
+    OMP_NUM_THREADS=1 python benchmarks/needle_stream.py --models hope --seeds 0 1 --out A.json &
+    OMP_NUM_THREADS=1 python benchmarks/needle_stream.py --models titans hope_attention transformer --seeds 0 1 \
+        --out B.json
+    python benchmarks/needle_stream.py --merge A.json B.json --out benchmarks/results/needle_stream.json
     python benchmarks/render.py needle_stream                   # the page benchmarks/results/needle_stream.md
 """
 
@@ -66,6 +74,7 @@ from _common import (
     cpu_trainer,
     environment,
     make_log,
+    merge_start,
     num,
     proc_status_kib,
     quiet,
@@ -87,7 +96,9 @@ TRAIN_LENGTH = "train length"
 MALLOC_MMAP_THRESHOLD = "131072"  # glibc then returns freed large blocks, so the peak RSS follows the live bytes
 SOURCES = [f"models/{n}.py" for n in ("lm", "hope", "transformer", "titans", "neural_memory", "_memory_mlp")]
 SOURCES += [f"models/{n}.py" for n in ("_residual_memory", "self_modifying_titans", "cms", "cms_memory")]
-SOURCES += ["models/task_loss_cms.py", "data/text.py", "data/text_needle.py"]
+SOURCES += ["models/task_loss_cms.py", "data/text.py", "data/text_needle.py", "recipes/_base/needle_stream.yaml"]
+SOURCES += [f"recipes/needle_stream_{m}.yaml" for m in MODELS]
+SOURCES += [f"recipes/_base/{n}.yaml" for n in ("hope", "hope_attention", "titans", "transformer")]
 log = make_log("needle_stream")
 
 
@@ -187,14 +198,14 @@ def stream_eval(model: CausalLM, tokens: torch.Tensor, targets: torch.Tensor, se
 def probe(cfg: dict[str, Any]) -> dict[str, Any]:
     """Evaluate one trained (model, seed) at every distance; runs in a fresh process (``--_probe``)."""
     torch.set_num_threads(cfg["threads"])
+    torch.set_flush_denormal(bool(cfg.get("flush_denormal")))
     model, dm, _ = build(cfg["model"], 10)
     model.load_state_dict(torch.load(cfg["weights"], weights_only=True))
     model.eval()
     segment = dm.seq_len
     dm.seed = cfg["seed"]
-    dm.val_samples = cfg["samples"]
-    dm.setup("validate")
-    sets = [(TRAIN_LENGTH, dm.val_sets[0])] + [(str(d), dm.stream(d)) for d in cfg["distances"]]
+    dm.setup("validate")  # the training-length set: the recipe's val_samples
+    sets = [(TRAIN_LENGTH, dm.val_sets[0])] + [(str(d), dm.stream(d, cfg["samples"])) for d in cfg["distances"]]
     out = {}
     with torch.inference_mode():
         model(dm.val_sets[0].tokens[:1, :64])  # one-time allocations
@@ -226,16 +237,36 @@ def aggregate(runs: list[dict[str, Any]], labels: list[str]) -> dict[str, Any]:
     return out
 
 
+def merge_reports(paths: Sequence[str]) -> dict[str, Any]:
+    """One report from several of this script's reports with the same setting, sources, seeds, steps, distances and
+    samples (their models pooled)."""
+    reports, merged = merge_start(paths)
+    merged["models"] = {}
+    same = ("seeds", "steps", "distances", "samples", "weights", "flush_denormal")
+    for path, report in zip(paths, reports, strict=True):
+        first = reports[0]
+        if report["setting"] != first["setting"] or any(report["args"].get(k) != first["args"].get(k) for k in same):
+            raise ValueError(f"{path} has another setting than {paths[0]}; merge runs of the same setting only.")
+        if overlap := sorted(set(report["models"]) & set(merged["models"])):
+            raise ValueError(f"{path} repeats models {overlap}; merge reports of distinct models.")
+        merged["models"].update(report["models"])
+    return merged
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     parser = arguments(__doc__, seeds="training seeds (default 0; 0 with --quick)")
     add = parser.add_argument
     add("--models", nargs="+", choices=MODELS, help="models to run (default: all)")
     add("--steps", type=int, help="optimizer steps per run (default: the recipe's max_steps; 20 with --quick)")
-    add("--distances", nargs="+", type=int, help="text bytes between fact and query (default 256 ... 65536)")
+    add("--distances", nargs="+", type=int, help="text bytes between fact and query (default 32 96 256 ... 65536)")
     add("--samples", type=int, help="streams per distance, one batch (default 16; 2 with --quick)")
     add("--weights", nargs="+", default=[], metavar="MODEL=PATH", help="evaluate these weights instead of training")
+    add("--flush-denormal", action="store_true", help="read the streams with torch.set_flush_denormal(True)")
+    add("--merge", nargs="+", metavar="JSON", help="pool reports of distinct models into one")
     add("--_probe", dest="probe", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.merge:
+        return save(merge_reports(args.merge), time.perf_counter(), args.out, log)
     if args.probe is not None:
         with contextlib.redirect_stdout(sys.stderr):
             result = probe(json.loads(args.probe))
@@ -245,7 +276,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args.seeds = list(dict.fromkeys(args.seeds or [0]))
     args.models = [m for m in MODELS if m in (args.models or MODELS)]
     args.steps = args.steps or (20 if q else load_recipe("needle_stream_hope")["trainer"]["max_steps"])
-    args.distances = sorted(set(args.distances or ([256, 1024, 4096] if q else [256, 1024, 4096, 16384, 65536])))
+    args.distances = sorted(set(args.distances or ([96, 256] if q else [32, 96, 256, 1024, 4096, 16384, 65536])))
     args.samples = args.samples or (2 if q else 16)
     given = dict(w.split("=", 1) for w in args.weights)
     if unknown := sorted(set(given) - set(MODELS)):
@@ -283,7 +314,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                     fit = train(name, seed, args.steps, weights)
                     log(f"{name} seed {seed}: {fit['fit_s']:.0f} s, final train loss {num(fit['final_train_loss'])}")
                 cfg = {"model": name, "weights": weights, "seed": seed, "threads": args.threads}
-                cfg.update(samples=args.samples, distances=args.distances)
+                cfg.update(samples=args.samples, distances=args.distances, flush_denormal=args.flush_denormal)
                 runs.append({"seed": seed, "fit": fit, "eval": run_probe(cfg)})
             entry["runs"], entry["aggregate"] = runs, aggregate(runs, labels)
             report["models"][name] = entry
@@ -314,12 +345,14 @@ def tables(report: dict[str, Any]) -> list[dict[str, Any]]:
     title += f" {s['eval_lead']} text bytes and the query D bytes after it, read in segments of {s['eval_segment']}"
     title += " tokens with the state carried; mean ± std over seeds"
     note = f"Transformer++ carries no state: it answers from the last {s['eval_segment']} tokens (its training"
-    note += " window), so a fact further away than that is out of its reach. Train length: the training-length set"
-    note += " (random fact positions)."
+    note += " window), so a fact further away than that is out of its reach. Train length: the recipe's validation"
+    note += f" set at the training length ({s['data']['val_samples']} samples, random fact positions)."
     out = [table(title, ["model", "params", "fit s", TRAIN_LENGTH, *dist], acc_rows, note)]
     out.append(table("Exact match of all value bytes, the same streams", ["model", TRAIN_LENGTH, *dist], exact_rows))
     tok = ", ".join(f"{x}: {n:,}" for x, n in s["stream_tokens"].items())
-    title = f"Time per token (µs) of the whole stream, batch {a['samples']}, one thread (stream tokens by D: {tok})"
+    flush = ", subnormal floats flushed to zero" if a.get("flush_denormal") else ""
+    title = f"Time per token (µs) of the whole stream, batch {a['samples']}, one thread{flush}"
+    title += f" (stream tokens by D: {tok})"
     out.append(table(title, ["model", *dist], time_rows))
     title = "Peak memory during the stream (MiB): the peak resident set minus the resident set before it"
     note = "The streams themselves are in memory before the measurement starts."

@@ -116,6 +116,29 @@ class Curve(pl.Callback):
         self.points.append({"step": trainer.global_step, "acc": acc})
 
 
+@torch.inference_mode()
+def accuracy_by_query(model: CausalLM, dm: MQARDataModule) -> dict[str, list[float]]:
+    """Accuracy at each length split by the query's rank in its sequence (1st, 2nd, ... query asked).
+
+    The queries ask distinct keys, so once ``i`` answers are given a model that knows only which values the pairs
+    hold, and not which key each belongs to, can pick the answer among the ``n - i`` values not given yet
+    (``1 / (n - i)``); the split shows whether a model binds keys to values or uses that elimination.
+    """
+    model.eval()
+    out = {}
+    for L, loader in zip(dm.eval_lengths, dm.val_dataloader(), strict=True):
+        hits, counts = None, None
+        for batch in loader:
+            tokens, targets = batch["tokens"], batch["targets"]
+            logits, _ = model.segment_forward(tokens, write=model.memorize_at_eval)  # (B, T, V)
+            asked = targets.ne(-100)  # (B, T), q query positions per row
+            correct = logits.argmax(-1).eq(targets)[asked].view(tokens.shape[0], -1).double()  # (B, q), in order
+            hits = correct.sum(0) if hits is None else hits + correct.sum(0)
+            counts = correct.shape[0] + (0 if counts is None else counts)
+        out[str(L)] = [round(float(h) / counts, 6) for h in hits]
+    return out
+
+
 def train_run(name: str, seed: int, args: Any) -> dict[str, Any]:
     """Fit model ``name`` with seed ``seed`` as its recipe says (``--steps`` overrides), then validate it at every
     length."""
@@ -138,6 +161,7 @@ def train_run(name: str, seed: int, args: Any) -> dict[str, Any]:
         fit_s = time.perf_counter() - t0
         diverged = stats.first_nonfinite is not None
         results = [] if diverged else cpu_trainer(logger=False).validate(model, datamodule=dm, verbose=False)
+        by_query = None if diverged else accuracy_by_query(model, dm)
     val = {k: float(v) for res in results for k, v in res.items()}
     bad = [L for L in dm.eval_lengths if not finite(val.get(f"val_loss_len{L}"))]
     acc = {str(L): None if diverged or L in bad else val.get(f"val_acc_len{L}") for L in dm.eval_lengths}
@@ -153,6 +177,7 @@ def train_run(name: str, seed: int, args: Any) -> dict[str, Any]:
         "final_train_loss": statistics.fmean(tail) if tail else None,
         "acc": acc,
         "loss": {str(L): val.get(f"val_loss_len{L}") for L in dm.eval_lengths},
+        "acc_by_query": by_query,
         "curve": curve.points,
         "logdir": logger.log_dir,
     }
@@ -232,6 +257,8 @@ def tables(report: dict[str, Any]) -> list[dict[str, Any]]:
                                    "final train loss", "fit s"], rows,
                      "The step is the first validation during the fit with accuracy >= 0.9 at the training length"
                      " (a dash: none); the whole curves are in the JSON and in TensorBoard."))  # fmt: skip
+    if any(r.get("acc_by_query") for m in models.values() for r in m["runs"]):
+        out.append(query_table(report))
     shared = ("vocab_size", "lr", "warmup_steps", "max_steps_schedule")
     rows = [[name, m["recipe"], m["model"]["class_path"].rsplit(".", 1)[-1],
              ", ".join(f"{k}={v}" for k, v in m["model"]["init_args"].items() if k not in shared)]
@@ -240,6 +267,28 @@ def tables(report: dict[str, Any]) -> list[dict[str, Any]]:
     note = "Shared: " + ", ".join(f"{k}={v}" for k, v in common.items()) + " (AdamW, cosine decay)."
     out.append(table("Models (the recipes' init_args)", ["model", "recipe", "class", "arguments"], rows, note))
     return out
+
+
+def query_table(report: dict[str, Any]) -> dict[str, Any]:
+    """Accuracy at the training length by the query's rank, next to what elimination alone scores."""
+    s, models = report["setting"], report["models"]
+    train, n = str(s["train_length"]), s["data"]["num_pairs"]
+    q = s["data"]["num_queries"] or n
+    rows = [["values only (elimination)", "", *(f"{1 / (n - i):.3f}" for i in range(q))]]
+    for name, m in models.items():
+        for r in m["runs"]:
+            ranks = (r.get("acc_by_query") or {}).get(train) or [None] * q
+            rows.append([name, r["seed"], *(num(a, ".3f") for a in ranks)])
+    note = (
+        f"The accuracy at length {train} of the 1st ... {q}th query of each sequence, per run (the JSON has it at"
+        f" every length). The"
+        f" queries ask distinct keys, so a model that knows which {n} values the pairs hold but not which key each"
+        f" belongs to can answer the i-th query among the {n} - (i - 1) values not given yet: the first row. Its mean,"
+        f" {statistics.fmean(1 / (n - i) for i in range(q)):.3f}, is the plateau of a model that has not bound keys to"
+        " values; recall proper reaches 1 at every rank."
+    )
+    header = ["model", "seed", *(f"query {i + 1}" for i in range(q))]
+    return table(f"Accuracy by query rank at the training length ({train} tokens)", header, rows, note)
 
 
 def merge_reports(paths: Sequence[str]) -> dict[str, Any]:
