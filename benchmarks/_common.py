@@ -346,6 +346,24 @@ def merge_start(paths: Sequence[str]) -> tuple[list[dict[str, Any]], dict[str, A
     return reports, merged
 
 
+def merge_models(paths: Sequence[str], same_args: Sequence[str] = ()) -> dict[str, Any]:
+    """One report from several reports of one script that measured distinct models (``report["models"]``) with the
+    same ``setting``, sources and ``args[k]`` for ``k`` in ``same_args``: :func:`merge_start`, the models pooled.
+    Raises ``ValueError`` where a setting differs or a model repeats."""
+    reports, merged = merge_start(paths)
+    merged["models"] = {}
+    first = reports[0]
+    for path, report in zip(paths, reports, strict=True):
+        if report["setting"] != first["setting"] or any(
+            report["args"].get(k) != first["args"].get(k) for k in same_args
+        ):
+            raise ValueError(f"{path} has another setting than {paths[0]}; merge runs of the same setting only.")
+        if overlap := sorted(set(report["models"]) & set(merged["models"])):
+            raise ValueError(f"{path} repeats models {overlap}; merge reports of distinct models.")
+        merged["models"].update(report["models"])
+    return merged
+
+
 def sha256_of(path: Optional[str]) -> Optional[dict[str, str]]:
     """sha256 and modification time of a file (``None`` if there is none)."""
     if path is None or not os.path.exists(path):

@@ -74,7 +74,7 @@ from _common import (
     cpu_trainer,
     environment,
     make_log,
-    merge_start,
+    merge_models,
     num,
     proc_status_kib,
     quiet,
@@ -237,22 +237,6 @@ def aggregate(runs: list[dict[str, Any]], labels: list[str]) -> dict[str, Any]:
     return out
 
 
-def merge_reports(paths: Sequence[str]) -> dict[str, Any]:
-    """One report from several of this script's reports with the same setting, sources, seeds, steps, distances and
-    samples (their models pooled)."""
-    reports, merged = merge_start(paths)
-    merged["models"] = {}
-    same = ("seeds", "steps", "distances", "samples", "weights", "flush_denormal")
-    for path, report in zip(paths, reports, strict=True):
-        first = reports[0]
-        if report["setting"] != first["setting"] or any(report["args"].get(k) != first["args"].get(k) for k in same):
-            raise ValueError(f"{path} has another setting than {paths[0]}; merge runs of the same setting only.")
-        if overlap := sorted(set(report["models"]) & set(merged["models"])):
-            raise ValueError(f"{path} repeats models {overlap}; merge reports of distinct models.")
-        merged["models"].update(report["models"])
-    return merged
-
-
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     parser = arguments(__doc__, seeds="training seeds (default 0; 0 with --quick)")
     add = parser.add_argument
@@ -266,7 +250,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     add("--_probe", dest="probe", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.merge:
-        return save(merge_reports(args.merge), time.perf_counter(), args.out, log)
+        return save(
+            merge_models(args.merge, ("seeds", "steps", "distances", "samples", "weights", "flush_denormal")),
+            time.perf_counter(),
+            args.out,
+            log,
+        )
     if args.probe is not None:
         with contextlib.redirect_stdout(sys.stderr):
             result = probe(json.loads(args.probe))

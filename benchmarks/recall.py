@@ -57,7 +57,7 @@ from _common import (
     environment,
     finite,
     make_log,
-    merge_start,
+    merge_models,
     num,
     quiet,
     report_header,
@@ -291,19 +291,6 @@ def query_table(report: dict[str, Any]) -> dict[str, Any]:
     return table(f"Accuracy by query rank at the training length ({train} tokens)", header, rows, note)
 
 
-def merge_reports(paths: Sequence[str]) -> dict[str, Any]:
-    """One report from several of this script's reports with the same setting and sources (their models pooled)."""
-    reports, merged = merge_start(paths)
-    merged["models"] = {}
-    for path, report in zip(paths, reports, strict=True):
-        if report["setting"] != reports[0]["setting"]:
-            raise ValueError(f"{path} has another setting than {paths[0]}; merge runs of the same setting only.")
-        if overlap := sorted(set(report["models"]) & set(merged["models"])):
-            raise ValueError(f"{path} repeats models {overlap}; merge reports of distinct models.")
-        merged["models"].update(report["models"])
-    return merged
-
-
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     parser = arguments(__doc__, seeds="seeds (default 0 1 2; 0 with --quick)")
     add = parser.add_argument
@@ -316,7 +303,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     add("--merge", nargs="+", metavar="JSON", help="pool reports of distinct models into one")
     args = parser.parse_args(argv)
     if args.merge:
-        return save(merge_reports(args.merge), time.perf_counter(), args.out, log)
+        return save(merge_models(args.merge), time.perf_counter(), args.out, log)
     q = args.quick
     args.models = [m for m in MODELS if m in (args.models or MODELS)]
     args.seeds = list(dict.fromkeys(args.seeds if args.seeds is not None else ([0] if q else [0, 1, 2])))
